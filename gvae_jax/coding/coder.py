@@ -1,0 +1,133 @@
+"""Backend-neutral entropy coder interface and the registry of coder ids.
+
+Symbol convention (all backends): the caller passes plain integer symbols
+(e.g. round(y - mean)) and, per symbol, the row `index` of a CdfTable. The
+coder codes value = symbol - table.offsets[index]:
+
+  0 <= value < table.lengths[index]  coded with the row's probabilities;
+  any other value                    coded as the row's escape symbol, and the
+                                     value itself stored losslessly by the
+                                     backend (cheap: tails are rare).
+
+So every int32 symbol round-trips exactly; only the cost depends on the table.
+`decode` needs the same indexes and table, and returns the symbols.
+
+A `.gvae` file stores the coder id (one byte) of the backend that wrote it;
+`get_coder(id)` returns that backend. Backends load lazily, so importing this
+module never imports TensorFlow.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import threading
+from typing import Callable, ClassVar, Sequence
+
+import numpy as np
+
+from gvae_jax.entropy.cdf_tables import CdfTable
+from gvae_jax.errors import UserError
+
+TFC_RANGE_CODER_ID = 1
+
+
+class CodingError(UserError):
+  """The bytes are not a valid stream for these indexes and table."""
+
+
+class EntropyCoder(abc.ABC):
+  """Codes int32 symbols with per-symbol CdfTable rows (convention above)."""
+
+  coder_id: ClassVar[int]
+  name: ClassVar[str]
+
+  @abc.abstractmethod
+  def encode(self, symbols: np.ndarray, indexes: np.ndarray, table: CdfTable) -> bytes:
+    """One stream holding all symbols, in C order. symbols, indexes: same shape."""
+
+  @abc.abstractmethod
+  def decode(self, data: bytes, indexes: np.ndarray, table: CdfTable) -> np.ndarray:
+    """int32 symbols shaped like indexes; CodingError if `data` is malformed."""
+
+  def encode_streams(self, symbols: np.ndarray, indexes: np.ndarray,
+                     table: CdfTable) -> list[bytes]:
+    """One independent stream per slice of the leading axis."""
+    symbols, indexes = check_symbols(symbols, indexes, table)
+    if symbols.ndim == 0:
+      raise ValueError("encode_streams needs a leading stream axis")
+    return [self.encode(s, i, table) for s, i in zip(symbols, indexes)]
+
+  def decode_streams(self, streams: Sequence[bytes], indexes: np.ndarray,
+                     table: CdfTable) -> np.ndarray:
+    """Inverse of `encode_streams`; indexes has the leading stream axis."""
+    indexes = check_indexes(indexes, table)
+    if indexes.ndim == 0 or len(streams) != indexes.shape[0]:
+      raise ValueError(f"{len(streams)} streams for indexes of shape {indexes.shape}")
+    out = np.empty(indexes.shape, np.int32)
+    for k, data in enumerate(streams):
+      out[k] = self.decode(data, indexes[k], table)
+    return out
+
+
+def check_indexes(indexes: np.ndarray, table: CdfTable) -> np.ndarray:
+  """int32 indexes, each a valid row of `table` (ValueError otherwise)."""
+  indexes = np.asarray(indexes)
+  if not np.issubdtype(indexes.dtype, np.integer):
+    raise ValueError(f"indexes must be integers, got {indexes.dtype}")
+  if indexes.size and (indexes.min() < 0 or indexes.max() >= table.num_rows):
+    raise ValueError(f"indexes must be in [0, {table.num_rows}) for this table")
+  return indexes.astype(np.int32, copy=False)
+
+
+def check_symbols(symbols: np.ndarray, indexes: np.ndarray,
+                  table: CdfTable) -> tuple[np.ndarray, np.ndarray]:
+  """int32 symbols and valid indexes of the same shape (ValueError otherwise)."""
+  symbols = np.asarray(symbols)
+  if not np.issubdtype(symbols.dtype, np.integer):
+    raise ValueError(f"symbols must be integers, got {symbols.dtype}")
+  info = np.iinfo(np.int32)
+  if symbols.size and (symbols.min() < info.min or symbols.max() > info.max):
+    raise ValueError("symbols must fit int32")
+  indexes = check_indexes(indexes, table)
+  if symbols.shape != indexes.shape:
+    raise ValueError(f"symbols {symbols.shape} and indexes {indexes.shape} differ in shape")
+  return symbols.astype(np.int32, copy=False), indexes
+
+
+# Registry: id -> factory, or "module:Class" for backends loaded on first use.
+_FACTORIES: dict[int, Callable[[], EntropyCoder] | str] = {
+    TFC_RANGE_CODER_ID: "gvae_jax.coding.tfc_backend:TfcRangeCoder",
+}
+_INSTANCES: dict[int, EntropyCoder] = {}
+_LOCK = threading.Lock()
+
+
+def register_coder(coder_id: int, factory: Callable[[], EntropyCoder] | str) -> None:
+  """Adds a backend under a new id in [1, 255] (the file stores one byte)."""
+  if not 1 <= coder_id <= 255:
+    raise ValueError(f"coder id must be in [1, 255], got {coder_id}")
+  with _LOCK:
+    if coder_id in _FACTORIES:
+      raise ValueError(f"coder id {coder_id} is already registered")
+    _FACTORIES[coder_id] = factory
+
+
+def coder_ids() -> tuple[int, ...]:
+  return tuple(sorted(_FACTORIES))
+
+
+def get_coder(coder_id: int) -> EntropyCoder:
+  """The (shared) backend for an id; CodingError for ids this build lacks."""
+  with _LOCK:
+    if coder_id in _INSTANCES:
+      return _INSTANCES[coder_id]
+    factory = _FACTORIES.get(coder_id)
+    if factory is None:
+      known = ", ".join(map(str, sorted(_FACTORIES)))
+      raise CodingError(f"unknown entropy coder id {coder_id} (this build has: {known})")
+    if isinstance(factory, str):
+      module_name, _, attr = factory.partition(":")
+      factory = getattr(importlib.import_module(module_name), attr)
+    coder = factory()
+    _INSTANCES[coder_id] = coder
+    return coder

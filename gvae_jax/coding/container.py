@@ -1,0 +1,166 @@
+"""The `.gvae` file format: a fixed header, a section table, a CRC, payload.
+
+All integers are little-endian. Format version 1:
+
+  offset    size  type    field
+  0         4     bytes   magic b"GVAE"
+  4         1     u8      format version (1)
+  5         1     u8      mode: 0 lossy, 1 residual (near-lossless)
+  6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC range coder)
+  7         1     u8      image channels (>= 1)
+  8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
+  24        8     f64     rate s (finite, >= 0)
+  32        2     u16     tau: residual error bound (0 for lossy)
+  34        4     u32     image height (>= 1)
+  38        4     u32     image width (>= 1; height * width <= 2**28)
+  42        1     u8      n: number of sections (<= 64)
+  43        4n    u32     byte length of each section
+  43 + 4n   4     u32     CRC-32 (zlib) of bytes [0, 43 + 4n) followed by
+                          all section bytes: the checksum covers everything
+  47 + 4n   ...           the sections, back to back; nothing follows them
+
+`unpack` raises FormatError for any malformed input and never anything else
+(for bytes-like input); it runs in time linear in the input and never trusts
+a length before comparing it with the bytes actually present.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import math
+import struct
+import zlib
+from typing import Sequence
+
+from gvae_jax.errors import UserError
+
+MAGIC = b"GVAE"
+FORMAT_VERSION = 1
+FINGERPRINT_SIZE = 16
+MAX_SECTIONS = 64
+MAX_PIXELS = 2**28
+MAX_SECTION_BYTES = 2**32 - 1
+
+_FIXED = struct.Struct("<4sBBBB16sdHIIB")  # everything before the section lengths
+_U32 = struct.Struct("<I")
+assert _FIXED.size == 43
+
+
+class FormatError(UserError):
+  """The bytes are not a valid .gvae file."""
+
+
+class Mode(enum.IntEnum):
+  LOSSY = 0
+  RESIDUAL = 1  # near-lossless: lossy layer plus a residual within +-tau
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+  fingerprint: bytes  # FINGERPRINT_SIZE bytes naming the exported model
+  mode: Mode
+  rate: float  # G-VAE rate s
+  tau: int  # residual error bound; 0 for lossy
+  height: int
+  width: int
+  channels: int
+  coder_id: int
+
+
+def model_fingerprint(blob: bytes) -> bytes:
+  """A FINGERPRINT_SIZE-byte fingerprint of a serialized model."""
+  return hashlib.sha256(blob).digest()[:FINGERPRINT_SIZE]
+
+
+def _header_problem(header: Header) -> str | None:
+  """Why `header` cannot be written or trusted, or None."""
+  if not isinstance(header.fingerprint, bytes) or len(header.fingerprint) != FINGERPRINT_SIZE:
+    return f"fingerprint must be {FINGERPRINT_SIZE} bytes"
+  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL):
+    return f"unknown mode {header.mode}"
+  if not 0 <= header.tau <= 0xFFFF:
+    return f"tau {header.tau} not in [0, 65535]"
+  if header.mode == Mode.LOSSY and header.tau != 0:
+    return "tau must be 0 in lossy mode"
+  if not (math.isfinite(header.rate) and header.rate >= 0):
+    return f"rate {header.rate} must be finite and >= 0"
+  if not (1 <= header.height <= 0xFFFFFFFF and 1 <= header.width <= 0xFFFFFFFF):
+    return f"image size {header.height}x{header.width} is empty or too large"
+  if header.height * header.width > MAX_PIXELS:
+    return f"image of {header.height}x{header.width} pixels exceeds the limit of {MAX_PIXELS}"
+  if not 1 <= header.channels <= 0xFF:
+    return f"channels {header.channels} not in [1, 255]"
+  if not 1 <= header.coder_id <= 0xFF:
+    return f"coder id {header.coder_id} not in [1, 255]"
+  return None
+
+
+def pack(header: Header, sections: Sequence[bytes]) -> bytes:
+  """The .gvae bytes for a header and payload sections (ValueError if invalid)."""
+  problem = _header_problem(header)
+  if problem:
+    raise ValueError(f"invalid header: {problem}")
+  if len(sections) > MAX_SECTIONS:
+    raise ValueError(f"{len(sections)} sections exceed the limit of {MAX_SECTIONS}")
+  sections = [bytes(s) for s in sections]
+  if any(len(s) > MAX_SECTION_BYTES for s in sections):
+    raise ValueError("a section exceeds 4 GiB")
+  try:
+    head = _FIXED.pack(MAGIC, FORMAT_VERSION, int(header.mode), header.coder_id,
+                       header.channels, header.fingerprint, float(header.rate), header.tau,
+                       header.height, header.width, len(sections))
+  except struct.error as e:  # e.g. a float where an integer belongs
+    raise ValueError(f"invalid header: {e}") from e
+  head += b"".join(_U32.pack(len(s)) for s in sections)
+  crc = zlib.crc32(head)
+  for s in sections:
+    crc = zlib.crc32(s, crc)
+  return b"".join([head, _U32.pack(crc)] + sections)
+
+
+def unpack(data: bytes) -> tuple[Header, list[bytes]]:
+  """Header and sections of .gvae bytes; FormatError for anything malformed."""
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"expected bytes, got {type(data).__name__}")
+  view = memoryview(data).cast("B")
+  size = len(view)
+  if size == 0:
+    raise FormatError("empty file")
+  if bytes(view[:4]) != MAGIC[:min(size, 4)]:
+    raise FormatError("not a .gvae file (bad magic)")
+  if size >= 5 and view[4] != FORMAT_VERSION:
+    raise FormatError(f"unsupported format version {view[4]} "
+                      f"(this reader supports {FORMAT_VERSION})")
+  if size < _FIXED.size:
+    raise FormatError(f"truncated file: expected at least {_FIXED.size} bytes, got {size}")
+  (_, _, mode, coder_id, channels, fingerprint, rate, tau, height, width,
+   count) = _FIXED.unpack_from(view)
+  if count > MAX_SECTIONS:
+    raise FormatError(f"corrupt header: {count} sections exceed the limit of {MAX_SECTIONS}")
+  table_end = _FIXED.size + 4 * count
+  if size < table_end + 4:
+    raise FormatError(f"truncated file: expected at least {table_end + 4} bytes, got {size}")
+  lengths = struct.unpack_from(f"<{count}I", view, _FIXED.size)
+  expected = table_end + 4 + sum(lengths)
+  if size < expected:
+    raise FormatError(f"truncated file: expected {expected} bytes, got {size}")
+  if size > expected:
+    raise FormatError(f"trailing data: expected {expected} bytes, got {size}")
+  (stored_crc,) = _U32.unpack_from(view, table_end)
+  crc = zlib.crc32(view[table_end + 4:], zlib.crc32(view[:table_end]))
+  if crc != stored_crc:
+    raise FormatError("checksum mismatch: file is corrupt")
+
+  if mode not in (Mode.LOSSY, Mode.RESIDUAL):
+    raise FormatError(f"invalid header: unknown mode {mode}")
+  header = Header(fingerprint=bytes(fingerprint), mode=Mode(mode), rate=rate, tau=tau,
+                  height=height, width=width, channels=channels, coder_id=coder_id)
+  problem = _header_problem(header)
+  if problem:  # checksum fine: a broken writer or a crafted file
+    raise FormatError(f"invalid header: {problem}")
+  sections, pos = [], table_end + 4
+  for length in lengths:
+    sections.append(bytes(view[pos:pos + length]))
+    pos += length
+  return header, sections

@@ -1,0 +1,214 @@
+"""Entropy coder backed by the TensorFlow Compression range coder ops (id 1).
+
+Stream layout (one per `encode`, one per slice of `encode_streams`):
+
+  varint E        byte length of the escape section (LEB128, <= 5 bytes)
+  E bytes         one LEB128 varint per escaped symbol, in C order:
+                    value < 0        -> 2 * (-value - 1) + 1
+                    value >= length  -> 2 * (value - length)
+  rest            TFC range coder bytes: every symbol, escapes as the
+                  row's escape index `length`
+
+Why escapes live outside the range coder: TFC's own overflow mode (negative
+precision) decodes Elias-gamma prefixes with an unbounded loop, and a crafted
+4-byte stream makes it spin forever. With positive precision the decoder is a
+bounded binary search per symbol whose state stays inside the coding interval
+for any input bytes, so garbage decodes to in-range garbage (or fails our
+checks) and never hangs or reads out of bounds.
+
+Speed: one TF op call per array (or per batch of streams), never per symbol;
+TensorFlow is imported on first use and GPUs are hidden from it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+from typing import Sequence
+
+import numpy as np
+
+from gvae_jax.coding.coder import (TFC_RANGE_CODER_ID, CodingError, EntropyCoder,
+                                   check_indexes, check_symbols)
+from gvae_jax.entropy.cdf_tables import CdfTable
+
+_MAX_VARINT_BYTES = 5  # escape codes are < 2**33 (int32 symbol minus int32 offset)
+
+
+@functools.cache
+def _tf():
+  """(tensorflow, tfc ops), imported once; TF must not grab GPUs JAX uses."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialized its devices; nothing to do
+    pass
+  import tensorflow_compression_ops as ops
+  return tf, ops
+
+
+_LOOKUPS: "weakref.WeakKeyDictionary[CdfTable, np.ndarray]" = weakref.WeakKeyDictionary()
+
+
+def _lookup(table: CdfTable) -> np.ndarray:
+  """The op's table: each row [precision, 0, c1, ..., 2**precision, padding]."""
+  lookup = _LOOKUPS.get(table)
+  if lookup is None:
+    column = np.full((table.num_rows, 1), table.precision, np.int32)
+    lookup = np.ascontiguousarray(np.concatenate([column, table.cdf], axis=1))
+    _LOOKUPS[table] = lookup
+  return lookup
+
+
+def _varint_bytes(codes: np.ndarray) -> bytes:
+  """LEB128 of non-negative integers, vectorized."""
+  codes = np.asarray(codes, np.uint64).ravel()
+  if codes.size == 0:
+    return b""
+  nbytes = np.ones(codes.size, np.int64)
+  for k in range(1, _MAX_VARINT_BYTES):
+    nbytes += codes >= np.uint64(1 << (7 * k))
+  starts = np.cumsum(nbytes) - nbytes
+  owner = np.repeat(np.arange(codes.size), nbytes)
+  position = np.arange(int(nbytes.sum())) - starts[owner]
+  groups = (codes[owner] >> (7 * position).astype(np.uint64)) & np.uint64(0x7F)
+  more = (position < nbytes[owner] - 1).astype(np.uint64) << np.uint64(7)
+  return (groups | more).astype(np.uint8).tobytes()
+
+
+def _parse_varints(data: bytes, count: int) -> np.ndarray:
+  """Exactly `count` minimal LEB128 varints filling `data` (uint64)."""
+  raw = np.frombuffer(data, np.uint8)
+  ends = np.flatnonzero(raw < 0x80)
+  if len(ends) != count or (ends[-1] + 1 if count else 0) != raw.size:
+    raise CodingError(f"escape section does not hold the {count} escaped values the stream needs")
+  if count == 0:
+    return np.zeros(0, np.uint64)
+  starts = np.concatenate([[0], ends[:-1] + 1])
+  nbytes = ends - starts + 1
+  if nbytes.max() > _MAX_VARINT_BYTES or np.any((raw[ends] == 0) & (nbytes > 1)):
+    raise CodingError("malformed escape value")
+  owner = np.repeat(np.arange(count), nbytes)
+  position = np.arange(raw.size) - starts[owner]
+  groups = (raw & 0x7F).astype(np.uint64) << (7 * position).astype(np.uint64)
+  return np.add.reduceat(groups, starts)
+
+
+def _split_stream(data: bytes) -> tuple[bytes, bytes]:
+  """(escape section, range-coded bytes) of one stream."""
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"stream must be bytes, got {type(data).__name__}")
+  data = bytes(data)
+  length, shift, pos = 0, 0, 0
+  while True:
+    if pos >= len(data) or pos >= _MAX_VARINT_BYTES:
+      raise CodingError("truncated or malformed stream header")
+    byte = data[pos]
+    length |= (byte & 0x7F) << shift
+    shift += 7
+    pos += 1
+    if byte < 0x80:
+      break
+  if pos + length > len(data):
+    raise CodingError(f"truncated stream: escape section needs {length} bytes, "
+                      f"{len(data) - pos} left")
+  return data[pos:pos + length], data[pos + length:]
+
+
+def _escape_codes(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  return np.where(values < 0, 2 * (-values - 1) + 1, 2 * (values - lengths)).astype(np.uint64)
+
+
+class TfcRangeCoder(EntropyCoder):
+  """TFC range coder; see the module doc for the stream layout."""
+
+  coder_id = TFC_RANGE_CODER_ID
+  name = "tfc-range"
+
+  def encode(self, symbols: np.ndarray, indexes: np.ndarray, table: CdfTable) -> bytes:
+    symbols, indexes = check_symbols(symbols, indexes, table)
+    return self._encode(symbols.reshape(1, -1), indexes.reshape(1, -1), table)[0]
+
+  def decode(self, data: bytes, indexes: np.ndarray, table: CdfTable) -> np.ndarray:
+    indexes = check_indexes(indexes, table)
+    return self._decode([data], indexes.reshape(1, -1), table).reshape(indexes.shape)
+
+  def encode_streams(self, symbols: np.ndarray, indexes: np.ndarray,
+                     table: CdfTable) -> list[bytes]:
+    symbols, indexes = check_symbols(symbols, indexes, table)
+    if symbols.ndim == 0:
+      raise ValueError("encode_streams needs a leading stream axis")
+    flat = (symbols.shape[0], int(np.prod(symbols.shape[1:])))  # -1 fails for 0 streams
+    return self._encode(symbols.reshape(flat), indexes.reshape(flat), table)
+
+  def decode_streams(self, streams: Sequence[bytes], indexes: np.ndarray,
+                     table: CdfTable) -> np.ndarray:
+    indexes = check_indexes(indexes, table)
+    if indexes.ndim == 0 or len(streams) != indexes.shape[0]:
+      raise ValueError(f"{len(streams)} streams for indexes of shape {indexes.shape}")
+    flat = (indexes.shape[0], int(np.prod(indexes.shape[1:])))
+    return self._decode(list(streams), indexes.reshape(flat), table).reshape(indexes.shape)
+
+  def _encode(self, symbols: np.ndarray, indexes: np.ndarray, table: CdfTable) -> list[bytes]:
+    """symbols, indexes: [streams, n] -> one stream of bytes per row."""
+    count, n = symbols.shape
+    if count == 0:
+      return []
+    values = symbols.astype(np.int64) - table.offsets[indexes]
+    lengths = table.lengths[indexes].astype(np.int64)
+    escaped = (values < 0) | (values >= lengths)
+    coded = np.where(escaped, lengths, values).astype(np.int32)
+    if n == 0:
+      ranged = [b""] * count  # nothing to code; skip the ops
+    else:
+      tf, ops = _tf()
+      handle = ops.create_range_encoder(np.asarray([count], np.int32), _lookup(table))
+      handle = ops.entropy_encode_index(handle, indexes, coded)
+      ranged = [bytes(s) for s in ops.entropy_encode_finalize(handle).numpy()]
+    streams = []
+    for k in range(count):
+      mask = escaped[k]
+      escapes = _varint_bytes(_escape_codes(values[k][mask], lengths[k][mask]))
+      streams.append(_varint_bytes(np.array([len(escapes)])) + escapes + ranged[k])
+    return streams
+
+  def _decode(self, streams: list[bytes], indexes: np.ndarray, table: CdfTable) -> np.ndarray:
+    """streams: one per row of indexes [streams, n] -> int32 symbols [streams, n]."""
+    count, n = indexes.shape
+    parts = [_split_stream(data) for data in streams]
+    if count == 0:
+      return np.zeros((0, n), np.int32)
+    if n == 0:
+      if any(escapes or ranged for escapes, ranged in parts):
+        raise CodingError("stream has data but no symbols are expected")
+      return np.zeros((count, 0), np.int32)
+
+    tf, ops = _tf()
+    try:
+      handle = ops.create_range_decoder(
+          tf.constant([ranged for _, ranged in parts], tf.string), _lookup(table))
+      handle, decoded = ops.entropy_decode_index(
+          handle, indexes, np.asarray([n], np.int32), tf.int32)
+      consistent = ops.entropy_decode_finalize(handle).numpy()
+    except tf.errors.OpError as e:
+      raise CodingError(f"range decoder rejected the stream: {e.message}") from e
+    if not np.all(consistent):
+      bad = np.flatnonzero(~consistent)
+      raise CodingError(f"range-coded data is inconsistent (stream {int(bad[0])}); file is corrupt")
+
+    values = decoded.numpy().astype(np.int64)
+    lengths = table.lengths[indexes].astype(np.int64)
+    if np.any((values < 0) | (values > lengths)):
+      raise CodingError("range decoder produced out-of-range values")
+    escaped = values == lengths
+    for k, (escapes, _) in enumerate(parts):
+      mask = escaped[k]
+      codes = _parse_varints(escapes, int(mask.sum())).astype(np.int64)
+      magnitude = codes >> 1
+      values[k][mask] = np.where(codes & 1, -magnitude - 1, lengths[k][mask] + magnitude)
+    symbols = values + table.offsets[indexes]
+    info = np.iinfo(np.int32)
+    if symbols.size and (symbols.min() < info.min or symbols.max() > info.max):
+      raise CodingError("escaped value out of int32 range")
+    return symbols.astype(np.int32)

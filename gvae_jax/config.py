@@ -1,0 +1,151 @@
+"""Experiment configuration: the base ConfigDict, loading config files, overrides.
+
+Config files (experiments/configs/*.py) define get_config() and start from
+`base_config()`, as in the Flax examples. Any field can be overridden on the
+command line with --config.section.key=value; an unknown key is an error.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Sequence
+
+import ml_collections
+
+from gvae_jax.errors import UserError
+
+# MSE lambdas on the 0..255 scale (D = 255^2 * MSE on [0, 1]), REFERENCE section 2.
+PAPER_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+
+
+class ConfigError(UserError):
+  pass
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The paper-scale defaults every experiment config starts from."""
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "gained_mean_scale_hyperprior"
+  config.model.n = 192
+  config.model.m = 320
+  config.model.levels = len(PAPER_LAMBDAS)
+  config.model.gain_parameterization = "abs"  # abs | exp | softplus
+  config.model.gain_init = "lambda"  # lambda (sqrt(lambda) spread) | ones
+  config.model.interpolation = "exponential"  # exponential | linear
+  config.model.quantization = "mixed"  # mixed | noise
+  config.model.prior_channels = 0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.lambdas = PAPER_LAMBDAS
+  config.train.distortion = "mse"  # mse | ms-ssim (lambdas then weight 1 - MS-SSIM)
+  config.train.per_device_batch = 8
+  config.train.num_steps = 1_000_000
+  config.train.learning_rate = 1e-4
+  config.train.warmup_steps = 1000
+  config.train.final_learning_rate_factor = 0.1
+  config.train.grad_clip = 1.0
+  config.train.seed = 0
+  config.train.log_every = 100
+  config.train.checkpoint_every = 5000
+  config.train.keep_checkpoints = 3
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "folder"  # 'folder' (any local image folder) or a TFDS name, e.g. 'clic'
+  config.data.folder = ""
+  config.data.data_dir = ""  # TFDS cache; empty = <workdir>/tfds
+  config.data.split = "train"
+  config.data.crop_size = 256
+  config.data.shuffle_buffer = 1024
+  config.data.downscale = 1
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.folder = ""  # empty = no evaluation
+  config.eval.every_steps = 50_000  # 0 = only after the last step
+  config.eval.max_images = 0  # images for the periodic evaluation; 0 = all
+  config.eval.final_max_images = 0  # images for the evaluation after the last step
+  config.eval.fractional_rates = (0.5, 3.5, 6.5)
+  return config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` and applies --config.key=value overrides."""
+  path_str, _, arg = spec.partition(":")
+  path = Path(path_str)
+  if not path.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"_gvae_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # a user's config file: report, don't trace back
+    raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  config = module.get_config(arg) if arg else module.get_config()
+  apply_overrides(config, overrides)
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise ConfigError(f"bad override {item!r}: expected --config.section.key=value")
+    key, _, raw = item[len("--config."):].partition("=")
+    set_by_path(config, key, raw)
+
+
+def set_by_path(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(node.keys()))}")
+  old = node[leaf]
+  node[leaf] = _parse_like(raw, old, key)
+
+
+def _parse_like(raw: str, old, key: str):
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw  # a bare string such as a path
+  if isinstance(old, bool):
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+      return value.lower() == "true"
+    if not isinstance(value, bool):
+      raise ConfigError(f"config key {key!r} needs true/false, got {raw!r}")
+    return value
+  if isinstance(old, int) and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if isinstance(old, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(old, str):
+    return raw
+  if isinstance(old, (tuple, list)):
+    if isinstance(value, (int, float)):
+      value = (value,)
+    if not isinstance(value, (tuple, list)):
+      raise ConfigError(f"config key {key!r} needs a list, got {raw!r}")
+    return tuple(value)
+  if type(value) is not type(old):
+    raise ConfigError(f"config key {key!r} needs a {type(old).__name__}, got {raw!r}")
+  return value
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), sort_keys=True, indent=2, default=list)
+
+
+def model_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """Hash of what fixes the parameter shapes and numerics of a model."""
+  relevant = {"model": config.model.to_dict(), "levels_lambdas": list(config.train.lambdas)}
+  blob = json.dumps(relevant, sort_keys=True, default=list).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,269 @@
+"""Reading and writing images for the codec CLI, with errors a user can act on.
+
+The codec compresses 8-bit RGB. `read_image` returns exactly that: RGB as is,
+grayscale, bilevel and palette images converted losslessly (and reported, so
+the CLI can say so), and everything it could only handle by throwing
+information away refused with an `ImageError`: alpha or transparency, more
+than 8 bits per sample, multi-frame files, other colour models. Pillow does
+the decoding; for PNG, PPM and TIFF the header is checked as well because
+Pillow silently reduces 16-bit RGB in those formats to 8 bits.
+
+No TensorFlow or JAX here.
+"""
+from __future__ import annotations
+
+from gvae_jax.errors import UserError
+
+import dataclasses
+import enum
+import io
+import os
+import re
+import struct
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from gvae_jax.fileio import atomic_write_bytes
+
+_HEADER_BYTES = 4096  # enough for the PNG IHDR and a PPM header with comments
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MAGIC_NUMBERS = (  # to tell "corrupt PNG" from "not an image" when Pillow gives up
+    (_PNG_SIGNATURE, "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"RIFF", "RIFF/WebP"))
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_HIGH_DEPTH_MODES_PREFIXES = ("I", "F")  # I, I;16, I;16B, I;16L, I;16N, F
+_TO_8BIT_RGB = "convert it to 8-bit RGB first, e.g. `magick IN -depth 8 -type TrueColor OUT.png`"
+
+
+class ImageError(UserError):
+  """An image file that cannot be read or written; the message says why."""
+
+
+class SourceMode(str, enum.Enum):
+  """How the file stored its pixels, i.e. what `read_image` did to get RGB."""
+  RGB = "rgb"              # returned unchanged
+  GRAYSCALE = "grayscale"  # the one channel replicated into R, G and B
+  BILEVEL = "bilevel"      # 1-bit black/white, mapped to 0/255 and replicated
+  PALETTE = "palette"      # indices expanded through the colour table
+
+
+_CONVERSION_NOTES = {
+    SourceMode.RGB: "8-bit RGB, used as is",
+    SourceMode.GRAYSCALE: "8-bit grayscale, replicated into 3 identical RGB channels",
+    SourceMode.BILEVEL: "1-bit black and white, converted to RGB (0 or 255 in every channel)",
+    SourceMode.PALETTE: "palette (indexed colour), expanded to RGB",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+  source_mode: SourceMode
+  format: str  # Pillow's format name: "PNG", "JPEG", ...
+  # EXIF orientation tag (1 = upright) or None. read_image does NOT rotate:
+  # other values mean viewers show the pixels rotated or mirrored.
+  exif_orientation: int | None = None
+
+  @property
+  def converted(self) -> bool:
+    return self.source_mode is not SourceMode.RGB
+
+  def describe(self) -> str:
+    """One line for the CLI, e.g. 'PNG, 8-bit grayscale, replicated into ...'."""
+    return f"{self.format}, {_CONVERSION_NOTES[self.source_mode]}"
+
+
+def _refuse(path: str, problem: str, advice: str) -> ImageError:
+  return ImageError(f"{path}: {problem}; {advice}")
+
+
+def _png_header(header: bytes) -> tuple[int, int, int, int] | None:
+  """(width, height, bit depth, colour type) from the IHDR chunk, if a PNG."""
+  if header.startswith(_PNG_SIGNATURE) and header[12:16] == b"IHDR" and len(header) >= 26:
+    width, height, bit_depth, color_type = struct.unpack(">IIBB", header[16:26])
+    return width, height, bit_depth, color_type
+  return None
+
+
+def _pnm_header(header: bytes) -> tuple[int, int, int] | None:
+  """(width, height, maxval) of a P2/P3/P5/P6 (PGM/PPM) header, if it is one."""
+  if header[:2] not in (b"P2", b"P3", b"P5", b"P6"):
+    return None
+  # Comments run from '#' to the end of the line and may sit between any tokens.
+  tokens = re.sub(rb"#[^\r\n]*", b" ", header[2:]).split()[:3]
+  try:
+    width, height, maxval = (int(token) for token in tokens)
+  except ValueError:  # fewer than 3 tokens or not numbers: let Pillow report it
+    return None
+  return width, height, maxval
+
+
+def _check_header(path: str, header: bytes) -> None:
+  """Refusals Pillow would not raise itself: it decodes these files silently at 8 bits."""
+  png = _png_header(header)
+  if png is not None:
+    width, height, bit_depth, _ = png
+    if width == 0 or height == 0:
+      raise _refuse(path, f"PNG of {width}x{height} pixels has no pixels", "nothing to compress")
+    if bit_depth == 16:
+      raise _refuse(path, "PNG with 16 bits per sample (48/64-bit colour or 16-bit gray); "
+                    "the codec takes 8 bits and would silently lose precision", _TO_8BIT_RGB)
+  pnm = _pnm_header(header)
+  if pnm is not None:
+    width, height, maxval = pnm
+    if width == 0 or height == 0:
+      raise _refuse(path, f"PPM/PGM of {width}x{height} pixels has no pixels",
+                    "nothing to compress")
+    if maxval > 255:
+      raise _refuse(path, f"PPM/PGM with maxval {maxval} (more than 8 bits per sample); "
+                    "the codec takes 8 bits and would silently lose precision", _TO_8BIT_RGB)
+
+
+def _frame_count(image: Image.Image) -> int:
+  try:
+    return int(getattr(image, "n_frames", 1))
+  except Exception:  # counting GIF frames parses the file; corruption is reported by load()
+    return 1
+
+
+def _check_opened(path: str, image: Image.Image) -> SourceMode:
+  """Refuses what cannot be turned into 8-bit RGB without loss; returns the source mode."""
+  width, height = image.size
+  if width == 0 or height == 0:
+    raise _refuse(path, f"image of {width}x{height} pixels has no pixels", "nothing to compress")
+  frames = _frame_count(image)
+  if frames > 1:
+    raise _refuse(path, f"{image.format} holds {frames} frames or pages",
+                  "the codec compresses single images: extract one frame first, "
+                  "e.g. `magick 'IN[0]' OUT.png`")
+  mode = image.mode
+  if mode.startswith(_HIGH_DEPTH_MODES_PREFIXES):
+    depth = "floating-point samples" if mode == "F" else "more than 8 bits per sample"
+    raise _refuse(path, f"{image.format} image with {depth} (Pillow mode {mode}); the codec "
+                  "takes 8 bits", _TO_8BIT_RGB)
+  bits = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample; 16-bit RGB decodes as 'RGB'
+  if bits is not None and max(np.atleast_1d(bits)) > 8:
+    raise _refuse(path, f"TIFF with {max(np.atleast_1d(bits))} bits per sample; the codec takes 8 "
+                  "bits and would silently lose precision", _TO_8BIT_RGB)
+  _check_transparency(path, image)
+  modes = {"RGB": SourceMode.RGB, "L": SourceMode.GRAYSCALE, "1": SourceMode.BILEVEL,
+           "P": SourceMode.PALETTE}
+  if mode not in modes:
+    raise _refuse(path, f"colour mode {mode} is not supported (the codec takes RGB, grayscale "
+                  "or palette images)", "convert it to sRGB first, e.g. "
+                  "`magick IN -colorspace sRGB -type TrueColor OUT.png`")
+  return modes[mode]
+
+
+def _check_transparency(path: str, image: Image.Image) -> None:
+  has_alpha = image.mode in _ALPHA_MODES
+  palette_alpha = image.mode == "P" and image.palette is not None and "A" in image.palette.mode
+  if not (has_alpha or palette_alpha or "transparency" in image.info):
+    return
+  what = "an alpha channel" if has_alpha else "transparency"
+  hint = ""
+  if has_alpha and image.mode in ("RGBA", "LA"):
+    try:
+      opaque = np.asarray(image.getchannel("A")).min() == 255
+    except Exception:  # undecodable: the refusal stands without the hint
+      opaque = False
+    if opaque:
+      hint = " (its alpha is fully opaque, so dropping it loses nothing)"
+  raise _refuse(path, f"{image.format} image with {what} (Pillow mode {image.mode}); the codec "
+                "stores no transparency and would drop it",
+                f"remove it first{hint}, e.g. `magick IN -background white -alpha remove "
+                "-alpha off OUT.png`")
+
+
+def _describe_unreadable(path: str, header: bytes) -> str:
+  for magic, name in _MAGIC_NUMBERS:
+    if header.startswith(magic):
+      return f"{path}: looks like a {name} file but its header is corrupt or truncated"
+  return (f"{path}: not an image file in a format Pillow can read "
+          "(expected PNG, JPEG, BMP, TIFF, PPM/PGM, WebP, GIF, ...)")
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+  try:
+    orientation = image.getexif().get(0x0112)
+  except Exception:  # a malformed EXIF block must not stop us from reading the pixels
+    return None
+  return int(orientation) if isinstance(orientation, int) else None
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
+  """Reads an image file as uint8 RGB [H, W, 3], plus how it was stored.
+
+  Raises ImageError (with the path, the reason and a suggested fix) for a
+  missing, empty, truncated, corrupt or non-image file, a directory, and for
+  images that would lose information: alpha/transparency, more than 8 bits
+  per sample, floating point, multiple frames, CMYK and other colour models.
+  """
+  path = os.fspath(path)
+  try:
+    file = open(path, "rb")
+  except FileNotFoundError:
+    raise ImageError(f"{path}: no such file") from None
+  except IsADirectoryError:
+    raise ImageError(f"{path}: is a directory, not an image file") from None
+  except PermissionError:
+    raise ImageError(f"{path}: permission denied") from None
+  except OSError as error:
+    raise ImageError(f"{path}: cannot open ({error.strerror or error})") from error
+  with file:
+    header = file.read(_HEADER_BYTES)
+    if not header:
+      raise ImageError(f"{path}: file is empty (0 bytes)")
+    _check_header(path, header)
+    file.seek(0)
+    try:
+      image = Image.open(file)
+    except UnidentifiedImageError:
+      raise ImageError(_describe_unreadable(path, header)) from None
+    except Image.DecompressionBombError as error:
+      raise ImageError(f"{path}: {error}") from None
+    except Exception as error:  # Pillow raises many types for bad bytes; all mean "corrupt"
+      raise ImageError(f"{_describe_unreadable(path, header)} ({error})") from error
+    with image:
+      source_mode = _check_opened(path, image)
+      try:
+        image.load()
+      except Exception as error:  # OSError "image file is truncated", zlib, struct, EOF...
+        raise ImageError(f"{path}: cannot decode the {image.format} data, the file is truncated "
+                         f"or corrupt ({error})") from error
+      _check_transparency(path, image)  # some formats only report it once decoded
+      if source_mode is SourceMode.RGB:
+        pixels = np.array(image, dtype=np.uint8)
+      elif source_mode is SourceMode.PALETTE:
+        pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+      else:  # grayscale or bilevel: exact replication, no luma weighting to undo
+        gray = np.array(image.convert("L"), dtype=np.uint8)
+        pixels = np.repeat(gray[:, :, None], 3, axis=2)
+      info = ImageInfo(source_mode, image.format or "unknown", _exif_orientation(image))
+  if pixels.ndim != 3 or pixels.shape[2] != 3:  # defensive: a Pillow plugin misreporting its mode
+    raise ImageError(f"{path}: decoded to an unexpected shape {pixels.shape}")
+  return pixels, info
+
+
+def write_png(path: str | os.PathLike, pixels: np.ndarray, overwrite: bool = False) -> None:
+  """Writes uint8 RGB [H, W, 3] as a PNG, atomically (see fileio.atomic_write_bytes).
+
+  Raises FileExistsError if `path` exists and overwrite is False, ImageError
+  for a wrong array or any other failure; never leaves a partial file.
+  """
+  path = os.fspath(path)
+  pixels = np.asarray(pixels)
+  if pixels.dtype != np.uint8:
+    raise ImageError(f"{path}: pixels must be uint8, got {pixels.dtype}; clip to 0..255, round "
+                     "and cast before writing")
+  if pixels.ndim != 3 or pixels.shape[2] != 3 or 0 in pixels.shape:
+    raise ImageError(f"{path}: pixels must have shape [H, W, 3] with H, W > 0, got {pixels.shape}")
+  # Encode in memory first: an encoder failure then never touches the disk.
+  encoded = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(pixels)).save(encoded, format="PNG")
+  try:
+    atomic_write_bytes(path, encoded.getbuffer(), overwrite=overwrite)
+  except FileExistsError:
+    raise
+  except OSError as error:
+    raise ImageError(f"{path}: cannot write ({error.strerror or error})") from error

@@ -1,0 +1,1 @@
+"""Training: train state, pmapped step, loop, checkpoints, periodic evaluation."""

@@ -1,0 +1,82 @@
+"""Orbax checkpointing of the train state, and the workdir's config guard."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+from gvae_jax import config as config_lib
+from gvae_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+
+
+class IncompatibleWorkdirError(UserError):
+  pass
+
+
+def check_compatible(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Refuses a workdir whose checkpoints belong to a different model.
+
+  The first run writes config.json; a later run must agree on everything that
+  fixes parameter shapes (the model section and the level lambdas). Other
+  settings (steps, logging, data) may change between runs.
+  """
+  path = workdir / CONFIG_FILE
+  if path.exists():
+    try:
+      saved = ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValueError) as e:
+      raise IncompatibleWorkdirError(f"{path} is not a readable config ({e})") from e
+    if config_lib.model_fingerprint(saved) != config_lib.model_fingerprint(config):
+      diffs = _model_differences(saved, config)
+      raise IncompatibleWorkdirError(
+          f"workdir {workdir} holds checkpoints of a different model configuration "
+          f"({'; '.join(diffs)}). Use a new --workdir, or the config it was trained with.")
+  path.write_text(config_lib.to_json(config))
+
+
+def _model_differences(saved, config) -> list[str]:
+  diffs = []
+  old, new = saved.model.to_dict(), config.model.to_dict()
+  for key in sorted(set(old) | set(new)):
+    if old.get(key) != new.get(key):
+      diffs.append(f"model.{key}: {old.get(key)!r} in the workdir, {new.get(key)!r} now")
+  if list(saved.train.lambdas) != list(config.train.lambdas):
+    diffs.append(f"train.lambdas: {list(saved.train.lambdas)} vs {list(config.train.lambdas)}")
+  return diffs
+
+
+def manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.keep_checkpoints, create=True)
+  return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
+  mngr.save(step, args=ocp.args.StandardSave(state))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state):
+  """The newest checkpoint restored into `state`'s structure, or `state` if none."""
+  step = mngr.latest_step()
+  if step is None:
+    return state
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(state))
+  except (ValueError, KeyError, TypeError) as e:
+    raise IncompatibleWorkdirError(
+        f"cannot restore checkpoint {step} from {mngr.directory}: it does not match this "
+        f"model ({type(e).__name__}: {str(e)[:300]})") from e
+
+
+def restore_params(workdir: Path, step: int | None = None):
+  """Parameters of a training workdir's newest (or given) checkpoint, as saved."""
+  mngr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute())
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise UserError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+  restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  return restored["params"], step

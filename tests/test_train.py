@@ -1,0 +1,140 @@
+"""End-to-end: the tiny config trains on 2 fake CPU devices, checkpoints and resumes."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from gvae_jax.config import load_config
+from gvae_jax.models import build_model
+from gvae_jax.train import checkpoints, train
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    h, w = 40 + 4 * i, 44 + 3 * i
+    ramp = np.linspace(0, 200, w)[None, :, None] + np.linspace(0, 40, h)[:, None, None]
+    pixels = np.clip(ramp + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(folder / f"img{i}.png")
+  return folder
+
+
+def tiny_config(repo_root, image_folder, **train_overrides):
+  config = load_config(str(repo_root / "experiments/configs/tiny.py"))
+  config.data.folder = str(image_folder)
+  config.eval.folder = ""
+  for key, value in train_overrides.items():
+    config.train[key] = value
+  return config
+
+
+def test_runs_on_two_devices():
+  assert jax.local_device_count() == 2, "conftest sets 2 fake CPU devices"
+
+
+def _eval_loss(config, params, image_folder):
+  model = build_model(config)
+  x = jnp.stack([jnp.asarray(np.asarray(Image.open(p))[:32, :32], jnp.float32) / 255.0
+                 for p in sorted(Path(image_folder).glob("*.png"))])
+  total = 0.0
+  for level, lam in enumerate(config.train.lambdas):
+    out = model.apply({"params": params}, x, jnp.full((x.shape[0],), float(level)))
+    bpp = (out["bits_y"] + out["bits_z"]) / (32 * 32)
+    mse = jnp.mean(jnp.square(x - out["x_tilde"]), axis=(1, 2, 3))
+    total += float(jnp.mean(bpp + lam * 255**2 * mse))
+  return total
+
+
+def test_loss_drops_and_checkpoints_are_written(repo_root, image_folder, tmp_path):
+  config = tiny_config(repo_root, image_folder, num_steps=20, checkpoint_every=10)
+  initial = train.create_train_state(
+      jax.random.split(jax.random.PRNGKey(config.train.seed))[0], config, build_model(config))
+  state = train.train_and_evaluate(config, tmp_path, progress=False)
+  assert int(state.step) == 20
+  assert _eval_loss(config, state.params, image_folder) < 0.8 * _eval_loss(
+      config, initial.params, image_folder)
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [10, 20]
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _assert_same_params(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(repo_root, image_folder, tmp_path):
+  config = tiny_config(repo_root, image_folder)
+  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  first = train.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3,
+                                   progress=False)
+  assert int(first.step) == 3
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  assert int(resumed.step) == config.train.num_steps
+  _assert_same_params(straight.params, resumed.params)
+
+
+def test_incompatible_workdir_is_refused(repo_root, image_folder, tmp_path):
+  config = tiny_config(repo_root, image_folder, num_steps=3)
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  config.model.n = 16
+  with pytest.raises(checkpoints.IncompatibleWorkdirError, match="model.n"):
+    train.train_and_evaluate(config, tmp_path, progress=False)
+
+
+def test_cli_reports_bad_input_without_traceback(repo_root, tmp_path):
+  def gvae(*args):
+    return subprocess.run([sys.executable, "-m", "gvae_jax", *args], capture_output=True,
+                          text=True, cwd=repo_root, timeout=300)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  cases = [
+      ("train", "--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w1"),
+       f"--config.data.folder={empty}"),
+      ("train", "--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w2"),
+       "--config.train.no_such_key=1"),
+      ("train", "--config", "experiments/configs/missing.py", "--workdir", str(tmp_path / "w3")),
+  ]
+  for args in cases:
+    result = gvae(*args)
+    assert result.returncode != 0, args
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "gvae: error:" in result.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, tmp_path):
+  config = tiny_config(repo_root, image_folder, num_steps=30, checkpoint_every=5)
+  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
+
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "gvae_jax", "train", "--config", "experiments/configs/tiny.py",
+         "--workdir", str(workdir), "--no-progress", f"--config.data.folder={image_folder}",
+         "--config.eval.folder=", "--config.train.num_steps=30",
+         "--config.train.checkpoint_every=5"]
+  proc = subprocess.Popen(cmd, cwd=repo_root, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  ckpt = workdir / "checkpoints"
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt.is_dir() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpt.iterdir()):
+      break
+    time.sleep(0.05)
+  killed_midway = proc.poll() is None
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert killed_midway, "the run finished before it could be killed"
+  subprocess.run(cmd, cwd=repo_root, check=True, timeout=300, capture_output=True)
+  params, step = checkpoints.restore_params(workdir)
+  assert step == 30
+  _assert_same_params(straight.params, params)
