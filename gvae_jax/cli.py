@@ -52,6 +52,119 @@ def _estimate(args, overrides):
     Path(args.out).write_text(json.dumps(report, indent=2))
 
 
+def _export(args, overrides):
+  from gvae_jax.coding import export
+
+  exported = export.export_model(args.workdir, args.out, step=args.step, force=args.force)
+  print(f"exported {exported.name} (step {exported.manifest['step']}, "
+        f"{exported.levels} levels) to {args.out}: fingerprint {exported.fingerprint.hex()}")
+
+
+def _refuse_existing(path: str, force: bool) -> None:
+  if not force and os.path.lexists(path):
+    raise UserError(f"{path} already exists; pass --force to overwrite it")
+
+
+def _read_bytes(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise UserError(f"{path}: no such file") from None
+  except IsADirectoryError:
+    raise UserError(f"{path}: is a directory, not a .gvae file") from None
+  except OSError as e:
+    raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+def _compress(args, overrides):
+  from gvae_jax import fileio, image_io
+  from gvae_jax.coding import codec, export
+
+  _refuse_existing(args.output, args.force)
+  pixels, info = image_io.read_image(args.input)
+  model = export.load_model(args.model)
+  if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
+    pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
+  if args.bpp is not None:
+    data, _ = codec.compress_to_bpp(model, pixels, args.bpp)
+  else:
+    data = codec.compress(model, pixels, args.rate)
+  try:
+    fileio.atomic_write_bytes(args.output, data, overwrite=args.force)
+  except FileExistsError:
+    raise UserError(f"{args.output} already exists; pass --force to overwrite it") from None
+  header = codec.read_header(data)
+  note = "" if not info.converted else f" ({info.describe()})"
+  print(f"{args.output}: {len(data)} bytes, {codec.bits_per_pixel(data, header):.4f} bpp, "
+        f"rate {header.rate:.6g}, {header.width}x{header.height}{note}")
+
+
+def _write_png(path: str, pixels, overwrite: bool) -> None:
+  """RGB through image_io; grayscale [H, W] as an 8-bit gray PNG, equally atomic."""
+  import io
+
+  import numpy as np
+  from PIL import Image
+
+  from gvae_jax import fileio, image_io
+
+  if pixels.ndim == 3:
+    image_io.write_png(path, pixels, overwrite=overwrite)
+    return
+  encoded = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(pixels, np.uint8)).save(encoded, format="PNG")
+  fileio.atomic_write_bytes(path, encoded.getbuffer(), overwrite=overwrite)
+
+
+def _decompress(args, overrides):
+  from gvae_jax.coding import codec, export
+
+  _refuse_existing(args.output, args.force)
+  data = _read_bytes(args.input)
+  header = codec.read_header(data)  # a broken file fails before the model loads
+  model = export.load_model(args.model)
+  pixels = codec.decompress(model, data)
+  try:
+    _write_png(args.output, pixels, overwrite=args.force)
+  except FileExistsError:
+    raise UserError(f"{args.output} already exists; pass --force to overwrite it") from None
+  kind = "grayscale" if header.channels == 1 else "RGB"
+  print(f"{args.output}: {header.width}x{header.height} {kind} from {len(data)} bytes "
+        f"({codec.bits_per_pixel(data, header):.4f} bpp, rate {header.rate:.6g})")
+
+
+def _info(args, overrides):
+  from gvae_jax.coding import container
+
+  data = _read_bytes(args.input)
+  header, sections = container.unpack(data)
+  pixels = header.height * header.width
+  rows = [
+      ("file", args.input),
+      ("bytes", len(data)),
+      ("bpp", f"{8.0 * len(data) / pixels:.4f}"),
+      ("format version", container.FORMAT_VERSION),
+      ("mode", header.mode.name.lower()),
+      ("rate s", f"{header.rate:.9g}"),
+      ("tau", header.tau),
+      ("size", f"{header.width}x{header.height} (width x height)"),
+      ("channels", header.channels),
+      ("coder id", header.coder_id),
+      ("model fingerprint", header.fingerprint.hex()),
+      ("sections", ", ".join(f"{len(s)} bytes" for s in sections) or "none"),
+  ]
+  for key, value in rows:
+    print(f"{key + ':':<19}{value}")
+
+
+def _rate_arg(text: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="gvae", description=__doc__.splitlines()[0])
   parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -71,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-images", type=int, default=0)
   p.add_argument("--out", help="write the report as JSON here")
   p.set_defaults(run=_estimate, takes_overrides=True)
+
+  p = sub.add_parser("export", help="export a workdir's checkpoint as a codec model directory")
+  p.add_argument("--workdir", required=True, help="training workdir (config.json, checkpoints/)")
+  p.add_argument("--out", required=True, help="model directory to create")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
+  p.add_argument("--force", action="store_true", help="replace an existing exported model")
+  p.set_defaults(run=_export)
+
+  p = sub.add_parser("compress", help="compress an image to a .gvae file")
+  p.add_argument("input", help="image file (PNG, JPEG, ...; 8-bit RGB, grayscale or palette)")
+  p.add_argument("output", help=".gvae file to write")
+  p.add_argument("--model", required=True, help="exported model directory")
+  target = p.add_mutually_exclusive_group(required=True)
+  target.add_argument("--rate", type=_rate_arg, help="rate s in [0, levels-1], continuous")
+  target.add_argument("--bpp", type=_rate_arg,
+                      help="largest rate whose file is at most this many bits per pixel")
+  p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  p.set_defaults(run=_compress)
+
+  p = sub.add_parser("decompress", help="decompress a .gvae file to PNG")
+  p.add_argument("input", help=".gvae file")
+  p.add_argument("output", help="PNG file to write")
+  p.add_argument("--model", required=True, help="the exported model that compressed it")
+  p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  p.set_defaults(run=_decompress)
+
+  p = sub.add_parser("info", help="print the header of a .gvae file (no model needed)")
+  p.add_argument("input", help=".gvae file")
+  p.set_defaults(run=_info)
   return parser
 
 

@@ -1,0 +1,322 @@
+"""Lossy compression of images to `.gvae` bytes and back, at any continuous rate.
+
+    model = load_model("models/small")           # gvae_jax.coding.export
+    data = compress(model, pixels, rate=2.5)     # uint8 [H, W, 3] -> bytes
+    pixels = decompress(model, data)             # bytes -> uint8 [H, W, 3]
+    data, rate = compress_to_bpp(model, pixels, target_bpp=0.5)
+
+Pipeline (REFERENCE sections 6 and 7). The image is edge-padded to a multiple
+of 64 and coded as one batch of 1:
+
+  encoder: y', z = analyze(x, s); z_sym = round(z)
+           mean, y_index = hyper(z_sym, s)       <- the one shared function
+           y_sym = round(y' - mean)
+           bytes: z_sym with the z table (row = channel),
+                  y_sym with the y table (row = y_index)
+  decoder: z_sym <- bytes; mean, y_index = hyper(z_sym, s)
+           y_sym <- bytes; x = synthesize(y_sym + mean, s), cropped, clipped,
+           rounded to uint8
+
+Determinism: `hyper` (hyper synthesis, then scale -> integer table index) is
+one jitted function that both sides call on identical integer inputs of the
+same shape, so both get bit-identical means and indexes. Only integers and
+the float32 rate s (stored exactly in the header) cross from encoder to
+decoder; CDF tables are the exported integers. Decoding on another machine
+(another CPU, XLA or jax version) is not guaranteed bit-exact: the hyper
+synthesis in float32 may round differently there.
+
+File layout: the `.gvae` container (gvae_jax.coding.container), mode LOSSY,
+two sections: [z stream, y stream], each in the coder's stream format.
+
+Colour: the codec codes 8-bit RGB. A grayscale (or bilevel) image is passed
+as a 2-D [H, W] array (or by the CLI from a grayscale file): its value is
+replicated into R, G and B, coded as RGB, and the header records channels=1;
+decompress then returns [H, W], the average of the three decoded channels
+rounded to the nearest integer. Palette images are coded as RGB (channels=3)
+and decode to RGB.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gvae_jax.coding import container
+from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, CodingError, get_coder
+from gvae_jax.coding.container import FormatError, Header, Mode
+from gvae_jax.coding.export import ExportedModel
+from gvae_jax.entropy import gaussian
+from gvae_jax.errors import UserError
+from gvae_jax.ops import crop, pad_to_multiple
+
+# The largest image (after padding) either side accepts: 8192 x 8192. Bigger
+# needs tens of GB of activations; the decoder also refuses a crafted header
+# claiming more before it allocates anything.
+MAX_CODEC_PIXELS = 2**26
+Z_SECTION, Y_SECTION = 0, 1
+NUM_SECTIONS = 2
+_SYMBOL_LIMIT = 2**30  # symbols are clamped here before the int32 cast
+
+
+class RateError(UserError):
+  """A rate s outside [0, levels - 1], or not a finite number."""
+
+
+class ModelMismatchError(UserError):
+  """The file was made by a different exported model."""
+
+
+# --- The jitted network pieces. The model is static (hashable flax Module). ---
+
+@functools.partial(jax.jit, static_argnums=0)
+def _analyze(model, params, x_padded, s):
+  """uint8 padded image -> (y' float32, z_sym int32)."""
+  x = x_padded.astype(jnp.float32) / 255.0
+  y, z = model.apply({"params": params}, x, s, method=model.analyze)
+  z_sym = jnp.round(jnp.clip(z, -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(jnp.int32)
+  return y, z_sym
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hyper(model, params, z_sym, s, y_scales):
+  """z_sym -> (mean, y table index). The encoder and the decoder both call this."""
+  mean, scale = model.apply({"params": params}, z_sym.astype(jnp.float32), s,
+                            method=model.hyper_synthesize)
+  return mean, gaussian.scale_to_index(scale, y_scales)
+
+
+@jax.jit
+def _quantize_y(y, mean):
+  residual = jnp.nan_to_num(y - mean)  # a NaN would otherwise cast to garbage
+  return jnp.round(jnp.clip(residual, -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _synthesize(model, params, y_sym, mean, s, size):
+  """(y_sym, mean) -> uint8 image [1, H, W, 3] cropped to `size`."""
+  y_hat = y_sym.astype(jnp.float32) + mean
+  x_tilde, _ = model.apply({"params": params}, y_hat, s, method=model.synthesize)
+  x = jnp.nan_to_num(crop(x_tilde, size))  # garbage input must still give pixels
+  # The same rounding as evaluate.py's estimate: round(clip(x, 0, 1) * 255).
+  return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+# --- Rates and images. ---
+
+def check_rate(rate, levels: int) -> np.float32:
+  """The float32 rate s the codec uses; RateError unless finite and in range."""
+  try:
+    value = float(rate)
+  except (TypeError, ValueError):
+    raise RateError(f"rate must be a number, got {rate!r}") from None
+  top = levels - 1
+  if not math.isfinite(value) or not 0 <= value <= top:
+    raise RateError(f"rate {rate} is out of range: this model codes rates s in [0, {top}] "
+                    f"({levels} trained levels; fractional values interpolate)")
+  s = np.float32(value)
+  return np.float32(min(max(s, np.float32(0)), np.float32(top)))
+
+
+def _as_rgb(pixels) -> tuple[np.ndarray, int]:
+  """(uint8 [H, W, 3], channels for the header) from RGB or 2-D grayscale input."""
+  pixels = np.asarray(pixels)
+  if pixels.dtype != np.uint8:
+    raise UserError(f"pixels must be uint8, got {pixels.dtype}")
+  if pixels.ndim == 2:
+    return np.repeat(pixels[:, :, None], 3, axis=2), 1
+  if pixels.ndim == 3 and pixels.shape[2] == 1:
+    return np.repeat(pixels, 3, axis=2), 1
+  if pixels.ndim != 3 or pixels.shape[2] != 3:
+    raise UserError(f"pixels must be [H, W, 3] RGB or [H, W] grayscale, got {pixels.shape}")
+  return pixels, 3
+
+
+def _check_size(height: int, width: int, stride: int, error=UserError) -> None:
+  if height < 1 or width < 1:
+    raise error(f"image of {height}x{width} pixels has no pixels")
+  padded = (-(-height // stride) * stride) * (-(-width // stride) * stride)
+  if padded > MAX_CODEC_PIXELS:
+    raise error(f"image of {height}x{width} pixels is too large for this codec "
+                f"(limit {MAX_CODEC_PIXELS} pixels after padding to a multiple of {stride})")
+
+
+def _latent_shapes(model, height: int, width: int) -> tuple[tuple, tuple]:
+  """Shapes of z_sym and y_sym for an image of height x width."""
+  stride = int(model.stride)
+  hz, wz = -(-height // stride), -(-width // stride)
+  return (1, hz, wz, int(model.n)), (1, hz * 4, wz * 4, int(model.m))
+
+
+def _z_indexes(shape) -> np.ndarray:
+  return np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape)
+
+
+# --- Encoding and decoding, with the intermediate integers exposed. ---
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """What compress produced, for tests and tools: the bytes and the integers in them."""
+  data: bytes
+  header: Header
+  z_symbols: np.ndarray  # int32 [1, h/64, w/64, N]
+  y_symbols: np.ndarray  # int32 [1, h/16, w/16, M]
+  y_indexes: np.ndarray  # int32, like y_symbols
+  mean: jax.Array  # float32, like y_symbols (device array, for reconstruct)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  pixels: np.ndarray  # uint8 [H, W, 3], or [H, W] for a grayscale file
+  header: Header
+  z_symbols: np.ndarray
+  y_symbols: np.ndarray
+  y_indexes: np.ndarray
+
+
+def encode(model: ExportedModel, pixels, rate) -> Encoded:
+  """Compresses pixels at rate s; see the module doc."""
+  s_value = check_rate(rate, model.levels)
+  rgb, channels = _as_rgb(pixels)
+  height, width = rgb.shape[:2]
+  _check_size(height, width, int(model.model.stride))
+  s = jnp.full((1,), s_value, jnp.float32)
+  x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.model.stride))
+  y, z_sym = _analyze(model.model, model.params, x_padded, s)
+  mean, y_index = _hyper(model.model, model.params, z_sym, s, model.y_scales)
+  y_sym = _quantize_y(y, mean)
+
+  z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
+  coder = get_coder(TFC_RANGE_CODER_ID)
+  z_bytes = coder.encode(z_np, _z_indexes(z_np.shape), model.z_table)
+  y_bytes = coder.encode(y_np, index_np, model.y_table)
+  header = Header(fingerprint=model.fingerprint, mode=Mode.LOSSY, rate=float(s_value), tau=0,
+                  height=height, width=width, channels=channels, coder_id=coder.coder_id)
+  data = container.pack(header, [z_bytes, y_bytes])
+  return Encoded(data, header, z_np, y_np, index_np, mean)
+
+
+def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
+  """The encoder-side reconstruction (uint8 RGB [H, W, 3]) with the decoder's function."""
+  s = jnp.full((1,), np.float32(encoded.header.rate), jnp.float32)
+  size = (encoded.header.height, encoded.header.width)
+  out = _synthesize(model.model, model.params, jnp.asarray(encoded.y_symbols), encoded.mean,
+                    s, size)
+  return np.asarray(out[0])
+
+
+def read_header(data: bytes) -> Header:
+  """The header of .gvae bytes (FormatError if malformed); needs no model."""
+  header, _ = container.unpack(data)
+  return header
+
+
+def _check_header_for_model(model: ExportedModel, header: Header,
+                            sections: list[bytes]) -> np.float32:
+  """Everything about the header that must hold before decoding; returns s."""
+  if header.fingerprint != model.fingerprint:
+    raise ModelMismatchError(
+        f"this file was made by a different model (fingerprint {header.fingerprint.hex()}, "
+        f"the loaded model is {model.fingerprint.hex()}); decode it with the model that "
+        "compressed it")
+  if header.mode != Mode.LOSSY:
+    raise FormatError(f"mode {header.mode.name} is not supported by this decoder")
+  if header.channels not in (1, 3):
+    raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
+  if len(sections) != NUM_SECTIONS:
+    raise FormatError(f"a lossy file has {NUM_SECTIONS} sections, this one {len(sections)}")
+  s = np.float32(header.rate)
+  if float(s) != header.rate:
+    raise FormatError(f"invalid header: rate {header.rate!r} is not a float32 value")
+  try:
+    check_rate(s, model.levels)
+  except RateError as e:
+    raise FormatError(f"invalid header: {e}") from None
+  _check_size(header.height, header.width, int(model.model.stride), FormatError)
+  return s
+
+
+def decode(model: ExportedModel, data: bytes) -> Decoded:
+  """Decompresses .gvae bytes made with `model`; a UserError for any bad input."""
+  header, sections = container.unpack(data)
+  s_value = _check_header_for_model(model, header, sections)
+  coder = get_coder(header.coder_id)
+  s = jnp.full((1,), s_value, jnp.float32)
+  z_shape, y_shape = _latent_shapes(model.model, header.height, header.width)
+
+  z_np = coder.decode(sections[Z_SECTION], _z_indexes(z_shape), model.z_table)
+  mean, y_index = _hyper(model.model, model.params, jnp.asarray(z_np), s, model.y_scales)
+  index_np = np.asarray(y_index)
+  y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
+  out = _synthesize(model.model, model.params, jnp.asarray(y_np), mean, s,
+                    (header.height, header.width))
+  pixels = np.asarray(out[0])
+  if header.channels == 1:
+    # Average of the three channels, rounded to nearest (sum/3 never ties).
+    pixels = ((pixels.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)
+  return Decoded(pixels, header, z_np, y_np, index_np)
+
+
+# --- The public API. ---
+
+def compress(model: ExportedModel, pixels, rate: float) -> bytes:
+  """uint8 [H, W, 3] (or [H, W] grayscale) at rate s in [0, levels-1] -> .gvae bytes."""
+  return encode(model, pixels, rate).data
+
+
+def decompress(model: ExportedModel, data: bytes) -> np.ndarray:
+  """.gvae bytes -> uint8 [H, W, 3] ([H, W] for grayscale files)."""
+  return decode(model, data).pixels
+
+
+def bits_per_pixel(data: bytes, header: Header) -> float:
+  return 8.0 * len(data) / (header.height * header.width)
+
+
+def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
+                    tolerance: float = 1e-3) -> tuple[bytes, float]:
+  """The file of the largest rate s whose real size is <= target_bpp, and s.
+
+  Bisection on s (file size grows with s; where it does not quite, the
+  largest feasible s seen is kept). Stops when the bracket is narrower than
+  `tolerance`. UserError if even s = 0 gives a bigger file.
+  """
+  try:
+    target = float(target_bpp)
+  except (TypeError, ValueError):
+    raise UserError(f"target bpp must be a number, got {target_bpp!r}") from None
+  if not math.isfinite(target) or target <= 0:
+    raise UserError(f"target bpp must be a positive number, got {target_bpp}")
+  rgb, channels = _as_rgb(pixels)
+  gray_or_rgb = rgb[:, :, 0] if channels == 1 else rgb
+  budget = target * rgb.shape[0] * rgb.shape[1] / 8.0  # bytes
+
+  def attempt(s):
+    return compress(model, gray_or_rgb, s)
+
+  top = float(model.levels - 1)
+  best = attempt(0.0)
+  if len(best) > budget:
+    bpp = 8.0 * len(best) / (rgb.shape[0] * rgb.shape[1])
+    raise UserError(f"cannot reach {target} bpp: even the lowest rate (s=0) needs "
+                    f"{bpp:.4f} bpp ({len(best)} bytes) for this image")
+  best_rate = 0.0
+  data = attempt(top)
+  if len(data) <= budget:
+    return data, top
+  lo, hi = 0.0, top
+  while hi - lo > tolerance:
+    mid = float(np.float32((lo + hi) / 2))
+    if mid <= lo or mid >= hi:  # float32 resolution reached
+      break
+    data = attempt(mid)
+    if len(data) <= budget:
+      lo = mid
+      if mid > best_rate:
+        best, best_rate = data, mid
+    else:
+      hi = mid
+  return best, best_rate

@@ -1,0 +1,400 @@
+"""Exported models: a trained model frozen with the integer CDF tables that code it.
+
+An exported model directory holds
+
+  params.msgpack  the parameters (flax.serialization msgpack, keys sorted)
+  config.json     the experiment config (only `model` matters for decoding)
+  tables.npz      the integer CDF tables (gvae_jax.entropy.cdf_tables layout):
+                    z_*  one row per channel of the factorized prior of z
+                    y_*  one row per entry of the Gaussian scale table
+                    y_scales  the float32 scale table that maps scales to rows
+  manifest.json   format version, fingerprint, model name, levels, step and
+                  the table settings
+
+The tables are built once here, from the trained parameters, and stored as
+integers; decoding loads them and never rebuilds them from floats, so encoder
+and decoder always code with the same numbers.
+
+- z table: for each channel the tails are found by bisection on the monotone
+  logits_cdf, at `tail_mass / 2` on each side; the row codes the integers
+  floor(lower) ... ceil(upper) with the interval likelihoods at those integers.
+- y table: for each table scale the row codes round(y' - mean) in
+  [-h, h], h = ceil(Gaussian quantile of tail_mass / 2 * scale), with the
+  interval likelihoods of N(0, scale^2).
+Out-of-range symbols take the escape of their row (see gvae_jax.coding.coder).
+
+The fingerprint (16 bytes of a SHA-256) covers the parameter bytes, every
+table array and the config's model fingerprint; `.gvae` files carry it, so a
+file is never decoded with another model's numbers, and `load_model` checks it
+against the files on disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import serialization
+from scipy import special
+
+from gvae_jax import config as config_lib
+from gvae_jax.coding import container
+from gvae_jax.entropy import gaussian
+from gvae_jax.entropy.cdf_tables import CdfTable
+from gvae_jax.errors import UserError
+from gvae_jax.models import build_model
+
+EXPORT_FORMAT = "gvae-exported-model"
+EXPORT_FORMAT_VERSION = 1
+PARAMS_FILE = "params.msgpack"
+CONFIG_FILE = "config.json"
+TABLES_FILE = "tables.npz"
+MANIFEST_FILE = "manifest.json"
+MODEL_FILES = (PARAMS_FILE, CONFIG_FILE, TABLES_FILE, MANIFEST_FILE)
+
+DEFAULT_TAIL_MASS = 1e-4  # total probability left to the escape, per row
+DEFAULT_PRECISION = 16
+MAX_Z_SYMBOLS = 4096  # a wider (untrained) channel density is clipped; the rest escapes
+_BISECTION_STEPS = 64
+_TAIL_BRACKET_LIMIT = 2.0**24
+
+
+class ExportError(UserError):
+  """An export cannot be written or an exported model cannot be loaded."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExportedModel:
+  """Everything the codec needs: model, parameters, tables and their fingerprint."""
+  config: ml_collections.ConfigDict
+  model: Any  # a flax Module from gvae_jax.models
+  params: Any  # pytree of jax arrays
+  z_table: CdfTable
+  y_table: CdfTable
+  y_scales: np.ndarray  # float32 [rows of y_table], ascending
+  fingerprint: bytes
+  manifest: dict
+
+  @property
+  def levels(self) -> int:
+    return int(self.config.model.levels)
+
+  @property
+  def name(self) -> str:
+    return str(self.config.model.name)
+
+
+# --- Building the tables. ---
+
+def _logit(p: float) -> float:
+  return float(np.log(p) - np.log1p(-p))
+
+
+def _z_logits_fn(model):
+  """jitted (params, x [C]) -> logits_cdf per channel at x [C]."""
+  def logits(params, x):
+    return model.apply({"params": params}, x[None, :],
+                       method=lambda module, v: module.z_density.logits_cdf(v))[0]
+  return jax.jit(logits)
+
+
+def _z_likelihood_fn(model):
+  """jitted (params, x [L, C]) -> interval likelihoods [L, C]."""
+  def likelihood(params, x):
+    return model.apply({"params": params}, x, method=lambda module, v: module.z_likelihood(v))
+  return jax.jit(likelihood)
+
+
+def _bisect(logits, params, target: float, channels: int) -> np.ndarray:
+  """Per channel, the x where the monotone logits_cdf crosses `target`."""
+  lo = np.full(channels, -1.0, np.float32)
+  hi = np.full(channels, 1.0, np.float32)
+  # Widen each bracket until it contains the crossing (or hits the limit).
+  for _ in range(64):
+    low_bad = np.asarray(logits(params, jnp.asarray(lo))) > target
+    high_bad = np.asarray(logits(params, jnp.asarray(hi))) < target
+    if not (low_bad.any() or high_bad.any()):
+      break
+    lo = np.where(low_bad, np.maximum(lo * 2, -_TAIL_BRACKET_LIMIT), lo).astype(np.float32)
+    hi = np.where(high_bad, np.minimum(hi * 2, _TAIL_BRACKET_LIMIT), hi).astype(np.float32)
+  for _ in range(_BISECTION_STEPS):
+    mid = ((lo + hi) / 2).astype(np.float32)
+    above = np.asarray(logits(params, jnp.asarray(mid))) >= target
+    hi = np.where(above, mid, hi)
+    lo = np.where(above, lo, mid)
+  return (lo + hi) / 2
+
+
+def build_z_table(model, params, tail_mass: float = DEFAULT_TAIL_MASS,
+                  precision: int = DEFAULT_PRECISION) -> CdfTable:
+  """One row per channel of the factorized prior (see the module doc)."""
+  channels = int(model.n)
+  logits = _z_logits_fn(model)
+  lower = _bisect(logits, params, _logit(tail_mass / 2), channels)
+  upper = _bisect(logits, params, _logit(1 - tail_mass / 2), channels)
+  median = _bisect(logits, params, 0.0, channels)
+  first = np.floor(lower).astype(np.int64)
+  last = np.ceil(upper).astype(np.int64)
+  # An untrained or degenerate channel may spread over a huge range: keep the
+  # MAX_Z_SYMBOLS integers around its median and let the escape code the rest.
+  half = MAX_Z_SYMBOLS // 2
+  centre = np.rint(median).astype(np.int64)
+  first = np.clip(first, centre - half, centre)
+  last = np.clip(last, centre, centre + half - 1)
+  lengths = last - first + 1
+  width = int(lengths.max())
+  x = first[None, :] + np.arange(width)[:, None]  # [width, C]
+  pmf = np.asarray(_z_likelihood_fn(model)(params, jnp.asarray(x, jnp.float32)), np.float64).T
+  pmf = np.where(np.arange(width)[None, :] < lengths[:, None], np.clip(pmf, 0.0, 1.0), 0.0)
+  return CdfTable.from_pmf(pmf, lengths, first, precision)
+
+
+def build_y_table(scales: np.ndarray, tail_mass: float = DEFAULT_TAIL_MASS,
+                  precision: int = DEFAULT_PRECISION) -> CdfTable:
+  """One row per table scale: symbols round(y' - mean) in [-h, h] (module doc)."""
+  scales = np.asarray(scales, np.float64)
+  half = np.ceil(-special.ndtri(tail_mass / 2) * scales).astype(np.int64)
+  width = int(2 * half.max() + 1)
+  values = np.abs(np.arange(width)[None, :] - half[:, None]).astype(np.float64)
+  sigma = scales[:, None]
+  # Both terms from the lower tail, as in gaussian.likelihood, for accuracy.
+  pmf = special.ndtr((0.5 - values) / sigma) - special.ndtr((-0.5 - values) / sigma)
+  lengths = 2 * half + 1
+  pmf = np.where(np.arange(width)[None, :] < lengths[:, None], pmf, 0.0)
+  return CdfTable.from_pmf(pmf, lengths, -half, precision)
+
+
+# --- Fingerprint and serialization. ---
+
+def _sorted_tree(tree):
+  """Nested dicts with sorted keys and numpy leaves: one byte layout per model."""
+  if isinstance(tree, Mapping):
+    return {str(k): _sorted_tree(tree[k]) for k in sorted(tree)}
+  return np.asarray(tree)
+
+
+def params_to_bytes(params) -> bytes:
+  return serialization.msgpack_serialize(_sorted_tree(params))
+
+
+def _table_arrays(z_table: CdfTable, y_table: CdfTable, y_scales: np.ndarray) -> dict:
+  arrays = {**z_table.to_dict("z_"), **y_table.to_dict("y_")}
+  arrays["y_scales"] = np.asarray(y_scales, np.float32)
+  return arrays
+
+
+def compute_fingerprint(params_bytes: bytes, table_arrays: Mapping[str, np.ndarray],
+                        config: ml_collections.ConfigDict) -> bytes:
+  """16 bytes over the parameters, every table array and the model config."""
+  digest = hashlib.sha256()
+  digest.update(b"gvae-exported-model/1\0")
+  digest.update(config_lib.model_fingerprint(config).encode())
+  digest.update(hashlib.sha256(params_bytes).digest())
+  for key in sorted(table_arrays):
+    array = np.ascontiguousarray(table_arrays[key])
+    digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
+    digest.update(array.tobytes())
+  return container.model_fingerprint(digest.digest())
+
+
+def _check_params(model, params) -> None:
+  """Parameter tree and shapes must match what `model` builds (ExportError)."""
+  stride = int(model.stride)
+  expected = jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+      jnp.zeros((1, stride, stride, 3)), jnp.zeros((1,)))["params"]
+  flat_expected = {jax.tree_util.keystr(k): v.shape
+                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  flat_given = {jax.tree_util.keystr(k): np.shape(v)
+                for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  if flat_expected != flat_given:
+    missing = sorted(set(flat_expected) - set(flat_given))
+    extra = sorted(set(flat_given) - set(flat_expected))
+    wrong = sorted(k for k in set(flat_expected) & set(flat_given)
+                   if flat_expected[k] != flat_given[k])
+    raise ExportError(f"parameters do not match the configured model (missing {missing[:3]}, "
+                      f"unexpected {extra[:3]}, wrong shape {wrong[:3]})")
+
+
+def build_exported_model(config: ml_collections.ConfigDict, params, step: int | None = None,
+                         tail_mass: float = DEFAULT_TAIL_MASS,
+                         precision: int = DEFAULT_PRECISION) -> ExportedModel:
+  """Freezes (config, params) into an ExportedModel, building the tables.
+
+  The parameters pass through the same msgpack bytes that `write_model_dir`
+  stores, so an in-memory model and its loaded copy are identical.
+  """
+  model = build_model(config)
+  _check_params(model, params)
+  params_bytes = params_to_bytes(params)
+  params = jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(params_bytes))
+  y_scales = gaussian.scale_table()
+  z_table = build_z_table(model, params, tail_mass, precision)
+  y_table = build_y_table(y_scales, tail_mass, precision)
+  fingerprint = compute_fingerprint(params_bytes, _table_arrays(z_table, y_table, y_scales),
+                                    config)
+  manifest = {
+      "format": EXPORT_FORMAT,
+      "format_version": EXPORT_FORMAT_VERSION,
+      "fingerprint": fingerprint.hex(),
+      "model": str(config.model.name),
+      "levels": int(config.model.levels),
+      "step": None if step is None else int(step),
+      "tail_mass": float(tail_mass),
+      "precision": int(precision),
+      "z_rows": z_table.num_rows,
+      "y_rows": y_table.num_rows,
+  }
+  return ExportedModel(config, model, params, z_table, y_table, y_scales, fingerprint,
+                       manifest)
+
+
+# --- Writing and reading model directories. ---
+
+def _is_model_dir(path: Path) -> bool:
+  return (path / MANIFEST_FILE).is_file()
+
+
+def write_model_dir(exported: ExportedModel, out_dir: str | os.PathLike,
+                    force: bool = False) -> Path:
+  """Writes `exported` to out_dir all at once: a failure leaves no half directory.
+
+  Files go to a temporary sibling directory that is renamed into place. An
+  existing out_dir is replaced only with force=True, and only if it is an
+  exported model (or empty): never an arbitrary directory.
+  """
+  out_dir = Path(out_dir)
+  if out_dir.exists() or out_dir.is_symlink():
+    if not force:
+      raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    if not out_dir.is_dir() or not (_is_model_dir(out_dir) or not any(out_dir.iterdir())):
+      raise ExportError(f"{out_dir} exists and is not an exported model directory; "
+                        "refusing to replace it even with --force")
+  parent = out_dir.absolute().parent
+  if not parent.is_dir():
+    raise ExportError(f"cannot export to {out_dir}: directory {parent} does not exist")
+
+  temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+  try:
+    (temp_dir / PARAMS_FILE).write_bytes(params_to_bytes(exported.params))
+    (temp_dir / CONFIG_FILE).write_text(config_lib.to_json(exported.config))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **_table_arrays(exported.z_table, exported.y_table,
+                                                exported.y_scales))
+    (temp_dir / TABLES_FILE).write_bytes(buffer.getvalue())
+    (temp_dir / MANIFEST_FILE).write_text(json.dumps(exported.manifest, indent=2) + "\n")
+    for name in MODEL_FILES:
+      with open(temp_dir / name, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(temp_dir, 0o755)  # mkdtemp makes it private
+    if out_dir.exists():
+      # Swap: move the old model aside, the new one in, then drop the old.
+      old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
+      os.rename(out_dir, old / "model")
+      os.rename(temp_dir, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(temp_dir, out_dir)
+  except BaseException:
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def export_params(config: ml_collections.ConfigDict, params, out_dir: str | os.PathLike,
+                  step: int | None = None, force: bool = False,
+                  tail_mass: float = DEFAULT_TAIL_MASS) -> ExportedModel:
+  """Exports in-memory (config, params); what `export_model` does after restoring."""
+  exported = build_exported_model(config, params, step, tail_mass)
+  write_model_dir(exported, out_dir, force)
+  return exported
+
+
+def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
+                 step: int | None = None, force: bool = False) -> ExportedModel:
+  """Exports a training workdir's newest (or given) checkpoint to out_dir."""
+  from gvae_jax.train import checkpoints  # Orbax: only needed here
+
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise ExportError(f"training workdir not found: {workdir}")
+  config_path = workdir / checkpoints.CONFIG_FILE
+  if not config_path.is_file():
+    raise ExportError(f"{workdir} is not a training workdir (no {checkpoints.CONFIG_FILE})")
+  if not (workdir / "checkpoints").is_dir():  # Orbax would create it and find nothing
+    raise ExportError(f"no checkpoints in {workdir} (no checkpoints/ directory)")
+  if Path(out_dir).exists() and not force:  # fail before the slow restore
+    raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+  config = _read_config(config_path)
+  try:
+    params, step = checkpoints.restore_params(workdir, step)
+  except UserError:
+    raise
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise ExportError(f"cannot restore checkpoint {step if step is not None else '(newest)'} "
+                      f"from {workdir}: {type(e).__name__}: {str(e)[:300]}") from e
+  return export_params(config, params, out_dir, step, force)
+
+
+def _read_config(path: Path) -> ml_collections.ConfigDict:
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, ValueError) as e:
+    raise ExportError(f"cannot read config {path}: {e}") from e
+
+
+def load_model(model_dir: str | os.PathLike) -> ExportedModel:
+  """Loads an exported model directory, checking its fingerprint (ExportError)."""
+  model_dir = Path(model_dir)
+  if not model_dir.exists():
+    raise ExportError(f"model directory not found: {model_dir}")
+  if not model_dir.is_dir() or not _is_model_dir(model_dir):
+    raise ExportError(f"{model_dir} is not an exported model (no {MANIFEST_FILE}); "
+                      "make one with `gvae export --workdir DIR --out MODEL_DIR`")
+  try:
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+      raise ValueError("not a gvae model manifest")
+    if manifest.get("format_version") != EXPORT_FORMAT_VERSION:
+      raise ExportError(f"{model_dir}: exported model format version "
+                        f"{manifest.get('format_version')} is not supported "
+                        f"(this build reads {EXPORT_FORMAT_VERSION})")
+    config = _read_config(model_dir / CONFIG_FILE)
+    params_bytes = (model_dir / PARAMS_FILE).read_bytes()
+    with np.load(model_dir / TABLES_FILE, allow_pickle=False) as npz:
+      arrays = {key: npz[key] for key in npz.files}
+    z_table = CdfTable.from_dict(arrays, "z_")
+    y_table = CdfTable.from_dict(arrays, "y_")
+    y_scales = np.asarray(arrays["y_scales"])
+    if (y_scales.dtype != np.float32 or y_scales.shape != (y_table.num_rows,)
+        or np.any(np.diff(y_scales) <= 0)):
+      raise ValueError("y_scales must be ascending float32, one per y table row")
+    model = build_model(config)
+    if z_table.num_rows != int(model.n):
+      raise ValueError(f"z table has {z_table.num_rows} rows for {model.n} channels")
+    params = serialization.msgpack_restore(params_bytes)
+  except ExportError:
+    raise
+  except Exception as e:  # any damage to the files: one clear message
+    raise ExportError(f"{model_dir} is not a valid exported model: {type(e).__name__}: "
+                      f"{str(e)[:300]}") from e
+  _check_params(model, params)
+  fingerprint = compute_fingerprint(params_bytes, _table_arrays(z_table, y_table, y_scales),
+                                    config)
+  if fingerprint.hex() != manifest.get("fingerprint"):
+    raise ExportError(f"{model_dir}: files do not match the manifest's fingerprint "
+                      "(modified or corrupt); export the model again")
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  return ExportedModel(config, model, params, z_table, y_table, y_scales, fingerprint,
+                       manifest)

@@ -1,0 +1,65 @@
+"""A tiny, deterministic codec model and test images shared by the codec tests.
+
+The model is experiments/configs/tiny.py (N=8, M=12, 2 levels) with
+parameters from `model.init` at a fixed seed, then perturbed so that an
+untrained network still produces a spread of symbols and scale-table indexes
+(random init codes almost everything as 0 at one scale). The golden model in
+tests/golden/tiny_model was made by `tiny_params()` (see regenerate.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gvae_jax.config import load_config
+from gvae_jax.models import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "experiments" / "configs" / "tiny.py"
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+GOLDEN_MODEL = GOLDEN_DIR / "tiny_model"
+GOLDEN_HASHES = GOLDEN_DIR / "hashes.json"
+
+
+def tiny_config():
+  return load_config(str(TINY_CONFIG))
+
+
+def tiny_params(config=None, seed: int = 0, latent_gain: float = 8.0):
+  """Initialised, then perturbed: wider latents, varied scales (module doc)."""
+  config = tiny_config() if config is None else config
+  model = build_model(config)
+  variables = model.init({"params": jax.random.PRNGKey(seed), "noise": jax.random.PRNGKey(1)},
+                         jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)), train=True)
+  params = jax.tree_util.tree_map(np.asarray, variables["params"])
+  rng = np.random.default_rng(seed)
+  params = jax.tree_util.tree_map(
+      lambda a: (a + rng.normal(0, 0.05, a.shape) * (np.abs(a).mean() + 0.01)).astype(np.float32),
+      params)
+  # Gains keep G * G' fixed, as training does, but spread y' and z over many symbols.
+  params["gain"]["table"] = params["gain"]["table"] * np.float32(latent_gain)
+  params["inverse_gain"]["table"] = params["inverse_gain"]["table"] / np.float32(latent_gain)
+  params["hyper_gain"]["table"] = params["hyper_gain"]["table"] * np.float32(4)
+  params["inverse_hyper_gain"]["table"] = params["inverse_hyper_gain"]["table"] / np.float32(4)
+  return params
+
+
+def test_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+  """A deterministic uint8 RGB image with edges, gradients and noise."""
+  yy, xx = np.mgrid[0:height, 0:width]
+  base = np.stack([(xx * 7 + yy * 2) % 256, (yy * 5) % 256,
+                   np.where((xx // 8 + yy // 8) % 2 == 0, 40, 210)], axis=-1)
+  noise = np.random.default_rng(seed).integers(-24, 25, (height, width, 3))
+  return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def model_reconstruction(exported, pixels: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
+  """The model's own quantised reconstruction (train=False, clipped, rounded) and bits."""
+  x = jnp.asarray(pixels, jnp.float32)[None] / 255.0
+  out = exported.model.apply({"params": exported.params}, x,
+                             jnp.full((1,), np.float32(rate)), train=False)
+  x_hat = jnp.round(jnp.clip(out["x_tilde"], 0.0, 1.0) * 255.0).astype(jnp.uint8)
+  return np.asarray(x_hat[0]), float(out["bits_y"][0] + out["bits_z"][0])
