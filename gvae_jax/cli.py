@@ -79,10 +79,11 @@ def _read_bytes(path: str) -> bytes:
 
 def _compress(args, overrides):
   from gvae_jax import fileio, image_io
-  from gvae_jax.coding import codec, export
 
+  # Cheap checks first: JAX (and later TensorFlow) take seconds to import.
   _refuse_existing(args.output, args.force)
   pixels, info = image_io.read_image(args.input)
+  from gvae_jax.coding import codec, export
   model = export.load_model(args.model)
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
     pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
@@ -118,11 +119,12 @@ def _write_png(path: str, pixels, overwrite: bool) -> None:
 
 
 def _decompress(args, overrides):
-  from gvae_jax.coding import codec, export
+  from gvae_jax.coding import container
 
   _refuse_existing(args.output, args.force)
   data = _read_bytes(args.input)
-  header = codec.read_header(data)  # a broken file fails before the model loads
+  header, _ = container.unpack(data)  # a broken file fails before JAX even loads
+  from gvae_jax.coding import codec, export
   model = export.load_model(args.model)
   pixels = codec.decompress(model, data)
   try:

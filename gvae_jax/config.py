@@ -38,7 +38,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.gain_init = "lambda"  # lambda (sqrt(lambda) spread) | ones
   config.model.interpolation = "exponential"  # exponential | linear
   config.model.quantization = "mixed"  # mixed | noise
-  config.model.prior_channels = 0
+  config.model.prior_channels = 0  # residual-prior features u (scalable models)
+  # Residual layer of scalable_gained_hyperprior (SNIC sizes; DLPR: 7x7, 256).
+  config.model.residual = ml_collections.ConfigDict()
+  config.model.residual.context_channels = 64
+  config.model.residual.kernel_size = 5
+  config.model.residual.order = 2  # pixel (i, j) of a patch is decoded at step order*i + j
+  config.model.residual.hidden = 128
+  config.model.residual.components = 5
+  config.model.residual.share_weights = False
+  config.model.residual.max_tau = 5
+  config.model.residual.bias_correction = True
 
   config.train = ml_collections.ConfigDict()
   config.train.lambdas = PAPER_LAMBDAS

@@ -8,6 +8,7 @@ tests/golden/tiny_model was made by `tiny_params()` (see regenerate.py).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -32,8 +33,9 @@ def tiny_params(config=None, seed: int = 0, latent_gain: float = 8.0):
   """Initialised, then perturbed: wider latents, varied scales (module doc)."""
   config = tiny_config() if config is None else config
   model = build_model(config)
-  variables = model.init({"params": jax.random.PRNGKey(seed), "noise": jax.random.PRNGKey(1)},
-                         jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)), train=True)
+  init = jax.jit(functools.partial(model.init, train=True))  # eager init takes ~20 s
+  variables = init({"params": jax.random.PRNGKey(seed), "noise": jax.random.PRNGKey(1)},
+                   jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)))
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
   rng = np.random.default_rng(seed)
   params = jax.tree_util.tree_map(
@@ -47,7 +49,7 @@ def tiny_params(config=None, seed: int = 0, latent_gain: float = 8.0):
   return params
 
 
-def test_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+def make_image(height: int, width: int, seed: int = 0) -> np.ndarray:
   """A deterministic uint8 RGB image with edges, gradients and noise."""
   yy, xx = np.mgrid[0:height, 0:width]
   base = np.stack([(xx * 7 + yy * 2) % 256, (yy * 5) % 256,
@@ -56,10 +58,37 @@ def test_image(height: int, width: int, seed: int = 0) -> np.ndarray:
   return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def model_reconstruction(exported, pixels: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
-  """The model's own quantised reconstruction (train=False, clipped, rounded) and bits."""
-  x = jnp.asarray(pixels, jnp.float32)[None] / 255.0
-  out = exported.model.apply({"params": exported.params}, x,
-                             jnp.full((1,), np.float32(rate)), train=False)
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, params, x, s):
+  out = model.apply({"params": params}, x, s, train=False)
   x_hat = jnp.round(jnp.clip(out["x_tilde"], 0.0, 1.0) * 255.0).astype(jnp.uint8)
-  return np.asarray(x_hat[0]), float(out["bits_y"][0] + out["bits_z"][0])
+  return x_hat, out["bits_y"] + out["bits_z"]
+
+
+def model_reconstruction(exported, pixels: np.ndarray, rate: float) -> tuple[np.ndarray, float]:
+  """The model's own quantised reconstruction (train=False, clipped, rounded) and bits.
+
+  The image is edge-padded here exactly as the model pads it, so one compiled
+  forward serves every size with the same padded shape; the output is the
+  model's on the unpadded image.
+  """
+  height, width = pixels.shape[:2]
+  stride = int(exported.model.stride)
+  padded = np.pad(pixels, [(0, -height % stride), (0, -width % stride), (0, 0)], mode="edge")
+  x = jnp.asarray(padded, jnp.float32)[None] / 255.0
+  x_hat, bits = _forward(exported.model, exported.params, x,
+                         jnp.full((1,), np.float32(rate)))
+  return np.asarray(x_hat[0, :height, :width]), float(bits[0])
+
+
+def golden_params():
+  """The committed golden model's parameters (made by `tiny_params()`), without init."""
+  from flax import serialization
+  return serialization.msgpack_restore((GOLDEN_MODEL / "params.msgpack").read_bytes())
+
+
+def other_params(params, seed: int = 1):
+  """A different model of the same shape: the parameters slightly perturbed."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda a: (a * (1 + rng.normal(0, 0.01, a.shape))).astype(np.float32), params)

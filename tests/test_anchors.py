@@ -8,6 +8,7 @@ from gvae_jax.eval import anchors
 from gvae_jax.eval import rd
 
 ALL_LOSSLESS = {**anchors.LOSSLESS_ANCHORS, "jpegls-rgb": anchors.jpegls_rgb(),
+                "jpegls-hp1-bias0": anchors.jpegls_hp1(bias=0),
                 "webp-lossless-m4-e75": anchors.webp_lossless(method=4, effort=75)}
 
 
@@ -47,14 +48,18 @@ def test_lossless_anchors_give_back_the_input_exactly(name, image_name):
   assert encode_seconds >= 0 and decode_seconds >= 0
 
 
-def test_hp1_transform_inverts_exactly_over_all_values():
+@pytest.mark.parametrize("bias", [anchors.HP1_BIAS, 0, 255])
+def test_hp1_transform_inverts_exactly_over_all_values(bias):
   values = np.arange(256, dtype=np.uint8)
   red, green, blue = np.meshgrid(values, values, values[::17], indexing="ij")
   image = np.stack([red, green, blue], axis=-1).reshape(256, -1, 3)
-  planes = anchors.hp1_forward(image)
+  planes = anchors.hp1_forward(image, bias)
   assert planes.shape == (3,) + image.shape[:2] and planes.dtype == np.uint8
   np.testing.assert_array_equal(planes[1], image[..., 1])
-  np.testing.assert_array_equal(anchors.hp1_inverse(planes), image)
+  # Equal R and G give the bias itself: CharLS's HP1 centres the differences.
+  flat = np.full((1, 1, 3), 77, np.uint8)
+  assert anchors.hp1_forward(flat, bias)[0, 0, 0] == bias
+  np.testing.assert_array_equal(anchors.hp1_inverse(planes, bias), image)
 
 
 def test_jpegls_hp1_is_three_planar_streams():

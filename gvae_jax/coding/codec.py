@@ -51,7 +51,7 @@ from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
 from gvae_jax.entropy import gaussian
 from gvae_jax.errors import UserError
-from gvae_jax.ops import crop, pad_to_multiple
+from gvae_jax.ops import pad_to_multiple
 
 # The largest image (after padding) either side accepts: 8192 x 8192. Bigger
 # needs tens of GB of activations; the decoder also refuses a crafted header
@@ -95,14 +95,23 @@ def _quantize_y(y, mean):
   return jnp.round(jnp.clip(residual, -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _synthesize(model, params, y_sym, mean, s, size):
-  """(y_sym, mean) -> uint8 image [1, H, W, 3] cropped to `size`."""
+@functools.partial(jax.jit, static_argnums=0)
+def _synthesize(model, params, y_sym, mean, s):
+  """(y_sym, mean) -> uint8 image [1, H, W, 3] at the padded size.
+
+  Cropping happens outside (in numpy), so every image size within one padded
+  size shares one compiled program.
+  """
   y_hat = y_sym.astype(jnp.float32) + mean
   x_tilde, _ = model.apply({"params": params}, y_hat, s, method=model.synthesize)
-  x = jnp.nan_to_num(crop(x_tilde, size))  # garbage input must still give pixels
+  x = jnp.nan_to_num(x_tilde)  # garbage input must still give pixels
   # The same rounding as evaluate.py's estimate: round(clip(x, 0, 1) * 255).
   return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def _synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: int):
+  padded = _synthesize(model.model, model.params, jnp.asarray(y_sym), mean, s)
+  return np.asarray(padded[0, :height, :width, :])
 
 
 # --- Rates and images. ---
@@ -202,10 +211,8 @@ def encode(model: ExportedModel, pixels, rate) -> Encoded:
 def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
   """The encoder-side reconstruction (uint8 RGB [H, W, 3]) with the decoder's function."""
   s = jnp.full((1,), np.float32(encoded.header.rate), jnp.float32)
-  size = (encoded.header.height, encoded.header.width)
-  out = _synthesize(model.model, model.params, jnp.asarray(encoded.y_symbols), encoded.mean,
-                    s, size)
-  return np.asarray(out[0])
+  return _synthesize_image(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
+                           encoded.header.width)
 
 
 def read_header(data: bytes) -> Header:
@@ -228,13 +235,12 @@ def _check_header_for_model(model: ExportedModel, header: Header,
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
   if len(sections) != NUM_SECTIONS:
     raise FormatError(f"a lossy file has {NUM_SECTIONS} sections, this one {len(sections)}")
-  s = np.float32(header.rate)
-  if float(s) != header.rate:
-    raise FormatError(f"invalid header: rate {header.rate!r} is not a float32 value")
   try:
-    check_rate(s, model.levels)
+    s = check_rate(header.rate, model.levels)
   except RateError as e:
     raise FormatError(f"invalid header: {e}") from None
+  if float(s) != header.rate:  # the encoder stores the float32 it used, exactly
+    raise FormatError(f"invalid header: rate {header.rate!r} is not a float32 value")
   _check_size(header.height, header.width, int(model.model.stride), FormatError)
   return s
 
@@ -251,9 +257,7 @@ def decode(model: ExportedModel, data: bytes) -> Decoded:
   mean, y_index = _hyper(model.model, model.params, jnp.asarray(z_np), s, model.y_scales)
   index_np = np.asarray(y_index)
   y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
-  out = _synthesize(model.model, model.params, jnp.asarray(y_np), mean, s,
-                    (header.height, header.width))
-  pixels = np.asarray(out[0])
+  pixels = _synthesize_image(model, y_np, mean, s, header.height, header.width)
   if header.channels == 1:
     # Average of the three channels, rounded to nearest (sum/3 never ties).
     pixels = ((pixels.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)

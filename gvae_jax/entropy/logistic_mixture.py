@@ -69,6 +69,8 @@ def log_prob(values: jax.Array, params: dict[str, jax.Array], means: jax.Array,
   -inf / +inf so the probabilities over the range sum to one.
   """
   v = values[..., None]
+  # Per-value arguments gain the component axis; scalars broadcast as they are.
+  half_width = jnp.expand_dims(jnp.asarray(half_width, v.dtype), -1)
   inv_scale = jnp.exp(-params["log_scales"])
   centred = v - means
   upper = inv_scale * (centred + half_width)

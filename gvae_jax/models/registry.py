@@ -7,6 +7,8 @@ import flax.linen as nn
 
 from gvae_jax import gain as gain_lib
 from gvae_jax.models.hyperprior import GainedMeanScaleHyperprior
+from gvae_jax.models.residual import ResidualModel
+from gvae_jax.models.scalable import ScalableHyperprior
 
 _REGISTRY: dict[str, Callable[[Any], nn.Module]] = {}
 
@@ -31,7 +33,7 @@ def build_model(config) -> nn.Module:
 
 
 @register("gained_mean_scale_hyperprior")
-def _gained_hyperprior(config) -> GainedMeanScaleHyperprior:
+def _gained_hyperprior(config, prior_channels: int | None = None) -> GainedMeanScaleHyperprior:
   m = config.model
   lambdas = list(config.train.lambdas)
   if len(lambdas) != m.levels:
@@ -49,4 +51,16 @@ def _gained_hyperprior(config) -> GainedMeanScaleHyperprior:
       interpolation=m.interpolation,
       gain_init_rows=rows,
       quantization=m.quantization,
-      prior_channels=m.get("prior_channels", 0))
+      prior_channels=m.get("prior_channels", 0) if prior_channels is None else prior_channels)
+
+
+@register("scalable_gained_hyperprior")
+def _scalable(config) -> ScalableHyperprior:
+  r = config.model.residual
+  if config.model.prior_channels < 1:
+    raise ValueError("scalable_gained_hyperprior needs config.model.prior_channels >= 1")
+  residual = ResidualModel(
+      context_channels=r.context_channels, kernel_size=r.kernel_size, order=r.order,
+      hidden=r.hidden, components=r.components, share_weights=r.share_weights,
+      max_tau=r.max_tau, bias_correction=r.bias_correction)
+  return ScalableHyperprior(_gained_hyperprior(config), residual)

@@ -58,8 +58,16 @@ class ResidualModel(nn.Module):
 
   def __call__(self, u: jax.Array, r_context: jax.Array, tau: jax.Array,
                corrected: bool = False) -> dict[str, jax.Array]:
-    """Mixture parameters for every pixel given a full residual context image."""
-    raw = self.mixture_from_features(self.context_features(r_context), u, tau, corrected)
+    """Mixture parameters for every pixel given a full residual context image.
+
+    The corrected head reads the shared context features through a
+    stop-gradient: it adapts to quantised contexts without moving the
+    layers the lossless path depends on.
+    """
+    features = self.context_features(r_context)
+    if corrected:
+      features = jax.lax.stop_gradient(features)
+    raw = self.mixture_from_features(features, u, tau, corrected)
     return lm.split_params(raw, self.components, self.share_weights)
 
   def uses_correction(self, tau: int) -> bool:

@@ -26,6 +26,7 @@ from gvae_jax import config as config_lib
 from gvae_jax import metrics
 from gvae_jax.errors import UserError
 from gvae_jax.models import build_model
+from gvae_jax.models.scalable import ScalableHyperprior
 from gvae_jax.train import checkpoints
 from gvae_jax.train import evaluate as evaluate_lib
 from gvae_jax.train.summary import SummaryLogger
@@ -75,24 +76,39 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict,
   size = config.data.crop_size
   x = jnp.zeros((1, size, size, 3), jnp.float32)
   params_rng, noise_rng = jax.random.split(rng)
-  variables = jax.jit(functools.partial(model.init, train=True))(
+  # Scalable models need a tau so the bias-correction head is created too.
+  kwargs = {"tau": jnp.ones((1,), jnp.int32)} if isinstance(model, ScalableHyperprior) else {}
+  variables = jax.jit(functools.partial(model.init, train=True, **kwargs))(
       {"params": params_rng, "noise": noise_rng}, x, jnp.zeros((1,), jnp.float32))
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            tx=create_optimizer(config))
 
 
 def per_example_losses(model, params, x, level, lambdas, distortion, rng):
-  """Forward pass and the per-example rate (bpp), MSE and loss."""
+  """Forward pass and the per-example rates, MSE and loss.
+
+  The rate term is every coded layer's bits per pixel: y and z, plus for
+  scalable models the lossless residual and the bias-corrected residual at a
+  random tau in 1..max_tau.
+  """
   s = level.astype(jnp.float32)
-  out = model.apply({"params": params}, x, s, train=True, rngs={"noise": rng})
+  noise_rng, tau_rng = jax.random.split(rng)
+  kwargs = {}
+  if isinstance(model, ScalableHyperprior):
+    kwargs["tau"] = jax.random.randint(tau_rng, x.shape[:1], 1, model.residual.max_tau + 1)
+  out = model.apply({"params": params}, x, s, train=True, rngs={"noise": noise_rng}, **kwargs)
   num_pixels = x.shape[1] * x.shape[2]
   bpp = (out["bits_y"] + out["bits_z"]) / num_pixels
+  residual_bits = sum(out[k] for k in ("bits_r", "bits_r_tau") if k in out)
   mse = jnp.mean(jnp.square(x - out["x_tilde"]), axis=(1, 2, 3))
   if distortion == "mse":
     dist = 255.0**2 * mse
   else:
     dist = 1.0 - metrics.ms_ssim(x, out["x_tilde"], max_value=1.0)
-  return bpp + lambdas[level] * dist, bpp, mse
+  rates = {"bpp": bpp}
+  if "bits_r" in out:
+    rates["lossless_bpsp"] = (out["bits_y"] + out["bits_z"] + out["bits_r"]) / (3 * num_pixels)
+  return bpp + residual_bits / num_pixels + lambdas[level] * dist, rates, mse
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
@@ -105,22 +121,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   lam = jnp.asarray(lambdas, jnp.float32)
 
   def loss_fn(params):
-    loss, bpp, mse = per_example_losses(model, params, x, level, lam, distortion, noise_rng)
-    return jnp.mean(loss), (bpp, mse)
+    loss, rates, mse = per_example_losses(model, params, x, level, lam, distortion, noise_rng)
+    return jnp.mean(loss), (rates, mse)
 
-  (loss, (bpp, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (rates, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, "batch")
   new_state = state.apply_gradients(grads=grads)
 
   # Per-level sums (psum'd), so the host can average each level exactly.
   onehot = jax.nn.one_hot(level, levels)
   psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
-  sums = {
-      "count": onehot.sum(0),
-      "bpp": onehot.T @ bpp,
-      "psnr": onehot.T @ psnr,
-      "mse": onehot.T @ mse,
-  }
+  sums = {"count": onehot.sum(0), "psnr": onehot.T @ psnr, "mse": onehot.T @ mse}
+  sums.update({name: onehot.T @ value for name, value in rates.items()})
   step_metrics = {
       "loss": jax.lax.pmean(loss, "batch"),
       "grad_norm": optax.tree.norm(grads),
@@ -137,12 +149,13 @@ def summarize_step_metrics(history: list[dict[str, Any]], levels: int) -> dict[s
                                      *[h["per_level"] for h in history])
   count = per_level["count"]
   total = max(float(count.sum()), 1.0)
-  out["bpp"] = float(per_level["bpp"].sum() / total)
-  out["psnr"] = float(per_level["psnr"].sum() / total)
+  names = [n for n in per_level if n not in ("count", "mse")]
+  for name in names:
+    out[name] = float(per_level[name].sum() / total)
   for k in range(levels):
     if count[k] > 0:
-      out[f"level_{k}/bpp"] = float(per_level["bpp"][k] / count[k])
-      out[f"level_{k}/psnr"] = float(per_level["psnr"][k] / count[k])
+      for name in names:
+        out[f"level_{k}/{name}"] = float(per_level[name][k] / count[k])
   return out
 
 

@@ -7,7 +7,7 @@ Only do this for an intended change of the file format, the exported model
 format or the coding numerics, and say so in the commit: tests/test_golden.py
 exists to catch such changes. The model is tiny.py with `tiny_params()`
 (tests/codec_helpers.py), exported through gvae_jax.coding.export; the
-images are made by `test_image()`, so nothing but the model and the hashes
+images are made by `make_image()`, so nothing but the model and the hashes
 is stored.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from codec_helpers import GOLDEN_HASHES, GOLDEN_MODEL, test_image, tiny_config, tiny_params  # noqa: E402
+from codec_helpers import GOLDEN_HASHES, GOLDEN_MODEL, make_image, tiny_config, tiny_params  # noqa: E402
 from gvae_jax.coding import codec, export  # noqa: E402
 
 # (name, height, width, seed, rate, grayscale)
@@ -38,7 +38,7 @@ CASES = (
 
 
 def case_image(height: int, width: int, seed: int, grayscale: bool) -> np.ndarray:
-  image = test_image(height, width, seed)
+  image = make_image(height, width, seed)
   return image[:, :, 1] if grayscale else image
 
 
