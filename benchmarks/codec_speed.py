@@ -6,7 +6,7 @@ reported on its own), each stage of gvae_jax.coding.codec:
   network:  analysis (g_a, h_a, gains), hyper synthesis (h_s, with the scale
             -> table index lookup inside the same jitted function), y
             quantisation, synthesis (g_s, clip, round)
-  tables:   the scale -> index lookup alone (searchsorted on the scale table)
+  tables:   the scale -> table row lookup alone (searchsorted on the bounds)
   coding:   TFC range encode / decode of z and y (one op call each), including
             the escape sections
   transfer: device -> host copies of the integers the coder needs
@@ -90,7 +90,6 @@ def measure(model, pixels, rate: float, repeats: int) -> dict:
 
   from gvae_jax.coding import codec
   from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
-  from gvae_jax.entropy import gaussian
   from gvae_jax.ops import pad_to_multiple
 
   m, params = model.model, model.params
@@ -115,13 +114,13 @@ def measure(model, pixels, rate: float, repeats: int) -> dict:
 
   y, z_sym = stage("analysis", lambda: codec._analyze(m, params, x_padded, s))
   mean, y_index = stage("hyper_synthesis", lambda: codec._hyper(m, params, z_sym, s,
-                                                                model.y_scales))
+                                                                model.y_index_bounds))
   y_sym = stage("quantize_y", lambda: codec._quantize_y(y, mean))
   _, scale = m.apply({"params": params}, z_sym.astype(jnp.float32), s,
                      method=m.hyper_synthesize)
-  lookup = jax.jit(gaussian.scale_to_index)
-  scales = jnp.asarray(model.y_scales)
-  stage("scale_to_index_alone", lambda: lookup(scale, scales))
+  lookup = jax.jit(codec.scale_to_row)
+  bounds = jnp.asarray(model.y_index_bounds)
+  stage("scale_to_row_alone", lambda: lookup(scale, bounds))
   z_np, y_np, index_np = stage(
       "device_to_host", lambda: (np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)),
       jitted=False)

@@ -142,12 +142,11 @@ def test_bad_images_and_arguments(work):
 def test_export_command(tmp_path):
   import orbax.checkpoint as ocp
 
-  from gvae_jax import config as config_lib
-
   assert_fails(gvae("export", "--workdir", "missing", "--out", "m", cwd=tmp_path), "not found")
   workdir = tmp_path / "workdir"
   workdir.mkdir()
-  (workdir / "config.json").write_text(config_lib.to_json(tiny_config()))
+  # The golden model's own config: the export must then reproduce its fingerprint.
+  (workdir / "config.json").write_text((GOLDEN_MODEL / "config.json").read_text())
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
   manager.save(3, args=ocp.args.StandardSave({"params": golden_params(), "step": 3}))
   manager.wait_until_finished()

@@ -86,6 +86,22 @@ def test_y_table_rows_follow_the_scale_table(exported):
   assert model.y_table.precision == export.DEFAULT_PRECISION
 
 
+def test_scales_code_with_the_nearest_table_scale_in_the_log_domain(exported):
+  import jax.numpy as jnp
+  from gvae_jax.coding.codec import scale_to_row
+
+  model, _ = exported
+  table = model.y_scales.astype(np.float64)
+  rng = np.random.default_rng(0)
+  scales = np.concatenate([np.exp(rng.uniform(np.log(0.05), np.log(400), 5000)),
+                           table, model.y_index_bounds]).astype(np.float32)
+  rows = np.asarray(scale_to_row(jnp.asarray(scales), jnp.asarray(model.y_index_bounds)))
+  distance = np.abs(np.log(scales.astype(np.float64))[:, None] - np.log(table)[None, :])
+  best = distance.min(axis=1)
+  assert np.all(distance[np.arange(len(scales)), rows] <= best + 1e-6)
+  np.testing.assert_array_equal(rows[5000:5000 + len(table)], np.arange(len(table)))
+
+
 def test_existing_output_needs_force(exported, config, params, tmp_path):
   model, _ = exported
   out = tmp_path / "model"

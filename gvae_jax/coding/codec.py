@@ -9,11 +9,12 @@ Pipeline (REFERENCE sections 6 and 7). The image is edge-padded to a multiple
 of 64 and coded as one batch of 1:
 
   encoder: y', z = analyze(x, s); z_sym = round(z)
-           mean, y_index = hyper(z_sym, s)       <- the one shared function
+           mean, y_row = hyper(z_sym, s)         <- the one shared function
            y_sym = round(y' - mean)
            bytes: z_sym with the z table (row = channel),
-                  y_sym with the y table (row = y_index)
-  decoder: z_sym <- bytes; mean, y_index = hyper(z_sym, s)
+                  y_sym with the y table (row = y_row: the table scale
+                  nearest to the predicted scale in the log domain)
+  decoder: z_sym <- bytes; mean, y_row = hyper(z_sym, s)
            y_sym <- bytes; x = synthesize(y_sym + mean, s), cropped, clipped,
            rounded to uint8
 
@@ -49,7 +50,6 @@ from gvae_jax.coding import container
 from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, CodingError, get_coder
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
-from gvae_jax.entropy import gaussian
 from gvae_jax.errors import UserError
 from gvae_jax.ops import pad_to_multiple
 
@@ -77,16 +77,28 @@ def _analyze(model, params, x_padded, s):
   """uint8 padded image -> (y' float32, z_sym int32)."""
   x = x_padded.astype(jnp.float32) / 255.0
   y, z = model.apply({"params": params}, x, s, method=model.analyze)
-  z_sym = jnp.round(jnp.clip(z, -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(jnp.int32)
+  z_sym = jnp.round(jnp.clip(jnp.nan_to_num(z), -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(jnp.int32)
   return y, z_sym
 
 
+def scale_to_row(scale: jax.Array, bounds: jax.Array) -> jax.Array:
+  """y table row of each scale: the nearest table scale in the log domain.
+
+  `bounds` are the exported geometric midpoints of adjacent table scales, so
+  this is comparisons only, no arithmetic on the scale. (The smallest table
+  scale >= scale would always code with a wider Gaussian: several % of rate
+  at low rates; see gvae_jax.coding.export.)
+  """
+  row = jnp.searchsorted(bounds, scale, side="left")
+  return jnp.clip(row, 0, bounds.shape[0]).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _hyper(model, params, z_sym, s, y_scales):
-  """z_sym -> (mean, y table index). The encoder and the decoder both call this."""
+def _hyper(model, params, z_sym, s, y_index_bounds):
+  """z_sym -> (mean, y table row). The encoder and the decoder both call this."""
   mean, scale = model.apply({"params": params}, z_sym.astype(jnp.float32), s,
                             method=model.hyper_synthesize)
-  return mean, gaussian.scale_to_index(scale, y_scales)
+  return mean, scale_to_row(scale, y_index_bounds)
 
 
 @jax.jit
@@ -195,7 +207,7 @@ def encode(model: ExportedModel, pixels, rate) -> Encoded:
   s = jnp.full((1,), s_value, jnp.float32)
   x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.model.stride))
   y, z_sym = _analyze(model.model, model.params, x_padded, s)
-  mean, y_index = _hyper(model.model, model.params, z_sym, s, model.y_scales)
+  mean, y_index = _hyper(model.model, model.params, z_sym, s, model.y_index_bounds)
   y_sym = _quantize_y(y, mean)
 
   z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
@@ -254,7 +266,8 @@ def decode(model: ExportedModel, data: bytes) -> Decoded:
   z_shape, y_shape = _latent_shapes(model.model, header.height, header.width)
 
   z_np = coder.decode(sections[Z_SECTION], _z_indexes(z_shape), model.z_table)
-  mean, y_index = _hyper(model.model, model.params, jnp.asarray(z_np), s, model.y_scales)
+  mean, y_index = _hyper(model.model, model.params, jnp.asarray(z_np), s,
+                         model.y_index_bounds)
   index_np = np.asarray(y_index)
   y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
   pixels = _synthesize_image(model, y_np, mean, s, header.height, header.width)

@@ -7,10 +7,11 @@ where it comes from:
   estimate      -log2 of the float likelihoods at the exact predicted scales
   table bits    -log2 of the integer CDF tables' probabilities for the coded
                 symbols: the cost of quantised tables and of coding y with
-                the smallest table scale >= the predicted scale
-  table bits (nearest)
-                the same if y used the nearest table scale in the log domain
-                instead (not what the codec does: a measurement of the option)
+                the table scale nearest (in the log domain) to the prediction
+  table bits (ceil)
+                the same if y used the smallest table scale >= the prediction
+                instead (gaussian.scale_to_index; not what the codec does:
+                kept to measure that option)
   payload bits  8 * (bytes of the z and y sections): adds the range coder's
                 own overhead and the escape sections
   file bits     8 * file bytes: adds the header (55 bytes for a lossy file)
@@ -31,6 +32,7 @@ import numpy as np
 
 from gvae_jax.coding import codec, container
 from gvae_jax.coding.export import ExportedModel
+from gvae_jax.entropy import gaussian
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -47,16 +49,6 @@ def _scales(model, params, z_sym, s):
   return scale
 
 
-def nearest_log_index(scale: np.ndarray, table: np.ndarray) -> np.ndarray:
-  """Index of the table scale nearest to `scale` in the log domain."""
-  log_table = np.log(table.astype(np.float64))
-  upper = np.clip(np.searchsorted(table, scale, side="left"), 0, len(table) - 1)
-  lower = np.maximum(upper - 1, 0)
-  log_scale = np.log(np.maximum(scale.astype(np.float64), 1e-30))
-  use_lower = np.abs(log_scale - log_table[lower]) < np.abs(log_table[upper] - log_scale)
-  return np.where(use_lower, lower, upper).astype(np.int32)
-
-
 def measure(model: ExportedModel, pixels: np.ndarray, rate: float) -> dict:
   """One image at one rate: real sizes and the estimates (module doc)."""
   encoded = codec.encode(model, pixels, rate)
@@ -70,8 +62,8 @@ def measure(model: ExportedModel, pixels: np.ndarray, rate: float) -> dict:
   table_z = model.z_table.bits(encoded.z_symbols, z_indexes)
   table_y = model.y_table.bits(encoded.y_symbols, encoded.y_indexes)
   scale = np.asarray(_scales(model.model, model.params, jnp.asarray(encoded.z_symbols), s))
-  table_y_nearest = model.y_table.bits(encoded.y_symbols,
-                                       nearest_log_index(scale, model.y_scales))
+  table_y_ceil = model.y_table.bits(encoded.y_symbols,
+                                    np.asarray(gaussian.scale_to_index(scale, model.y_scales)))
   payload_bytes = sum(len(section) for section in sections)
   estimate = est_y + est_z
   pixels_count = header.height * header.width
@@ -81,13 +73,13 @@ def measure(model: ExportedModel, pixels: np.ndarray, rate: float) -> dict:
       "z_bytes": len(sections[0]), "y_bytes": len(sections[1]),
       "estimate_bits_y": est_y, "estimate_bits_z": est_z, "estimate_bits": estimate,
       "table_bits_y": table_y, "table_bits_z": table_z,
-      "table_bits_y_nearest": table_y_nearest,
+      "table_bits_y_ceil": table_y_ceil,
       "estimate_bpp": estimate / pixels_count,
       "file_bpp": 8.0 * len(encoded.data) / pixels_count,
       "payload_overhead_pct": 100.0 * (8.0 * payload_bytes / estimate - 1.0),
       "file_overhead_pct": 100.0 * (8.0 * len(encoded.data) / estimate - 1.0),
       "table_overhead_pct": 100.0 * ((table_y + table_z) / estimate - 1.0),
-      "table_nearest_overhead_pct": 100.0 * ((table_y_nearest + table_z) / estimate - 1.0),
+      "table_ceil_overhead_pct": 100.0 * ((table_y_ceil + table_z) / estimate - 1.0),
   }
 
 
@@ -109,13 +101,13 @@ def real_vs_estimate(model: ExportedModel, images: Sequence[tuple[str, np.ndarra
     payload = 8.0 * sum(r["z_bytes"] + r["y_bytes"] for r in per_rate)
     file_bits = 8.0 * sum(r["file_bytes"] for r in per_rate)
     table = sum(r["table_bits_y"] + r["table_bits_z"] for r in per_rate)
-    nearest = sum(r["table_bits_y_nearest"] + r["table_bits_z"] for r in per_rate)
+    ceil = sum(r["table_bits_y_ceil"] + r["table_bits_z"] for r in per_rate)
     totals.append({
         "rate": float(np.float32(rate)), "images": len(per_rate),
         "estimate_bpp": float(np.mean([r["estimate_bpp"] for r in per_rate])),
         "file_bpp": float(np.mean([r["file_bpp"] for r in per_rate])),
         "table_overhead_pct": 100.0 * (table / estimate - 1.0),
-        "table_nearest_overhead_pct": 100.0 * (nearest / estimate - 1.0),
+        "table_ceil_overhead_pct": 100.0 * (ceil / estimate - 1.0),
         "payload_overhead_pct": 100.0 * (payload / estimate - 1.0),
         "file_overhead_pct": 100.0 * (file_bits / estimate - 1.0),
         "max_image_payload_overhead_pct": max(r["payload_overhead_pct"] for r in per_rate),
@@ -124,13 +116,13 @@ def real_vs_estimate(model: ExportedModel, images: Sequence[tuple[str, np.ndarra
 
 
 def format_table(report: dict) -> str:
-  lines = ["| rate s | estimate bpp | file bpp | tables vs est. | tables, nearest scale "
+  lines = ["| rate s | estimate bpp | file bpp | tables vs est. | tables if ceil scale "
            "| payload vs est. | file vs est. | worst image payload |",
            "|---|---|---|---|---|---|---|---|"]
   for r in report["rates"]:
     lines.append(
         f"| {r['rate']:.2f} | {r['estimate_bpp']:.4f} | {r['file_bpp']:.4f} "
-        f"| {r['table_overhead_pct']:+.2f}% | {r['table_nearest_overhead_pct']:+.2f}% "
+        f"| {r['table_overhead_pct']:+.2f}% | {r['table_ceil_overhead_pct']:+.2f}% "
         f"| {r['payload_overhead_pct']:+.2f}% | {r['file_overhead_pct']:+.2f}% "
         f"| {r['max_image_payload_overhead_pct']:+.2f}% |")
   return "\n".join(lines)

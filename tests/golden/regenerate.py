@@ -59,6 +59,7 @@ def main():
   args = parser.parse_args()
   if not args.hashes_only:
     config = tiny_config()
+    config.data.folder = config.eval.folder = ""  # no machine paths in the repo
     export.export_params(config, tiny_params(config), GOLDEN_MODEL, force=True)
   model = export.load_model(GOLDEN_MODEL)
   hashes = {"model_fingerprint": model.fingerprint.hex(), "cases": compute_hashes(model)}
