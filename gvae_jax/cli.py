@@ -22,6 +22,12 @@ def _train(args, overrides):
   from gvae_jax.train import train
 
   config = config_lib.load_config(args.config, overrides)
+  if args.coordinator_address:
+    import jax
+    # Multi-host (pods, or several local processes): every process runs this
+    # same command with its own --process-id.
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
   train.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
 
 
@@ -168,7 +174,9 @@ def _rate_arg(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="gvae", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="gvae", description="gvae-jax: variable-rate learned image compression (train, export, "
+      "compress, decompress).")
   parser.add_argument("-v", "--verbose", action="store_true", help="log more")
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -177,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="experiments/configs/NAME.py[:arg]")
   p.add_argument("--workdir", required=True, help="checkpoints, logs and evaluations go here")
   p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+  p.add_argument("--coordinator-address", help="multi-host: HOST:PORT of process 0")
+  p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+  p.add_argument("--process-id", type=int, help="multi-host: this process's index")
   p.set_defaults(run=_train, takes_overrides=True)
 
   p = sub.add_parser("estimate", help="estimated bpp/PSNR/MS-SSIM of a workdir's model")

@@ -92,3 +92,62 @@ def other_params(params, seed: int = 1):
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map(
       lambda a: (a * (1 + rng.normal(0, 0.01, a.shape))).astype(np.float32), params)
+
+
+# --- A tiny scalable (lossy + residual) model for the residual codec tests. ---
+
+SCALABLE_OVERRIDES = (
+    "--config.model.name=scalable_gained_hyperprior", "--config.model.prior_channels=4",
+    "--config.model.residual.context_channels=8", "--config.model.residual.hidden=8",
+    "--config.model.residual.components=3")
+
+
+def tiny_scalable_config():
+  return load_config(str(TINY_CONFIG), list(SCALABLE_OVERRIDES))
+
+
+def tiny_scalable_params(config=None, seed: int = 0):
+  """The golden lossy parameters plus a prior head and residual layer drawn at `seed`.
+
+  No jitted init (it takes ~20 s here): the parameter shapes come from
+  eval_shape and new weights are Lecun-normal numpy draws. The residual head
+  is then made non-degenerate: wide logistic scales (log-scale bias 3.5,
+  scale ~33 grey levels, so the untrained model's probabilities stay far
+  above 2**-16 over the whole residual range) and means that move with the
+  context (their output weights scaled up).
+  """
+  config = tiny_scalable_config() if config is None else config
+  model = build_model(config)
+  shapes = jax.eval_shape(
+      functools.partial(model.init, train=False, tau=jnp.ones((1,), jnp.int32)),
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)))["params"]
+  lossy = golden_params()
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    keys = [k.key for k in path]
+    node = lossy
+    for key in keys[1:]:
+      node = node.get(key) if isinstance(node, dict) else None
+      if node is None:
+        break
+    if keys[0] == "lossy" and node is not None:
+      return np.asarray(node, np.float32)
+    fan_in = int(np.prod(leaf.shape[:-1])) or 1
+    scale = 1.0 / np.sqrt(fan_in) if len(leaf.shape) > 1 else 0.05
+    return rng.normal(0.0, scale, leaf.shape).astype(np.float32)
+
+  params = jax.tree_util.tree_map_with_path(fill, shapes)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  k = int(config.model.residual.components)
+  raw = params["residual"]["head_2"]["bias"].shape[0]
+  logits = raw - 9 * k  # (3 or 1) * k weights, then means, log-scales, coefficients
+  means = slice(logits, logits + 3 * k)
+  log_scales = slice(logits + 3 * k, logits + 6 * k)
+  for head in ("head_2", "bc_head_2"):
+    layer = params["residual"][head]
+    bias = layer["shift"]["bias"] if head.startswith("bc") else layer["bias"]
+    bias[log_scales] = 3.5
+    kernel = layer["conv"]["kernel"] if head.startswith("bc") else layer["kernel"]
+    kernel[..., means] *= 8.0
+  return params

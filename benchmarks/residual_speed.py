@@ -1,0 +1,215 @@
+"""Residual-layer speed: encode and decode seconds for one image per tau.
+
+Times gvae_jax.coding.residual_codec (the step-wise residual coder of
+near-lossless and lossless files) on one 768x512 image: Kodak kodim01 from
+../shared/data/kodak when present, else a synthetic image of that size. The
+base layer (lossy layer, x_base and the prior u) is computed once per rate
+and is not part of the times; the lossy layer's own speed is
+benchmarks/codec_speed.py.
+
+For each tau it reports, after a warm-up call that compiles (reported on its
+own as compile_seconds):
+
+  encode_seconds / decode_seconds   median of `--repeats` warm calls
+  steps, coder_calls, symbols       per image; symbols_per_second = symbols / seconds
+  breakdown (one more profiled call each way; the profiler waits for each
+  JAX result, which costs a little, so its parts sum to slightly more):
+    context    gathering the masked-conv taps of a step's pixels (numpy)
+    network    the 1x1 heads at a step's pixels (JAX)
+    cdf        integer CDF rows over the residual range, and their copy to
+               the host (JAX)
+    coder      TFC range_encode / range_decode calls
+    python     the rest of the loop (bookkeeping, dispatch, array writes)
+
+The model is experiments/configs/small_nearlossless.py with random init
+(flax init at seed 0) unless --model names an exported scalable model. With
+random init the base layer is poor, so the residual range is nearly the full
+[-255, 255] at tau 0: the widest CDFs, the slowest case.
+
+  python benchmarks/residual_speed.py [--model DIR] [--taus 0 1 2] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+KODIM01 = REPO.parent / "shared" / "data" / "kodak" / "kodim01.png"
+CONFIG = REPO / "experiments" / "configs" / "small_nearlossless.py"
+
+
+def load_image(path: Path | None):
+  import numpy as np
+
+  from gvae_jax import image_io
+
+  if path is not None and path.exists():
+    return image_io.read_image(path)[0], str(path)
+  yy, xx = np.mgrid[0:512, 0:768]
+  noise = np.random.default_rng(0).integers(-16, 17, (512, 768, 3))
+  base = np.stack([xx * 255 // 767, yy * 255 // 511, ((xx // 32 + yy // 32) % 2) * 200 + 20], -1)
+  return np.clip(base + noise, 0, 255).astype(np.uint8), "synthetic 768x512"
+
+
+def random_init_model():
+  import jax
+  import jax.numpy as jnp
+
+  from gvae_jax.coding import export
+  from gvae_jax.config import load_config
+  from gvae_jax.models import build_model
+
+  config = load_config(str(CONFIG))
+  model = build_model(config)
+  init = jax.jit(functools.partial(model.init, train=False, tau=jnp.ones((1,), jnp.int32)))
+  params = init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,)))["params"]
+  return export.build_exported_model(config, params)
+
+
+def base_layer(model, pixels, rate: float):
+  """(x_base uint8 [H, W, 3], padded prior u) exactly as the codec computes them."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from gvae_jax.coding import codec
+
+  s_value = codec.check_rate(rate, model.levels)
+  (_, y_np, _, mean), _ = codec._encode_lossy(model, pixels, s_value)
+  s = jnp.full((1,), s_value, jnp.float32)
+  return codec._synthesize_image(model, y_np, mean, s, pixels.shape[0], pixels.shape[1],
+                                 with_prior=True)
+
+
+def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
+  import numpy as np
+
+  from gvae_jax.coding import residual_codec
+  from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
+
+  coder = get_coder(TFC_RANGE_CODER_ID)
+  encode = lambda profile=None: residual_codec.encode(model, coder, pixels, base, u, tau, profile)
+  decode = lambda layer, profile=None: residual_codec.decode(
+      model, coder, layer.side_info, layer.streams, base, u, tau, profile)
+
+  start = time.perf_counter()
+  layer = encode()
+  first_encode = time.perf_counter() - start
+  start = time.perf_counter()
+  decoded, _ = decode(layer)
+  first_decode = time.perf_counter() - start
+  if np.abs(decoded.astype(np.int32) - pixels).max() > tau:
+    raise AssertionError(f"error bound {tau} violated")
+
+  def median_seconds(fn):
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  encode_seconds = median_seconds(encode)
+  decode_seconds = median_seconds(lambda: decode(layer))
+
+  def breakdown(run):
+    profile = residual_codec.Profile()
+    start = time.perf_counter()
+    run(profile)
+    total = time.perf_counter() - start
+    parts = {"context": profile.context, "network": profile.network, "cdf": profile.cdf,
+             "coder": profile.coder}
+    parts["python"] = max(0.0, total - sum(parts.values()))
+    return profile, {"total_profiled": total, **parts}
+
+  profile, encode_parts = breakdown(lambda p: encode(p))
+  _, decode_parts = breakdown(lambda p: decode(layer, p))
+  height, width = pixels.shape[:2]
+  residual_bytes = len(layer.side_info) + len(layer.streams)
+  return {
+      "tau": tau,
+      "encode_seconds": encode_seconds,
+      "decode_seconds": decode_seconds,
+      "compile_seconds": {"encode": max(0.0, first_encode - encode_seconds),
+                          "decode": max(0.0, first_decode - decode_seconds)},
+      "steps": profile.steps,
+      "coder_calls": profile.coder_calls,
+      "symbols": profile.symbols,
+      "encode_symbols_per_second": profile.symbols / encode_seconds,
+      "decode_symbols_per_second": profile.symbols / decode_seconds,
+      "symbol_range": [int(h - l + 1) for l, h in zip(layer.q_low, layer.q_high)],
+      "residual_bytes": residual_bytes,
+      "residual_bpsp": 8.0 * residual_bytes / (3 * height * width),
+      "stream_count": len(layer.stream_lengths),
+      "encode_breakdown": encode_parts,
+      "decode_breakdown": decode_parts,
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", help="exported scalable model directory (else random init)")
+  parser.add_argument("--image", default=str(KODIM01))
+  parser.add_argument("--rate", type=float, default=None,
+                      help="base rate s (default: the middle of the model's range)")
+  parser.add_argument("--taus", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", default=str(REPO / "benchmarks/results/residual_speed.json"))
+  args = parser.parse_args()
+
+  import jax
+
+  from gvae_jax.coding import export
+
+  pixels, image_name = load_image(Path(args.image))
+  start = time.perf_counter()
+  if args.model:
+    model, source = export.load_model(args.model), f"exported model {args.model}"
+  else:
+    model, source = random_init_model(), "random init (seed 0)"
+  setup_seconds = time.perf_counter() - start
+  if not model.is_scalable:
+    raise SystemExit(f"{args.model} is a lossy-only model; the residual layer needs a scalable one")
+  rate = args.rate if args.rate is not None else (model.levels - 1) / 2
+  base, u = base_layer(model, pixels, rate)
+
+  results = []
+  for tau in args.taus:
+    row = measure(model, pixels, base, u, tau, args.repeats)
+    results.append(row)
+    print(f"tau {tau}: encode {row['encode_seconds']:.3f} s, decode {row['decode_seconds']:.3f} s "
+          f"({row['steps']} steps, {row['coder_calls']} coder calls, "
+          f"{row['decode_symbols_per_second'] / 1e6:.2f} M symbols/s decoding, ranges "
+          f"{row['symbol_range']}), decode parts " + ", ".join(
+              f"{k} {v:.3f}" for k, v in row["decode_breakdown"].items()), flush=True)
+  residual = model.residual_model
+  report = {
+      "benchmark": "residual_speed", "image": image_name, "image_size": list(pixels.shape[:2]),
+      "config": str(CONFIG.relative_to(REPO)) if not args.model else None,
+      "params_from": source, "model_setup_seconds": setup_seconds, "rate": rate,
+      "residual_model": {"context_channels": int(residual.context_channels),
+                         "kernel_size": int(residual.kernel_size), "order": int(residual.order),
+                         "hidden": int(residual.hidden), "components": int(residual.components),
+                         "prior_channels": int(model.config.model.prior_channels)},
+      "machine": platform.machine(), "cpus": os.cpu_count(),
+      "python": platform.python_version(), "jax": jax.__version__,
+      "note": ("residual layer only (the base layer is computed once, outside the times); "
+               "seconds are medians of warm calls; the machine may be shared"),
+      "repeats": args.repeats, "results": results,
+  }
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
