@@ -87,13 +87,26 @@ def _compress(args, overrides):
   from gvae_jax import fileio, image_io
 
   # Cheap checks first: JAX (and later TensorFlow) take seconds to import.
+  tau = 0 if args.lossless else args.tau
+  if args.lossless and args.tau is not None:
+    raise UserError("--lossless is --tau 0; give one of them")
+  if tau is None and args.rate is None and args.bpp is None:
+    raise UserError("give --rate or --bpp (lossy), or --tau / --lossless (near-lossless, "
+                    "lossless)")
+  if tau is not None and args.bpp is not None:
+    raise UserError("--bpp is for lossy files; with --tau / --lossless give --rate for the "
+                    "base layer, or nothing to pick the rate of the smallest file")
   _refuse_existing(args.output, args.force)
   pixels, info = image_io.read_image(args.input)
   from gvae_jax.coding import codec, export
+  if tau is not None:
+    tau = codec.check_tau(tau)  # before loading the model: a bad tau fails fast
   model = export.load_model(args.model)
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
     pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
-  if args.bpp is not None:
+  if tau is not None:
+    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model))
+  elif args.bpp is not None:
     data, _ = codec.compress_to_bpp(model, pixels, args.bpp)
   else:
     data = codec.compress(model, pixels, args.rate)
@@ -104,7 +117,15 @@ def _compress(args, overrides):
   header = codec.read_header(data)
   note = "" if not info.converted else f" ({info.describe()})"
   print(f"{args.output}: {len(data)} bytes, {codec.bits_per_pixel(data, header):.4f} bpp, "
-        f"rate {header.rate:.6g}, {header.width}x{header.height}{note}")
+        f"rate {header.rate:.6g}{_tau_note(header)}, {header.width}x{header.height}{note}")
+
+
+def _tau_note(header) -> str:
+  from gvae_jax.coding.container import Mode
+
+  if header.mode != Mode.RESIDUAL:
+    return ""
+  return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
 
 
 def _write_png(path: str, pixels, overwrite: bool) -> None:
@@ -139,7 +160,8 @@ def _decompress(args, overrides):
     raise UserError(f"{args.output} already exists; pass --force to overwrite it") from None
   kind = "grayscale" if header.channels == 1 else "RGB"
   print(f"{args.output}: {header.width}x{header.height} {kind} from {len(data)} bytes "
-        f"({codec.bits_per_pixel(data, header):.4f} bpp, rate {header.rate:.6g})")
+        f"({codec.bits_per_pixel(data, header):.4f} bpp, rate {header.rate:.6g}"
+        f"{_tau_note(header)})")
 
 
 def _info(args, overrides):
@@ -153,17 +175,28 @@ def _info(args, overrides):
       ("bytes", len(data)),
       ("bpp", f"{8.0 * len(data) / pixels:.4f}"),
       ("format version", container.FORMAT_VERSION),
-      ("mode", header.mode.name.lower()),
+      ("mode", header.mode.name.lower() + _tau_note(header)),
       ("rate s", f"{header.rate:.9g}"),
-      ("tau", header.tau),
+      ("tau", f"{header.tau} (every decoded value within tau of the original)"
+       if header.mode == container.Mode.RESIDUAL else f"{header.tau} (lossy: no bound)"),
       ("size", f"{header.width}x{header.height} (width x height)"),
       ("channels", header.channels),
       ("coder id", header.coder_id),
       ("model fingerprint", header.fingerprint.hex()),
-      ("sections", ", ".join(f"{len(s)} bytes" for s in sections) or "none"),
+      ("sections", ", ".join(
+          f"{name} {len(s)} bytes" if name else f"{len(s)} bytes"
+          for name, s in zip(_section_names(header, len(sections)), sections)) or "none"),
   ]
   for key, value in rows:
     print(f"{key + ':':<19}{value}")
+
+
+def _section_names(header, count: int) -> list[str]:
+  from gvae_jax.coding.container import Mode
+
+  names = ["z", "y"] + (["residual side info", "residual streams"]
+                        if header.mode == Mode.RESIDUAL else [])
+  return names if len(names) == count else [""] * count
 
 
 def _rate_arg(text: str) -> float:
@@ -209,10 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("input", help="image file (PNG, JPEG, ...; 8-bit RGB, grayscale or palette)")
   p.add_argument("output", help=".gvae file to write")
   p.add_argument("--model", required=True, help="exported model directory")
-  target = p.add_mutually_exclusive_group(required=True)
-  target.add_argument("--rate", type=_rate_arg, help="rate s in [0, levels-1], continuous")
+  target = p.add_mutually_exclusive_group()
+  target.add_argument("--rate", type=_rate_arg,
+                      help="rate s in [0, levels-1], continuous (with --tau: of the base layer)")
   target.add_argument("--bpp", type=_rate_arg,
                       help="largest rate whose file is at most this many bits per pixel")
+  p.add_argument("--tau", help="near-lossless: every decoded value within tau (an integer "
+                 ">= 0) of the original; needs a scalable model. Without --rate the base rate "
+                 "of the smallest file is chosen")
+  p.add_argument("--lossless", action="store_true", help="lossless: the same as --tau 0")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
   p.set_defaults(run=_compress)
 

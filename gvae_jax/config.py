@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.log_every = 100
   config.train.checkpoint_every = 5000
   config.train.keep_checkpoints = 3
+  config.train.init_from = ""  # exported model dir to warm-start matching parameters from
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "folder"  # 'folder' (any local image folder) or a TFDS name, e.g. 'clic'

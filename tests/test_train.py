@@ -138,3 +138,25 @@ def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, 
   params, step = checkpoints.restore_params(workdir)
   assert step == 30
   _assert_same_params(straight.params, params)
+
+
+def test_warm_start_copies_matching_lossy_parameters(repo_root, tmp_path):
+  from gvae_jax.coding.export import export_params
+  lossy = load_config(str(repo_root / "experiments/configs/tiny.py"))
+  lossy_model = build_model(lossy)
+  lossy_state = train.create_train_state(jax.random.PRNGKey(5), lossy, lossy_model)
+  export_params(lossy, lossy_state.params, tmp_path / "model")
+
+  scalable = load_config(str(repo_root / "experiments/configs/tiny.py"), [
+      "--config.model.name=scalable_gained_hyperprior", "--config.model.prior_channels=4",
+      "--config.model.residual.context_channels=4", "--config.model.residual.hidden=8"])
+  state = train.create_train_state(jax.random.PRNGKey(6), scalable, build_model(scalable))
+  params, copied = checkpoints.warm_start(state.params, tmp_path / "model")
+  np.testing.assert_array_equal(params["lossy"]["g_a"]["conv_0"]["kernel"],
+                                lossy_state.params["g_a"]["conv_0"]["kernel"])
+  # The new synthesis head and the residual model keep their initialisation.
+  np.testing.assert_array_equal(params["residual"]["context"]["kernel"],
+                                state.params["residual"]["context"]["kernel"])
+  assert copied == len(jax.tree_util.tree_leaves(lossy_state.params))
+  with pytest.raises(checkpoints.UserError, match="no exported model"):
+    checkpoints.warm_start(state.params, tmp_path / "nothing")

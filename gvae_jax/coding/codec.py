@@ -1,9 +1,12 @@
-"""Lossy compression of images to `.gvae` bytes and back, at any continuous rate.
+"""Compression of images to `.gvae` bytes and back: lossy at any continuous
+rate, and (with a scalable model) near-lossless or lossless.
 
     model = load_model("models/small")           # gvae_jax.coding.export
     data = compress(model, pixels, rate=2.5)     # uint8 [H, W, 3] -> bytes
     pixels = decompress(model, data)             # bytes -> uint8 [H, W, 3]
     data, rate = compress_to_bpp(model, pixels, target_bpp=0.5)
+    data = compress(scalable, pixels, tau=2)     # every value within 2 of the input
+    data = compress(scalable, pixels, tau=0)     # lossless
 
 Pipeline (REFERENCE sections 6 and 7). The image is edge-padded to a multiple
 of 64 and coded as one batch of 1:
@@ -28,6 +31,17 @@ synthesis in float32 may round differently there.
 
 File layout: the `.gvae` container (gvae_jax.coding.container), mode LOSSY,
 two sections: [z stream, y stream], each in the coder's stream format.
+
+Near-lossless and lossless (mode RESIDUAL, header tau = the error bound):
+the lossy layer at the header's rate, as above, is the base layer; the
+decoder's uint8 image x_base and the residual prior u come from the same
+jitted synthesis call on both sides (`_synthesize` with with_prior), and
+gvae_jax.coding.residual_codec codes x - x_base within tau. Four sections:
+[z stream, y stream, residual side information, residual streams]. Needs a
+scalable model (ExportedModel.is_scalable); with one, lossy files use its
+lossy layer and are the same as a lossy-only model's. Without a rate,
+`compress` picks the base rate with `choose_rate` (the smallest estimated
+file: every trained level, then a golden-section refinement).
 
 Colour: the codec codes 8-bit RGB. A grayscale (or bilevel) image is passed
 as a 2-D [H, W] array (or by the CLI from a grayscale file): its value is

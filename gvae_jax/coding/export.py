@@ -32,6 +32,12 @@ and decoder always code with the same numbers.
   s = 0 and 2.0 % at s = 1; with the nearest scale by 0.1 % and less.
 Out-of-range symbols take the escape of their row (see gvae_jax.coding.coder).
 
+Scalable models (scalable_gained_hyperprior: lossy layer + residual layer)
+export the same way: params are {'lossy': ..., 'residual': ...}, the z and y
+tables come from the lossy layer (`lossy_part`), and the residual layer
+needs no tables (its CDFs are built per pixel while coding, see
+gvae_jax.coding.residual_codec); the manifest adds the residual settings.
+
 The fingerprint (16 bytes of a SHA-256) covers the parameter bytes, every
 table array and the config's model fingerprint; `.gvae` files carry it, so a
 file is never decoded with another model's numbers, and `load_model` checks it

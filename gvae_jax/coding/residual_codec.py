@@ -25,9 +25,10 @@ outside the window, at least 1 / 2^16) and then stored losslessly
 (gvae_jax.coding.coder, explicit CDFs). When W covers [min, max] this is the
 plain adaptive interval. The encoder picks W from a one-shot pass of the
 model over the image (the WINDOW_QUANTILE quantile of the pixels' mixture
-spreads: TAIL_SCALES logistic scales beyond the farthest component mean),
-so the CDFs cost O(W), not O(max - min), per symbol: on a 768x512 image at
-tau = 0 that is the difference between tens of seconds and about one.
+spreads: TAIL_SCALES logistic scales beyond the farthest component mean,
+over all channels, capped per channel at its range), so the CDFs cost O(W),
+not O(max - min), per symbol: on a 768x512 image at tau = 0 with the full
+range that is the difference between ~40 s and a few seconds of CDFs.
 
 Parallel decoding (DLPR): the image, padded to a multiple of 64, is split into
 64x64 patches coded independently: the context outside a patch is zero, and
@@ -51,17 +52,19 @@ decoder: with F_k the mixture CDF at the lower edge of the k-th window value
 (k = 0 .. W; 0 below the lowest and 1 above the highest value of [min, max],
 so those take the tails) and G_k = clip(F_k - F_0, 0, 1), the row is
 
-  cdf[k] = k + max_{j <= k} floor(G_j * (2^16 - W - 1))  for k = 0 .. W,
-  cdf[W + 1] = 2^16
+  cdf[k] = 2k + floor(G_k * (2^16 - 2W - 1))  for k = 0 .. W,   cdf[W + 1] = 2^16
 
-(the running maximum, exact integer numpy on the host, guards against float
-rounding leaving F a hair non-monotone)
-so every value and the escape have a count >= 1, the row rises strictly to
-exactly 2^16, and the escape's count is about the mass outside the window.
-The only float-to-integer step is a floor of a float32 that encoder and
-decoder compute with the same jitted function on the same inputs. Window
-values beyond max get count 1 and never occur. The cost over the ideal code
-length is about W / 2^16 of the probability of likely symbols.
+so every value has a count >= 2 and the escape >= 1, the row ends exactly at
+2^16, and the escape's count is about the mass outside the window. Two
+counts per value (not one) keep the row strictly rising even where float
+rounding leaves F a hair non-monotone (it would have to fall by 2^-15). The
+range decoder needs rising rows to stay inside its buffers, so the function
+also reports whether they rise, and for garbage input (NaN, huge numbers)
+that breaks this, both sides apply the same exact integer running maximum
+(`_make_rising`). The only float-to-integer step is a floor of a float32
+that encoder and decoder compute with the same jitted function on the same
+inputs. Window values beyond max get count 2 and never occur. The cost over the ideal code
+length is about 2W / 2^16 of the probability of likely symbols.
 
 Streams: one per (step, channel) with at least one coded pixel and a range
 wider than one value, in step order, R G B within a step.
@@ -256,13 +259,12 @@ def _mixture(residual: ResidualModel, corrected: bool, params, tap_weights, tap_
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _channel_counts(window: int, mixture, pixel, channel, q_low, count, tau):
-  """(floor(G_k * (2^16 - W - 1)) [N, window + 1] int32, window starts [N]) of one channel.
+def _channel_cdf(window: int, mixture, pixel, channel, q_low, count, tau):
+  """(CDF rows [N, window + 2] int32, window starts [N], rows rise strictly) of a channel.
 
   Values are indexes into [min q, max q] (0 .. count - 1); row n's window is
-  starts[n] + 0 .. window - 1 (module doc). pixel [N, 3]: the pixels' decoded
-  r_hat so far (R, G) for the channel autoregression. `_cdf_rows` turns
-  this into CDF rows.
+  starts[n] + 0 .. window - 1, then the escape (module doc). pixel [N, 3]: the
+  pixels' decoded r_hat so far (R, G) for the channel autoregression.
   """
   means = lm.conditional_means(mixture, pixel)
   pick = lambda a: jax.lax.dynamic_index_in_dim(a, channel, axis=-2, keepdims=False)
@@ -272,28 +274,29 @@ def _channel_counts(window: int, mixture, pixel, channel, q_low, count, tau):
   centre = jnp.clip(jnp.nan_to_num(centre), -2.0**20, 2.0**20)  # garbage must still index
   start = jnp.round(centre).astype(jnp.int32) - window // 2
   start = jnp.clip(start, 0, jnp.maximum(count - window, 0))
-  value = start[:, None] + jnp.arange(window + 1, dtype=jnp.int32)[None, :]
+  k = jnp.arange(window + 1, dtype=jnp.int32)
+  value = start[:, None] + k[None, :]
   edges = (q_low + value).astype(jnp.float32) * b - tau.astype(jnp.float32) - 0.5
   cdf = lm.mixture_cdf(edges, logits, means, log_scales)
   cdf = jnp.where(value <= 0, 0.0, jnp.where(value >= count, 1.0, jnp.nan_to_num(cdf)))
-  spare = jnp.float32(2**PRECISION - window - 1)
-  scaled = jnp.floor(jnp.clip(cdf - cdf[:, :1], 0.0, 1.0) * spare).astype(jnp.int32)
-  return scaled, start
+  spare = jnp.float32(2**PRECISION - 2 * window - 1)
+  rows = 2 * k + jnp.floor(jnp.clip(cdf - cdf[:, :1], 0.0, 1.0) * spare).astype(jnp.int32)
+  rising = jnp.all(rows[:, 1:] > rows[:, :-1])
+  top = jnp.full((rows.shape[0], 1), 2**PRECISION, jnp.int32)
+  return jnp.concatenate([rows, top], axis=1), start, rising
 
 
-def _cdf_rows(scaled: np.ndarray) -> np.ndarray:
-  """CDF rows [N, W + 2]: cdf[k] = k + running max of scaled[k] (k <= W), then 2^16.
+def _make_rising(rows: np.ndarray) -> np.ndarray:
+  """Rows that rise strictly: cdf[k] = 2k + running max of (cdf[k] - 2k).
 
-  The running max (exact, on integers, on the host: a cumulative max inside
-  XLA lowers to a quadratic reduce_window) makes the rows strictly rising
-  even if float rounding left the mixture CDF a hair non-monotone.
+  Exact integer numpy. Only needed if the float CDF fell by more than 2^-15
+  somewhere, which rounding cannot do (garbage inputs can); the jitted
+  function reports whether it is needed, both sides see the same answer.
   """
-  n, columns = scaled.shape
-  rows = np.empty((n, columns + 1), np.int32)
-  np.maximum.accumulate(scaled, axis=1, out=rows[:, :columns])
-  rows[:, :columns] += np.arange(columns, dtype=np.int32)
-  rows[:, columns] = 2**PRECISION
-  return rows
+  k = 2 * np.arange(rows.shape[1] - 1, dtype=np.int32)
+  fixed = rows.copy()
+  fixed[:, :-1] = np.maximum.accumulate(rows[:, :-1] - k, axis=1) + k
+  return fixed
 
 
 # --- The step-wise loop, shared by the encoder and the decoder. ---
@@ -355,11 +358,12 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
             jax.block_until_ready(mixture)
             profile.network += clock() - tick
         tick = clock()
-        scaled, starts = _channel_counts(int(windows[channel]), mixture, pixel,
-                                         channel_ids[channel], lows[channel], sizes[channel],
-                                         tau_j)
-        rows = _cdf_rows(np.asarray(scaled)[:step.count])
-        starts = np.asarray(starts)[:step.count]
+        rows, starts, rising = _channel_cdf(int(windows[channel]), mixture, pixel,
+                                            channel_ids[channel], lows[channel],
+                                            sizes[channel], tau_j)
+        rows, starts = np.asarray(rows)[:step.count], np.asarray(starts)[:step.count]
+        if not rising:
+          rows = _make_rising(rows)
         if profile is not None:
           profile.cdf += clock() - tick
         tick = clock()
@@ -633,12 +637,15 @@ def analyze(exported, x: np.ndarray, x_base: np.ndarray, u_padded: jax.Array,
                            jnp.asarray(high, jnp.float32))
   spread = np.asarray(spread)[np.asarray(_patches(jnp.asarray(valid[..., None])))[..., 0]]
   counts = (high - low) // b + 1
+  coded = counts > 1
   windows = np.zeros(CHANNELS, np.int64)
-  for c in range(CHANNELS):
-    if counts[c] > 1:
-      reach = float(np.quantile(np.nan_to_num(spread[:, c], posinf=1e9), WINDOW_QUANTILE))
-      needed = int(min(2 * np.ceil(min(reach, 1e6) / b) + 2, counts[c]))
-      windows[c] = window_size(needed)
+  if coded.any():
+    # One window for all channels (each capped at its own range): fewer
+    # compiled shapes, and the channels' spreads are alike anyway.
+    reach = float(np.quantile(np.nan_to_num(spread[:, coded], posinf=1e9), WINDOW_QUANTILE))
+    needed = 2 * int(np.ceil(min(reach, 1e6) / b)) + 2
+    for c in np.flatnonzero(coded):
+      windows[c] = window_size(min(needed, int(counts[c])))
   return Analysis(r_hat, (low // b).astype(np.int32), (high // b).astype(np.int32),
                   np.asarray(bits, np.float64), windows)
 

@@ -72,6 +72,34 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
         f"model ({type(e).__name__}: {str(e)[:300]})") from e
 
 
+def warm_start(params, model_dir: str | Path):
+  """Copies every parameter of an exported model whose path and shape match.
+
+  For fine-tuning: a scalable model can start from a trained lossy model
+  (whose tree then sits under 'lossy'), new parts keep their initialisation.
+  Returns the new params and the number of arrays copied.
+  """
+  import flax
+  import numpy as np
+
+  path = Path(model_dir) / "params.msgpack"
+  if not path.is_file():
+    raise UserError(f"--config.train.init_from: no exported model at {model_dir} (no {path.name})")
+  source = flax.traverse_util.flatten_dict(flax.serialization.msgpack_restore(path.read_bytes()))
+  target = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  copied = 0
+  for key, value in target.items():
+    for candidate in (key, key[1:]):  # same path, or the path below a wrapper ('lossy', ...)
+      found = source.get(candidate)
+      if found is not None and np.shape(found) == value.shape:
+        target[key] = np.asarray(found, value.dtype)
+        copied += 1
+        break
+  if copied == 0:
+    raise UserError(f"--config.train.init_from: no parameter of {model_dir} fits this model")
+  return flax.traverse_util.unflatten_dict(target), copied
+
+
 def restore_params(workdir: Path, step: int | None = None):
   """Parameters of a training workdir's newest (or given) checkpoint, as saved."""
   mngr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute())

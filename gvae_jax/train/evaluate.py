@@ -48,7 +48,9 @@ def _forward(model, params, x, s):
   x_hat = jnp.round(jnp.clip(out["x_tilde"], 0.0, 1.0) * 255.0) / 255.0
   num_pixels = x.shape[1] * x.shape[2]
   bpp = (out["bits_y"] + out["bits_z"]) / num_pixels
-  return bpp, metrics.psnr(x, x_hat), x_hat
+  # Scalable models: the lossless rate estimate (base layer + residual, tau = 0).
+  lossless_bpsp = (out["bits_y"] + out["bits_z"] + out.get("bits_r", jnp.nan)) / (3 * num_pixels)
+  return bpp, metrics.psnr(x, x_hat), x_hat, lossless_bpsp
 
 
 def estimate_rd(model, params, images: Sequence[tuple[str, np.ndarray]],
@@ -56,17 +58,23 @@ def estimate_rd(model, params, images: Sequence[tuple[str, np.ndarray]],
   """Per-rate averages and per-image rows of bpp, PSNR and MS-SSIM."""
   rows, per_image = [], []
   for rate in rates:
-    bpps, psnrs, ssims = [], [], []
+    bpps, psnrs, ssims, lossless = [], [], [], []
     for name, pixels in images:
       x = jnp.asarray(pixels, jnp.float32)[None] / 255.0
-      bpp, psnr, x_hat = _forward(model, params, x, jnp.full((1,), rate, jnp.float32))
+      bpp, psnr, x_hat, bpsp = _forward(model, params, x, jnp.full((1,), rate, jnp.float32))
       ssim = _ms_ssim_or_nan(x, x_hat)
       bpps.append(float(bpp[0])); psnrs.append(float(psnr[0])); ssims.append(ssim)
+      lossless.append(float(bpsp[0]))
       per_image.append({"image": name, "rate": rate, "bpp": bpps[-1], "psnr": psnrs[-1],
-                        "ms_ssim": ssim})
+                        "ms_ssim": ssim, "lossless_bpsp": _or_none(lossless[-1])})
     rows.append({"rate": rate, "bpp": float(np.mean(bpps)), "psnr": float(np.mean(psnrs)),
-                 "ms_ssim": float(np.nanmean(ssims)) if not np.all(np.isnan(ssims)) else None})
+                 "ms_ssim": _or_none(np.nanmean(ssims)) if not np.all(np.isnan(ssims)) else None,
+                 "lossless_bpsp": _or_none(float(np.mean(lossless)))})
   return {"rates": rows, "images": per_image}
+
+
+def _or_none(value: float) -> float | None:
+  return None if np.isnan(value) else float(value)
 
 
 def _ms_ssim_or_nan(x, x_hat) -> float:
@@ -77,8 +85,13 @@ def _ms_ssim_or_nan(x, x_hat) -> float:
 
 
 def format_table(report: dict) -> str:
-  lines = ["| rate s | bpp | PSNR (dB) | MS-SSIM |", "|---|---|---|---|"]
+  lossless = any(row.get("lossless_bpsp") is not None for row in report["rates"])
+  lines = ["| rate s | bpp | PSNR (dB) | MS-SSIM |" + (" lossless bpsp |" if lossless else ""),
+           "|---|---|---|---|" + ("---|" if lossless else "")]
   for row in report["rates"]:
     ssim = "-" if row["ms_ssim"] is None else f"{row['ms_ssim']:.4f}"
-    lines.append(f"| {row['rate']:.2f} | {row['bpp']:.4f} | {row['psnr']:.2f} | {ssim} |")
+    line = f"| {row['rate']:.2f} | {row['bpp']:.4f} | {row['psnr']:.2f} | {ssim} |"
+    if lossless:
+      line += f" {row['lossless_bpsp']:.4f} |"
+    lines.append(line)
   return "\n".join(lines)

@@ -185,6 +185,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   rng = jax.random.PRNGKey(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
   state = create_train_state(init_rng, config, model)
+  if config.train.init_from:
+    params, copied = checkpoints.warm_start(state.params, config.train.init_from)
+    state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
+                          opt_state=state.tx.init(params))
+    logging.warning("warm start: %d parameter arrays from %s", copied, config.train.init_from)
   manager = checkpoints.manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(state.step)
@@ -252,7 +257,7 @@ def _evaluate(config, model, params, workdir: Path, step: int, logger: SummaryLo
   name = "final.json" if final else f"step_{step:08d}.json"
   (out_dir / name).write_text(json.dumps(report, indent=2))
   for row in report["rates"]:
-    logger.write(step, {k: row[k] for k in ("bpp", "psnr", "ms_ssim")},
+    logger.write(step, {k: row.get(k) for k in ("bpp", "psnr", "ms_ssim", "lossless_bpsp")},
                  prefix=f"eval/rate_{row['rate']:.2f}")
   logger.print_table(evaluate_lib.format_table(report))
   return report
