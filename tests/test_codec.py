@@ -166,7 +166,7 @@ def test_a_file_of_another_model_is_refused(tiny, tmp_path):
 def test_valid_headers_the_decoder_cannot_use_are_refused(tiny):
   data = codec.compress(tiny, make_image(16, 16), 0.5)
   cases = [
-      (dict(mode=Mode.RESIDUAL, tau=1), "not supported"),
+      (dict(mode=Mode.RESIDUAL, tau=1), "needs a scalable model"),
       (dict(channels=2), "channels"),
       (dict(rate=1.5), "out of range"),
       (dict(rate=0.1), "not a float32"),

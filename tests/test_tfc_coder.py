@@ -169,3 +169,65 @@ def test_decoding_with_more_symbols_than_encoded_is_safe(coder, table):
   data = coder.encode(symbols, indexes, table)
   more = np.concatenate([indexes, indexes])
   decode_or_coding_error(coder, data, more, table)
+
+
+# --- Explicit per-symbol CDF rows (the residual codec's path). ---
+
+def window_rows(rng, n, window, precision=16):
+  """Valid random rows [n, window + 2]: counts >= 1 for the window and the escape."""
+  counts = rng.integers(1, 50, (n, window + 1))
+  counts[:, :window] *= rng.integers(1, 40, (n, window))  # peaked-ish
+  scaled = np.floor(counts / counts.sum(1, keepdims=True) * (2**precision - window - 1))
+  cdf = np.zeros((n, window + 2), np.int64)
+  cdf[:, 1:] = np.cumsum(scaled + 1, axis=1)
+  cdf[:, -1] = 2**precision
+  return cdf.astype(np.int32)
+
+
+def test_explicit_cdfs_round_trip_with_escapes(coder):
+  rng = np.random.default_rng(3)
+  n, window = 500, 24
+  cdf = window_rows(rng, n, window)
+  offsets = rng.integers(-100, 100, n)
+  symbols = offsets + rng.integers(-5, window + 5, n)  # some outside: escapes
+  data, escaped = coder.encode_with_cdfs(symbols, cdf, offsets, 16)
+  outside = (symbols < offsets) | (symbols >= offsets + window)
+  np.testing.assert_array_equal(escaped, symbols[outside])
+  served = []
+
+  def take(k):
+    served.append(k)
+    start = sum(served[:-1])
+    return escaped[start:start + k]
+
+  decoded = coder.decode_with_cdfs(data, cdf, offsets, 16, take)
+  np.testing.assert_array_equal(decoded, symbols)
+  assert sum(served) == outside.sum()
+
+
+def test_explicit_cdfs_check_their_rows(coder):
+  rng = np.random.default_rng(4)
+  cdf = window_rows(rng, 10, 8)
+  offsets = np.zeros(10, np.int64)
+  bad = cdf.copy()
+  bad[0, 3] = bad[0, 2]  # a zero-count symbol
+  with pytest.raises(ValueError, match="rise strictly"):
+    coder.encode_with_cdfs(np.zeros(10, np.int32), bad, offsets, 16)
+  with pytest.raises(ValueError, match="offsets"):
+    coder.encode_with_cdfs(np.zeros(10, np.int32), cdf, offsets[:5], 16)
+  with pytest.raises(ValueError, match="shape"):
+    coder.encode_with_cdfs(np.zeros(10, np.int32), cdf[:, :2], offsets, 16)
+  assert coder.encode_with_cdfs(np.zeros(0, np.int32), cdf[:0], offsets[:0], 16)[0] == b""
+
+
+def test_explicit_cdfs_decode_garbage_into_range(coder):
+  rng = np.random.default_rng(5)
+  cdf = window_rows(rng, 300, 12)
+  offsets = rng.integers(0, 10, 300)
+  for _ in range(50):
+    garbage = rng.bytes(int(rng.integers(0, 60)))
+    escapes = lambda k: np.full(k, 7, np.int64)
+    decoded = coder.decode_with_cdfs(garbage, cdf, offsets, 16, escapes)
+    assert decoded.shape == (300,)
+    inside = decoded - offsets
+    assert np.all(((inside >= 0) & (inside < 12)) | (decoded == 7))

@@ -24,11 +24,12 @@ it are coded as the row's escape (whose probability is the mixture mass
 outside the window, at least 1 / 2^16) and then stored losslessly
 (gvae_jax.coding.coder, explicit CDFs). When W covers [min, max] this is the
 plain adaptive interval. The encoder picks W from a one-shot pass of the
-model over the image (the WINDOW_QUANTILE quantile of the pixels' mixture
-spreads: TAIL_SCALES logistic scales beyond the farthest component mean,
-over all channels, capped per channel at its range), so the CDFs cost O(W),
-not O(max - min), per symbol: on a 768x512 image at tau = 0 with the full
-range that is the difference between ~40 s and a few seconds of CDFs.
+model over the image: the smallest W whose expected escapes (ESCAPE_BITS
+times the mixture mass outside each pixel's window, summed) cost at most
+ESCAPE_BUDGET of the estimated bits; one W for all channels, each capped at
+its range. So the CDFs cost O(W), not O(max - min), per symbol: on a
+768x512 image at tau = 0 with a 500-value range that is the difference
+between ~40 s and a few seconds of CDFs, for ~0.2 % more bits.
 
 Parallel decoding (DLPR): the image, padded to a multiple of 64, is split into
 64x64 patches coded independently: the context outside a patch is zero, and
@@ -109,10 +110,12 @@ MAX_TAU = 0xFFFF  # the header stores tau in 16 bits
 # the jitted functions compile once per size and are reused across images.
 WINDOWS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # 512 covers any range
 WINDOW_STEP = 16  # the side information stores W / 16
-WINDOW_QUANTILE = 0.99  # the window covers this fraction of pixels' spreads
-TAIL_SCALES = 7.0  # a component's window reaches this many scales past its mean
-_MIN_WEIGHT = 1e-3  # components lighter than this do not widen the window
-_BUCKET_LADDER = (8, 16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
+ESCAPE_BITS = 12.0  # about what an escape adds (its varint; the escape symbol ~ its mass)
+ESCAPE_BUDGET = 0.002  # windows may add this fraction of the estimated bits in escapes
+# Few sizes (each costs a compile of two functions, ~0.5 s here), dense enough
+# near the top that the bulk of a large image's steps waste little: a 768x512
+# image (96 patches, up to 3072 pixels a step) uses 5 of them.
+_BUCKET_LADDER = (8, 32, 128, 512, 1024, 2048, 3072, 4096)
 
 
 def max_symbol(tau: int) -> int:
@@ -134,7 +137,7 @@ def window_size(needed: int) -> int:
 
 def bucket_size(count: int) -> int:
   """The padded batch of a step with `count` pixels: a ladder value, then
-  multiples of 2048 (at most a third is padding above 512)."""
+  multiples of 2048."""
   for size in _BUCKET_LADDER:
     if size >= count:
       return size
@@ -149,7 +152,6 @@ class Step:
   count: int  # coded pixels (in the image)
   image_index: np.ndarray  # [count] flat index y * width + x
   cell_index: np.ndarray  # [count] the pixels' cells in the decoded-residual buffer
-  tap_index: np.ndarray  # [bucket, taps] buffer cells of the context taps
   u_index: np.ndarray  # [bucket] rows of the padded prior u ([Hp * Wp, C])
 
   @property
@@ -162,11 +164,21 @@ class StepPlan:
   height: int
   width: int
   cells: int  # buffer cells, the last one a dummy that always reads zero
+  tap_shift: np.ndarray  # [taps] buffer offset of each context tap from its pixel
   steps: tuple[Step, ...]  # only steps with coded pixels
 
   @property
   def buckets(self) -> tuple[int, ...]:
     return tuple(sorted({s.bucket for s in self.steps}))
+
+  def tap_index(self, step: Step) -> np.ndarray:
+    """[bucket, taps] buffer cells of the step's context taps (padding rows: the dummy).
+
+    Made per step, not stored: for a large image all steps' taps would take GBs.
+    """
+    taps = np.full((step.bucket, self.tap_shift.size), self.cells - 1, np.int64)
+    taps[:step.count] = step.cell_index[:, None] + self.tap_shift[None, :]
+    return taps
 
 
 @functools.lru_cache(maxsize=16)
@@ -200,14 +212,11 @@ def plan_steps(height: int, width: int, order: int, offsets: tuple[tuple[int, in
   for t in np.flatnonzero(counts):
     members = by_step[ends[t] - counts[t]:ends[t]]
     count = len(members)
-    bucket = bucket_size(count)
-    taps = np.full((bucket, len(tap_shift)), dummy, np.int64)
-    taps[:count] = cell[members][:, None] + tap_shift[None, :]
-    u_index = np.zeros(bucket, np.int32)
+    u_index = np.zeros(bucket_size(count), np.int32)
     u_index[:count] = yy[members] * padded_width + xx[members]
     steps.append(Step(count, (yy[members] * width + xx[members]).astype(np.int64),
-                      cell[members].astype(np.int64), taps, u_index))
-  return StepPlan(height, width, dummy + 1, tuple(steps))
+                      cell[members].astype(np.int64), u_index))
+  return StepPlan(height, width, dummy + 1, tap_shift, tuple(steps))
 
 
 # --- The residual model's pieces, as the step-wise loop uses them. ---
@@ -341,7 +350,7 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
   clock = time.perf_counter
   for number, step in enumerate(plan.steps):
     start = clock()
-    context = buffer[step.tap_index]
+    context = buffer[plan.tap_index(step)]
     if profile is not None:
       profile.context += clock() - start
     mixture = None
@@ -591,7 +600,11 @@ def _patches(image: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _one_shot(residual: ResidualModel, corrected: bool, params, u_padded, r_hat_padded, valid,
               tau, tau_head, low, high):
-  """(bits per channel [3], mixture spread per pixel [patches, 64, 64, 3] in grey levels)."""
+  """(bits per channel [3], mixture mass outside each window of WINDOWS [windows, 3]).
+
+  The windows are placed as `_channel_cdf` places them (around the rounded
+  mixture mean), ignoring the range ends (which only move them inwards).
+  """
   u = _patches(u_padded[0])
   r = _patches(r_hat_padded)
   inside = _patches(valid[..., None])[..., 0]
@@ -600,11 +613,16 @@ def _one_shot(residual: ResidualModel, corrected: bool, params, u_padded, r_hat_
   means = lm.conditional_means(mixture, r)
   logp = lm.log_prob(r, mixture, means, tau.astype(jnp.float32) + 0.5, low, high)
   bits = -jnp.sum(jnp.where(inside[..., None], logp, 0.0), axis=(0, 1, 2)) / jnp.log(2.0)
-  weights = jax.nn.softmax(mixture["logits"], axis=-1)
-  centre = jnp.sum(weights * means, axis=-1, keepdims=True)
-  reach = jnp.abs(means - centre) + TAIL_SCALES * jnp.exp(mixture["log_scales"])
-  spread = jnp.max(jnp.where(weights >= _MIN_WEIGHT, reach, 0.0), axis=-1)
-  return bits, spread
+  b = (2 * tau + 1).astype(jnp.float32)
+  centre = jnp.round(jnp.sum(jax.nn.softmax(mixture["logits"], axis=-1) * means, axis=-1) / b)
+  outside = []
+  for window in WINDOWS:
+    lower = (centre - window // 2) * b - tau.astype(jnp.float32) - 0.5
+    edges = jnp.stack([lower, lower + window * b], axis=-1)  # [..., 3, 2]
+    cdf = lm.mixture_cdf(edges, mixture["logits"], means, mixture["log_scales"])
+    mass = jnp.nan_to_num(cdf[..., 0] + 1.0 - cdf[..., 1], nan=1.0)
+    outside.append(jnp.sum(jnp.where(inside[..., None], mass, 0.0), axis=(0, 1, 2)))
+  return bits, jnp.stack(outside)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -613,7 +631,7 @@ class Analysis:
   q_low: np.ndarray  # int32 [3]
   q_high: np.ndarray  # int32 [3]
   bits: np.ndarray  # float64 [3]: the model's estimate (estimate_bits)
-  windows: np.ndarray  # int64 [3]: the encoder's CDF windows
+  windows: np.ndarray  # int64 [3]: the encoder's CDF windows (0: channel not coded)
 
 
 def analyze(exported, x: np.ndarray, x_base: np.ndarray, u_padded: jax.Array,
@@ -631,23 +649,25 @@ def analyze(exported, x: np.ndarray, x_base: np.ndarray, u_padded: jax.Array,
   valid = np.zeros((hp, wp), bool)
   valid[:height, :width] = True
   corrected, tau_h = head_tau(exported.residual_model, tau)
-  bits, spread = _one_shot(exported.residual_model, corrected, exported.residual_params,
-                           u_padded, jnp.asarray(padded), jnp.asarray(valid), jnp.int32(tau),
-                           jnp.int32(tau_h), jnp.asarray(low, jnp.float32),
-                           jnp.asarray(high, jnp.float32))
-  spread = np.asarray(spread)[np.asarray(_patches(jnp.asarray(valid[..., None])))[..., 0]]
+  bits, outside = _one_shot(exported.residual_model, corrected, exported.residual_params,
+                            u_padded, jnp.asarray(padded), jnp.asarray(valid), jnp.int32(tau),
+                            jnp.int32(tau_h), jnp.asarray(low, jnp.float32),
+                            jnp.asarray(high, jnp.float32))
+  bits, outside = np.asarray(bits, np.float64), np.asarray(outside, np.float64)
   counts = (high - low) // b + 1
   coded = counts > 1
   windows = np.zeros(CHANNELS, np.int64)
   if coded.any():
     # One window for all channels (each capped at its own range): fewer
     # compiled shapes, and the channels' spreads are alike anyway.
-    reach = float(np.quantile(np.nan_to_num(spread[:, coded], posinf=1e9), WINDOW_QUANTILE))
-    needed = 2 * int(np.ceil(min(reach, 1e6) / b)) + 2
+    budget = ESCAPE_BUDGET * max(float(np.sum(bits[coded])), 1.0)
+    cost = ESCAPE_BITS * np.nan_to_num(outside[:, coded], nan=np.inf).sum(axis=1)
+    affordable = [w for w, c in zip(WINDOWS, cost) if c <= budget]
+    window = affordable[0] if affordable else WINDOWS[-1]
     for c in np.flatnonzero(coded):
-      windows[c] = window_size(min(needed, int(counts[c])))
-  return Analysis(r_hat, (low // b).astype(np.int32), (high // b).astype(np.int32),
-                  np.asarray(bits, np.float64), windows)
+      windows[c] = min(window, window_size(int(counts[c])))
+  return Analysis(r_hat, (low // b).astype(np.int32), (high // b).astype(np.int32), bits,
+                  windows)
 
 
 def estimate_bits(exported, x: np.ndarray, x_base: np.ndarray, u_padded: jax.Array,
