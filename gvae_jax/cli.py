@@ -224,6 +224,25 @@ def _section_names(header, count: int) -> list[str]:
   return names if len(names) == count else [""] * count
 
 
+def _sweep(args, overrides):
+  from gvae_jax import sweep as sweep_lib
+
+  sweep = sweep_lib.load_sweep(args.sweep)
+  out = Path(args.out or Path("runs") / "sweeps" / sweep.name)
+  if not args.collate_only:
+    statuses = sweep_lib.run_sweep(sweep, out, jobs=args.jobs, images=args.images,
+                                   max_images=args.max_images, only=args.only or (),
+                                   dry_run=args.dry_run)
+    if args.dry_run:
+      return
+  summary = sweep_lib.collate(sweep, out)
+  print(sweep_lib.format_markdown(summary))
+  print(f"collated into {out}/sweep_results.{{json,csv,md}}")
+  failed = [] if args.collate_only else [s["name"] for s in statuses if s.get("failed")]
+  if failed:
+    raise sweep_lib.SweepError(f"runs failed: {', '.join(failed)} (see their logs in {out})")
+
+
 def _rate_arg(text: str) -> float:
   try:
     return float(text)
@@ -285,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", required=True, help="the exported model that compressed it")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
   p.set_defaults(run=_decompress)
+
+  p = sub.add_parser("sweep", help="run an ablation sweep (train, export, eval) and collate it")
+  p.add_argument("sweep", help="experiments/sweeps/NAME.py")
+  p.add_argument("--out", help="output folder (default runs/sweeps/NAME)")
+  p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+  p.add_argument("--images", help="evaluation images (default: the sweep's, Kodak)")
+  p.add_argument("--max-images", type=int, help="evaluate on the first N images only")
+  p.add_argument("--only", nargs="+", help="run only these run names")
+  p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished stages")
+  p.add_argument("--collate-only", action="store_true", help="only collate finished runs")
+  p.set_defaults(run=_sweep)
 
   p = sub.add_parser("info", help="print the header of a .gvae file (no model needed)")
   p.add_argument("input", help=".gvae file")

@@ -1,0 +1,16 @@
+"""Bias correction on vs off at tau 1..5 (evaluation ablation).
+
+The same exported scalable model codes every tau with its tau-conditioned
+bias-correction head (on) or with the tau = 0 mixture integrated over the
+wide bin (off, SNIC without correction). Lossless (tau 0) is identical.
+"""
+from gvae_jax.sweep import Run, Sweep
+
+MODEL = "experiments/models/small_nearlossless"
+
+
+def get_sweep():
+  runs = [Run(name, model=MODEL, eval_overrides={"model.residual.bias_correction": on},
+              rates=(), taus=(1, 2, 3, 4, 5))
+          for name, on in (("bias_correction_on", True), ("bias_correction_off", False))]
+  return Sweep("bias_correction", __doc__, runs, reference="bias_correction_on")

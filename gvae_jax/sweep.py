@@ -1,0 +1,303 @@
+"""Ablation sweeps: train, export and evaluate a list of runs, then collate.
+
+A sweep file (experiments/sweeps/*.py) defines `get_sweep()` returning a
+`Sweep`. Each `Run` either trains a model (a config file plus
+`--config.key=value` overrides) or reuses an exported model, and is then
+evaluated on real files by `gvae eval` (optionally with eval-time overrides
+such as linear interpolation or bias correction off).
+
+Every stage is a `gvae` subprocess with its own log, so runs are isolated,
+can go N at a time, and a killed sweep resumes: training resumes from its
+checkpoints, and finished stages (an exported model, an eval results.json)
+are skipped. `collate` reads every run's results.json into one table, with
+BD-rates of each curve against the sweep's reference curve.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from gvae_jax import fileio
+from gvae_jax.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SweepError(UserError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One point of a sweep.
+
+  name: directory name under the sweep's output folder (unique).
+  config: config file to train (relative to the repository root), or None
+    with `model` set to evaluate an existing exported model.
+  overrides: training config overrides {"model.levels": 1, ...}.
+  eval_overrides: eval-time model overrides {"model.interpolation": "linear"}.
+  group: runs sharing a group form one RD curve (e.g. fixed-rate models).
+  """
+  name: str
+  config: str | None = None
+  overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+  model: str | None = None
+  eval_overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+  rates: Sequence[float] | None = None
+  taus: Sequence[int] | None = None
+  group: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  name: str
+  description: str
+  runs: Sequence[Run]
+  reference: str | None = None  # a run name or group: BD-rates are against its curve
+  images: str = str(REPO.parent / "shared" / "data" / "kodak")
+  max_images: int = 0  # 0 = all
+
+
+def load_sweep(path: str | os.PathLike) -> Sweep:
+  path = Path(path)
+  if not path.is_file():
+    raise SweepError(f"sweep file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"_gvae_sweep_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    sweep = module.get_sweep()
+  except Exception as e:  # a user's file: report, don't trace back
+    raise SweepError(f"cannot load sweep {path}: {type(e).__name__}: {e}") from e
+  if not isinstance(sweep, Sweep):
+    raise SweepError(f"{path}: get_sweep() must return a gvae_jax.sweep.Sweep")
+  names = [run.name for run in sweep.runs]
+  if not names or len(set(names)) != len(names):
+    raise SweepError(f"{path}: runs need unique, non-empty names; got {names}")
+  for run in sweep.runs:
+    if (run.config is None) == (run.model is None):
+      raise SweepError(f"{path}: run {run.name!r} needs exactly one of config= and model=")
+  return sweep
+
+
+def _resolve(path: str) -> str:
+  p = Path(path)
+  return str(p if p.is_absolute() else REPO / p)
+
+
+def _gvae(*args: str) -> list[str]:
+  return [sys.executable, "-m", "gvae_jax", *args]
+
+
+def _format_value(value) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return str(value)
+
+
+def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: int
+                   ) -> list[tuple[str, list[str], Path]]:
+  """(stage, command, the path whose existence means the stage is done)."""
+  run_dir = out / run.name
+  stages = []
+  model = run.model and _resolve(run.model)
+  if run.config is not None:
+    workdir = run_dir / "work"
+    model = str(run_dir / "model")
+    train = _gvae("train", "--config", _resolve(run.config), "--workdir", str(workdir),
+                  "--no-progress",
+                  *[f"--config.{k}={_format_value(v)}" for k, v in run.overrides.items()])
+    stages.append(("train", train, Path(model) / "manifest.json"))
+    export = _gvae("export", "--workdir", str(workdir), "--out", model, "--force")
+    stages.append(("export", export, Path(model) / "manifest.json"))
+  evaluate = _gvae("eval", "--model", model, "--images", images, "--out", str(run_dir / "eval"),
+                   "--no-progress")
+  if max_images:
+    evaluate += ["--max-images", str(max_images)]
+  if run.rates is not None:
+    evaluate += ["--rates", *[str(r) for r in run.rates]]
+  if run.taus is not None:
+    evaluate += ["--taus", *[str(t) for t in run.taus]]
+  for key, value in run.eval_overrides.items():
+    evaluate += ["--override", f"{key}={_format_value(value)}"]
+  stages.append(("eval", evaluate, run_dir / "eval" / "results.json"))
+  return stages
+
+
+def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
+             dry_run: bool, echo) -> dict:
+  run_dir = out / run.name
+  status = {"name": run.name, "stages": {}}
+  for stage, command, done_marker in stage_commands(run, sweep, out, images, max_images):
+    if done_marker.exists():
+      status["stages"][stage] = "done before"
+      continue
+    if dry_run:
+      echo(f"[{run.name}] {stage}: {' '.join(command)}")
+      status["stages"][stage] = "dry run"
+      continue
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / f"{stage}.log"
+    echo(f"[{run.name}] {stage} ... (log {log_path})")
+    start = time.time()
+    with open(log_path, "ab") as log:
+      log.write(f"\n$ {' '.join(command)}\n".encode())
+      log.flush()
+      result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, cwd=REPO)
+    seconds = time.time() - start
+    if result.returncode != 0:
+      tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+      echo(f"[{run.name}] {stage} FAILED (exit {result.returncode}): {tail[0]}")
+      status["stages"][stage] = f"failed (exit {result.returncode})"
+      status["failed"] = True
+      return status
+    status["stages"][stage] = f"ran in {seconds:.0f} s"
+    echo(f"[{run.name}] {stage} done in {seconds:.0f} s")
+  return status
+
+
+def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str | None = None,
+              max_images: int | None = None, only: Sequence[str] = (), dry_run: bool = False,
+              echo=print) -> list[dict]:
+  """Runs every unfinished stage of every run, `jobs` runs at a time."""
+  out = Path(out)
+  images = images or sweep.images
+  if not dry_run and not Path(images).is_dir():
+    raise SweepError(f"image folder not found: {images} (pass --images)")
+  max_images = sweep.max_images if max_images is None else max_images
+  unknown = set(only) - {run.name for run in sweep.runs}
+  if unknown:
+    raise SweepError(f"unknown run names: {', '.join(sorted(unknown))}")
+  runs = [run for run in sweep.runs if not only or run.name in only]
+  if not dry_run:
+    out.mkdir(parents=True, exist_ok=True)
+  with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    futures = [pool.submit(_run_one, run, sweep, out, images, max_images, dry_run, echo)
+               for run in runs]
+    return [f.result() for f in futures]
+
+
+# --- Collation ---------------------------------------------------------------
+
+def _mean_rows(results: dict) -> list[dict]:
+  """The per-setting mean rows of a gvae eval results.json."""
+  return [row for row in results.get("means", []) if row.get("codec", "gvae") == "gvae"]
+
+
+def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
+  """One table over runs: mean metrics per (run, setting), BD-rates vs the reference."""
+  from gvae_jax.eval import rd
+
+  out = Path(out)
+  rows, missing = [], []
+  for run in sweep.runs:
+    path = out / run.name / "eval" / "results.json"
+    if not path.exists():
+      missing.append(run.name)
+      continue
+    results = json.loads(path.read_text())
+    for row in _mean_rows(results):
+      rows.append({"run": run.name, "group": run.group or run.name, **row})
+  curves: dict[str, list[tuple[float, float, float]]] = {}
+  for row in rows:
+    if row.get("mode") == "lossy" and row.get("bpp") is not None:
+      curves.setdefault(row["group"], []).append(
+          (row["bpp"], row.get("psnr"), row.get("ms_ssim")))
+  bd = {}
+  reference = sweep.reference
+  if reference and reference in curves:
+    ref = sorted(curves[reference])
+    for group, points in curves.items():
+      if group == reference:
+        continue
+      points = sorted(points)
+      entry = {}
+      for metric, index in (("psnr", 1), ("ms_ssim", 2)):
+        try:
+          entry[f"bd_rate_{metric}_percent"] = rd.bd_rate(
+              [p[0] for p in ref], [p[index] for p in ref],
+              [p[0] for p in points], [p[index] for p in points])
+        except (ValueError, TypeError) as e:
+          entry[f"bd_rate_{metric}_percent"] = None
+          entry[f"bd_rate_{metric}_note"] = str(e)
+      bd[group] = entry
+  summary = {"sweep": sweep.name, "description": sweep.description, "reference": reference,
+             "rows": rows, "bd_rate_vs_reference": bd, "missing_runs": missing}
+  fileio.atomic_write_bytes(out / "sweep_results.json",
+                            json.dumps(summary, indent=2, default=_json_default).encode(),
+                            overwrite=True)
+  fileio.atomic_write_bytes(out / "sweep_results.csv", _csv(rows).encode(), overwrite=True)
+  fileio.atomic_write_bytes(out / "sweep_results.md", format_markdown(summary).encode(),
+                            overwrite=True)
+  return summary
+
+
+def _json_default(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return str(value)
+
+
+COLUMNS = ("run", "group", "mode", "rate", "tau", "bpp", "bpsp", "psnr", "ms_ssim",
+           "max_error", "estimated_bpsp", "encode_seconds", "decode_seconds", "images")
+
+
+def _csv(rows: list[dict]) -> str:
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, COLUMNS, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  return buffer.getvalue()
+
+
+def _cell(value) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, float):
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+  return str(value)
+
+
+def format_markdown(summary: dict) -> str:
+  lines = [f"# Sweep `{summary['sweep']}`", "", summary["description"], ""]
+  lossy = [r for r in summary["rows"] if r.get("mode") == "lossy"]
+  residual = [r for r in summary["rows"] if r.get("mode") != "lossy"]
+  if lossy:
+    lines += ["| run | rate s | bpp | PSNR (dB) | MS-SSIM |", "|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {_cell(r.get('rate'))} | {_cell(r.get('bpp'))} | "
+              f"{_cell(r.get('psnr'))} | {_cell(r.get('ms_ssim'))} |" for r in lossy]
+    lines.append("")
+  if residual:
+    lines += ["| run | tau | bpsp (file) | bpsp (estimate) | max error |", "|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {_cell(r.get('tau'))} | {_cell(r.get('bpsp'))} | "
+              f"{_cell(r.get('estimated_bpsp'))} | {_cell(r.get('max_error'))} |"
+              for r in residual]
+    lines.append("")
+  if summary["bd_rate_vs_reference"]:
+    lines += [f"BD-rate against `{summary['reference']}` (negative: fewer bits for the same "
+              "quality):", "", "| curve | BD-rate PSNR | BD-rate MS-SSIM |", "|---|---|---|"]
+    for group, entry in summary["bd_rate_vs_reference"].items():
+      cells = []
+      for metric in ("psnr", "ms_ssim"):
+        value = entry.get(f"bd_rate_{metric}_percent")
+        cells.append(f"{value:+.2f}%" if value is not None
+                     else f"n/a ({entry.get(f'bd_rate_{metric}_note', '')})")
+      lines.append(f"| {group} | {cells[0]} | {cells[1]} |")
+    lines.append("")
+  if summary["missing_runs"]:
+    lines += [f"Not evaluated yet: {', '.join(summary['missing_runs'])}", ""]
+  return "\n".join(lines)
