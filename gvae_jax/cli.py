@@ -66,6 +66,15 @@ def _export(args, overrides):
         f"{exported.levels} levels) to {args.out}: fingerprint {exported.fingerprint.hex()}")
 
 
+def _eval(args, overrides):
+  """Rate-distortion on real files, with anchors (gvae_jax/eval/harness.py)."""
+  from gvae_jax.eval import harness
+
+  harness.check_command(args)  # cheap checks before JAX loads
+  _enable_compilation_cache()
+  harness.run_command(args)
+
+
 def _refuse_existing(path: str, force: bool) -> None:
   if not force and os.path.lexists(path):
     raise UserError(f"{path} already exists; pass --force to overwrite it")
@@ -281,6 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
   p.add_argument("--force", action="store_true", help="replace an existing exported model")
   p.set_defaults(run=_export)
+
+  p = sub.add_parser("eval", help="rate-distortion of an exported model on real files, with "
+                     "classical anchors and BD-rates")
+  p.add_argument("--model", required=True, help="exported model directory")
+  p.add_argument("--images", required=True, help="folder of images, e.g. kodak")
+  p.add_argument("--out", required=True, help="output folder (results.json/.csv, summary.md, "
+                 "plots); created, earlier outputs replaced")
+  p.add_argument("--rates", nargs="*", type=_rate_arg, metavar="S",
+                 help="lossy rates s (default: every level and midpoint; none if empty)")
+  p.add_argument("--taus", nargs="*", metavar="T", help="near-lossless bounds, 0 = lossless "
+                 "(default: 0..5 for scalable models, none for lossy-only ones)")
+  p.add_argument("--tau-rate", type=_rate_arg, metavar="S", help="base rate of every "
+                 "near-lossless file (default: chosen per image, as gvae compress --tau)")
+  p.add_argument("--anchors", nargs="*", metavar="NAME", help="also run classical codecs on "
+                 "the same images: all of them, or the named ones (e.g. png jpeg-420)")
+  p.add_argument("--max-images", type=int, help="evaluate the first N images only")
+  p.add_argument("--override", nargs="+", action="extend", metavar="KEY=VALUE",
+                 help="eval-time model setting: model.interpolation=linear, "
+                 "model.residual.bias_correction=false")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--no-warmup", action="store_true",
+                 help="time the first coding of each image shape too (compilation included)")
+  p.set_defaults(run=_eval)
 
   p = sub.add_parser("compress", help="compress an image to a .gvae file")
   p.add_argument("input", help="image file (PNG, JPEG, ...; 8-bit RGB, grayscale or palette)")

@@ -1,0 +1,966 @@
+"""`gvae eval`: rate-distortion of an exported model on real files, with anchors.
+
+Every number comes from a real bitstream: each image is compressed with
+gvae_jax.coding.codec, the bytes are counted and decoded again, and the
+metrics are measured on the decoded pixels (never on the encoder's own
+reconstruction or on the model's bit estimate, which is reported next to the
+real size only for comparison).
+
+    results = evaluate("models/small", "kodak", rates=[0, 0.5, 1], taus=None,
+                       anchors=True, overrides={"model.interpolation": "linear"})
+    write_outputs(results, "results/kodak_small")
+
+What is measured, per image and setting (`rows`, also results.csv):
+
+* lossy, per rate s: file bytes, bpp = bytes * 8 / (H * W), PSNR over RGB
+  (8-bit), MS-SSIM (None with a note below 161 pixels a side, where it is
+  undefined), max abs error, encode and decode seconds, and the model's
+  estimated bits (bits_y + bits_z of the model at train=False, as
+  gvae_jax.coding.report).
+* near-lossless / lossless (scalable models), per tau: the base rate is
+  codec.choose_rate's (the smallest estimated file) unless `tau_rate` fixes
+  it; bpsp = bytes * 8 / (H * W * 3), bpp, max abs error (checked <= tau: a
+  violation is a failure), PSNR, seconds (encode includes choosing the rate,
+  also reported alone), and estimated bits = the lossy layer's estimate plus
+  the residual layer's (residual_codec.estimate_bits, via the encoder).
+* anchors (gvae_jax.eval.anchors), on the same pixels: the lossy sweeps, the
+  lossless codecs, and JPEG-LS NEAR at every tau >= 1 of the run. Anchors
+  this machine cannot run are listed with the reason.
+
+Means per setting (`means`) average bpp, bpsp and PSNR over images (the mean
+of per-image PSNR, as papers report Kodak; `psnr_of_mean_mse` as well),
+MS-SSIM, seconds; `max_error` is the largest over images. BD-rates
+(gvae_jax.eval.rd, pchip) compare the model's mean lossy curve with each
+lossy anchor's mean curve, in PSNR and in MS-SSIM dB (-10 log10(1 - MS-SSIM));
+a pair that cannot be compared (no overlap, non-monotone curve, no MS-SSIM)
+is null with the reason.
+
+Overrides change the loaded model's config in memory before coding: the flax
+module is rebuilt from the changed config, parameters and CDF tables are
+kept. Encoder and decoder use the same overridden model. Only settings that
+do not change parameter shapes are allowed (OVERRIDABLE). The overridden
+model gets its own fingerprint (recorded as `coding_fingerprint`) so its
+files can never be mistaken for the exported model's.
+
+Timings are wall-clock seconds of one call on a shared machine. With
+`warmup` (the default) the first image of each shape is coded once untimed
+(lossy, lossless and one near-lossless tau: their programs differ) before it
+is timed, so most XLA compilation is not counted; programs met later
+(residual CDF windows differ per image and tau) still are, so the medians are
+reported too.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import datetime
+import functools
+import io
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from gvae_jax import fileio, image_io
+from gvae_jax.errors import UserError
+from gvae_jax.eval import anchors as anchors_lib
+from gvae_jax.eval import rd
+
+MODEL_CODEC = "gvae"
+LOSSY, NEAR_LOSSLESS, LOSSLESS = anchors_lib.LOSSY, anchors_lib.NEAR_LOSSLESS, anchors_lib.LOSSLESS
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".pnm", ".bmp", ".tif", ".tiff",
+                  ".webp", ".gif")
+DEFAULT_SCALABLE_TAUS = (0, 1, 2, 3, 4, 5)
+# Eval-time overrides: config keys that change how the model codes, not its parameter shapes.
+OVERRIDABLE = {
+    "model.interpolation": "gain interpolation between trained levels: exponential | linear",
+    "model.residual.bias_correction": "tau-conditioned bias-correction head: true | false "
+                                      "(scalable models)",
+}
+RESULTS_JSON, RESULTS_CSV, SUMMARY_MD = "results.json", "results.csv", "summary.md"
+RESULTS_VERSION = 1
+
+CSV_COLUMNS = ("codec", "mode", "setting_name", "setting", "rate", "tau", "image", "height",
+               "width", "bytes", "bpp", "bpsp", "psnr", "mse", "ms_ssim", "max_error", "tau_ok",
+               "encode_seconds", "decode_seconds", "choose_rate_seconds", "estimated_bits",
+               "estimated_bpp", "estimated_bpsp", "estimate_lossy_bits",
+               "estimate_residual_bits", "lossy_bits", "residual_bits", "error")
+
+
+class EvalError(UserError):
+  """The evaluation cannot run (bad arguments or inputs) or found failures."""
+
+
+# --- Arguments -----------------------------------------------------------------
+
+def default_rates(levels: int) -> list[float]:
+  """Every trained level and the midpoints between them: 0, 0.5, ..., levels - 1."""
+  return [i / 2 for i in range(2 * int(levels) - 1)]
+
+
+def check_taus(taus: Iterable) -> list[int]:
+  """Whole numbers >= 0 (codec.check_tau's rules), without duplicates, in order."""
+  from gvae_jax.coding import codec
+
+  checked = []
+  for tau in taus:
+    value = codec.check_tau(tau)
+    if value not in checked:
+      checked.append(value)
+  return checked
+
+
+def parse_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> dict[str, str]:
+  """{key: raw value} from "key=value" strings or a mapping; EvalError for other keys."""
+  if not overrides:
+    return {}
+  if isinstance(overrides, Mapping):
+    items = [(str(k), _raw_value(v)) for k, v in overrides.items()]
+  else:
+    items = []
+    for item in overrides:
+      key, sep, value = str(item).partition("=")
+      if not sep or not key.strip():
+        raise EvalError(f"bad override {item!r}: expected key=value, e.g. "
+                        "model.interpolation=linear")
+      items.append((key.strip(), value.strip()))
+  parsed = {}
+  for key, value in items:
+    key = key[len("--config."):] if key.startswith("--config.") else key
+    if key not in OVERRIDABLE:
+      raise EvalError(f"override {key!r} is not allowed at evaluation time (it could change "
+                      f"the parameters); allowed: {', '.join(sorted(OVERRIDABLE))}")
+    parsed[key] = value
+  return parsed
+
+
+def _raw_value(value) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  return str(value)
+
+
+def apply_overrides(exported, overrides: Mapping[str, Any] | Sequence[str] | None):
+  """(the model coding with the overridden config, {key: parsed value}).
+
+  The flax module is rebuilt from a changed copy of the config; params and
+  tables are shared. The fingerprint is derived from the original and the
+  overrides. No overrides: the model itself.
+  """
+  from gvae_jax import config as config_lib
+  from gvae_jax import gain
+  from gvae_jax.coding import container
+  from gvae_jax.models import build_model
+
+  raw = parse_overrides(overrides)
+  if not raw:
+    return exported, {}
+  config = copy.deepcopy(exported.config)
+  values = {}
+  for key, value in raw.items():
+    config_lib.set_by_path(config, key, value)
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    values[key] = node
+  if config.model.interpolation not in gain.INTERPOLATIONS:
+    raise EvalError(f"model.interpolation must be one of {', '.join(gain.INTERPOLATIONS)}, "
+                    f"got {config.model.interpolation!r}")
+  if "model.residual.bias_correction" in values and not exported.is_scalable:
+    raise EvalError(f"model.residual.bias_correction: model {exported.name} is lossy-only "
+                    "(no residual layer to correct)")
+  try:
+    module = build_model(config)
+  except (ValueError, KeyError) as e:
+    raise EvalError(f"cannot build the model with overrides {values}: {e}") from e
+  blob = exported.fingerprint + json.dumps(values, sort_keys=True, default=str).encode()
+  fingerprint = container.model_fingerprint(b"gvae-eval-overrides/1\0" + blob)
+  manifest = {**exported.manifest, "eval_overrides": values, "fingerprint": fingerprint.hex()}
+  overridden = dataclasses.replace(exported, config=config, model=module,
+                                   fingerprint=fingerprint, manifest=manifest)
+  return overridden, values
+
+
+def list_images(folder: str | os.PathLike, max_images: int = 0) -> list[Path]:
+  """Image files (by suffix) of a folder, sorted by name; EvalError if there are none."""
+  folder = Path(folder)
+  if not folder.exists():
+    raise EvalError(f"image folder not found: {folder}")
+  if not folder.is_dir():
+    raise EvalError(f"{folder} is not a folder of images")
+  files = sorted(p for p in folder.iterdir()
+                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+  if not files:
+    raise EvalError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+  if max_images and max_images > 0:
+    files = files[:max_images]
+  return files
+
+
+def _anchor_by_name(name: str):
+  registries = (anchors_lib.LOSSY_ANCHORS, anchors_lib.LOSSLESS_ANCHORS,
+                anchors_lib.NEAR_LOSSLESS_ANCHORS)
+  for registry in registries:
+    if name in registry:
+      return registry[name]
+  known = sorted(n for registry in registries for n in registry)
+  raise EvalError(f"unknown anchor {name!r}; known anchors: {', '.join(known)}")
+
+
+def select_anchors(spec, taus: Sequence[int]) -> tuple[list, dict[str, str]]:
+  """(anchors to run with their sweeps, {name: reason} of anchors skipped).
+
+  spec: False/None (none), True (every registered anchor), or names and
+  Anchor objects. JPEG-LS NEAR (any near-lossless anchor) runs at the
+  run's taus >= 1.
+  """
+  if not spec:
+    return [], {}
+  if spec is True:
+    chosen = [*anchors_lib.LOSSY_ANCHORS.values(), *anchors_lib.LOSSLESS_ANCHORS.values(),
+              *anchors_lib.NEAR_LOSSLESS_ANCHORS.values()]
+  else:
+    chosen = [_anchor_by_name(a) if isinstance(a, str) else a for a in spec]
+  usable, skipped = anchors_lib.split_available({a.name: a for a in chosen})
+  selected = []
+  near_taus = tuple(t for t in taus if t >= 1)
+  for anchor in usable.values():
+    if anchor.kind == NEAR_LOSSLESS:
+      if not near_taus:
+        skipped[anchor.name] = f"{anchor.name}: no tau >= 1 in this run to compare with"
+        continue
+      anchor = dataclasses.replace(anchor, settings=near_taus)
+    selected.append(anchor)
+  return selected, skipped
+
+
+# --- Metrics ---------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _ms_ssim_fn():
+  import jax
+
+  from gvae_jax import metrics
+
+  return jax.jit(lambda a, b: metrics.ms_ssim(a, b, max_value=255.0))
+
+
+def ms_ssim_or_none(reference: np.ndarray, decoded: np.ndarray) -> float | None:
+  """MS-SSIM over RGB on 0..255, or None for images too small for its 5 scales."""
+  from gvae_jax import metrics
+
+  height, width = reference.shape[:2]
+  if min(height, width) < metrics.ms_ssim_min_side():
+    return None
+  value = _ms_ssim_fn()(reference[None].astype(np.float32), decoded[None].astype(np.float32))
+  return float(value[0])
+
+
+def ms_ssim_db(value: float | None) -> float | None:
+  """-10 log10(1 - MS-SSIM): the dB scale on which MS-SSIM curves are compared."""
+  if value is None or not math.isfinite(value):
+    return None
+  if value >= 1.0:
+    return math.inf
+  return -10.0 * math.log10(1.0 - value)
+
+
+def _distortion(reference: np.ndarray, decoded: np.ndarray, with_ms_ssim: bool) -> dict:
+  out = {"psnr": rd.psnr(reference, decoded), "mse": rd.mse(reference, decoded),
+         "max_error": rd.max_abs_error(reference, decoded)}
+  out["ms_ssim"] = ms_ssim_or_none(reference, decoded) if with_ms_ssim else None
+  return out
+
+
+# --- The model's estimates ------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _estimate_fn():
+  from gvae_jax.coding import report
+
+  return report._estimate  # bits_y, bits_z of the model at train=False (jitted)
+
+
+def _lossy_estimate_bits(model, rgb: np.ndarray, rate: float) -> float:
+  import jax.numpy as jnp
+
+  s = jnp.full((1,), np.float32(rate), jnp.float32)
+  bits_y, bits_z = _estimate_fn()(model.lossy_model, model.lossy_params, jnp.asarray(rgb), s)
+  return float(bits_y) + float(bits_z)
+
+
+# --- One image ------------------------------------------------------------------
+
+def _base_row(codec_name: str, mode: str, setting_name: str, setting, image: str,
+              height: int, width: int) -> dict:
+  return {"codec": codec_name, "mode": mode, "setting_name": setting_name, "setting": setting,
+          "rate": None, "tau": None, "image": image, "height": height, "width": width}
+
+
+def _sizes(row: dict, num_bytes: int) -> None:
+  h, w = row["height"], row["width"]
+  row.update(bytes=num_bytes, bpp=rd.bits_per_pixel(num_bytes, h, w),
+             bpsp=rd.bits_per_subpixel(num_bytes, h, w, 3))
+
+
+def _model_lossy(model, name: str, rgb: np.ndarray, rate: float) -> dict:
+  from gvae_jax.coding import codec, container
+
+  height, width = rgb.shape[:2]
+  row = _base_row(MODEL_CODEC, LOSSY, "rate", rate, name, height, width)
+  start = time.perf_counter()
+  encoded = codec.encode(model, rgb, rate)
+  encoded_at = time.perf_counter()
+  decoded = codec.decompress(model, encoded.data)
+  row.update(rate=float(encoded.header.rate), encode_seconds=encoded_at - start,
+             decode_seconds=time.perf_counter() - encoded_at)
+  _sizes(row, len(encoded.data))
+  row.update(_distortion(rgb, decoded, with_ms_ssim=True))
+  _, sections = container.unpack(encoded.data)
+  estimate = _lossy_estimate_bits(model, rgb, encoded.header.rate)
+  row.update(lossy_bits=8.0 * sum(len(x) for x in sections), estimate_lossy_bits=estimate,
+             estimated_bits=estimate, estimated_bpp=estimate / (height * width),
+             estimated_bpsp=estimate / (3 * height * width))
+  return row
+
+
+def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate) -> dict:
+  from gvae_jax.coding import codec, container
+
+  height, width = rgb.shape[:2]
+  mode = LOSSLESS if tau == 0 else NEAR_LOSSLESS
+  row = _base_row(MODEL_CODEC, mode, "tau", tau, name, height, width)
+  start = time.perf_counter()
+  rate = codec.choose_rate(model, rgb, tau) if tau_rate is None else tau_rate
+  chosen_at = time.perf_counter()
+  encoded = codec.encode(model, rgb, rate, tau)
+  encoded_at = time.perf_counter()
+  decoded = codec.decompress(model, encoded.data)
+  row.update(rate=float(encoded.header.rate), tau=tau, encode_seconds=encoded_at - start,
+             decode_seconds=time.perf_counter() - encoded_at,
+             choose_rate_seconds=(chosen_at - start) if tau_rate is None else None)
+  _sizes(row, len(encoded.data))
+  row.update(_distortion(rgb, decoded, with_ms_ssim=tau > 0))
+  if tau == 0:
+    row["ms_ssim"] = 1.0 if row["max_error"] == 0 else row["ms_ssim"]
+  row["tau_ok"] = row["max_error"] <= tau
+  _, sections = container.unpack(encoded.data)
+  lossy_estimate = _lossy_estimate_bits(model, rgb, encoded.header.rate)
+  residual_estimate = float(np.sum(encoded.residual.estimated_bits))
+  estimate = lossy_estimate + residual_estimate
+  row.update(lossy_bits=8.0 * (len(sections[0]) + len(sections[1])),
+             residual_bits=8.0 * (len(sections[2]) + len(sections[3])),
+             estimate_lossy_bits=lossy_estimate, estimate_residual_bits=residual_estimate,
+             estimated_bits=estimate, estimated_bpp=estimate / (height * width),
+             estimated_bpsp=estimate / (3 * height * width))
+  return row
+
+
+def _anchor_row(anchor, name: str, rgb: np.ndarray, setting) -> dict:
+  height, width = rgb.shape[:2]
+  row = _base_row(anchor.name, anchor.kind, anchor.setting_name, setting, name, height, width)
+  if anchor.kind == LOSSLESS:
+    row["tau"] = 0
+  elif anchor.kind == NEAR_LOSSLESS:
+    row["tau"] = int(setting)
+  result = anchor(rgb, setting)
+  row.update(encode_seconds=result.encode_seconds, decode_seconds=result.decode_seconds)
+  _sizes(row, len(result.data))
+  row.update(_distortion(rgb, result.decoded, with_ms_ssim=anchor.kind != LOSSLESS))
+  if anchor.kind == LOSSLESS:
+    row["ms_ssim"] = 1.0
+  if row["tau"] is not None:
+    row["tau_ok"] = row["max_error"] <= row["tau"]
+  return row
+
+
+def _warm_up(model, rgb: np.ndarray, rates: Sequence[float], taus: Sequence[int],
+             tau_rate) -> None:
+  """Untimed coding of one image so that compilation is not timed (module doc)."""
+  from gvae_jax.coding import codec
+
+  if rates:
+    codec.decompress(model, codec.compress(model, rgb, rates[0]))
+  rate = tau_rate if tau_rate is not None else (rates[0] if rates else 0.0)
+  # Lossless and near-lossless use different heads (separately compiled): one of each.
+  positive = [t for t in taus if t > 0]
+  for tau in ([0] if 0 in taus else []) + positive[:1]:
+    codec.decompress(model, codec.compress(model, rgb, rate, tau=tau))
+
+
+# --- The evaluation ---------------------------------------------------------------
+
+def _images(images, max_images: int) -> tuple[str | None, list]:
+  """(folder or None, [(name, path or pixels)])."""
+  if isinstance(images, (str, os.PathLike)):
+    return str(images), [(p.name, p) for p in list_images(images, max_images)]
+  items = []
+  for item in images:
+    if isinstance(item, (str, os.PathLike)):
+      items.append((Path(item).name, Path(item)))
+    else:
+      name, pixels = item
+      items.append((str(name), pixels))
+  if not items:
+    raise EvalError("no images to evaluate")
+  return None, items[:max_images] if max_images and max_images > 0 else items
+
+
+def _load_model(model_or_dir):
+  from gvae_jax.coding import export
+
+  if isinstance(model_or_dir, export.ExportedModel):
+    return model_or_dir, None
+  return export.load_model(model_or_dir), str(model_or_dir)
+
+
+def _versions() -> dict:
+  from importlib import metadata
+
+  out = {"python": sys.version.split()[0]}
+  for package in ("gvae-jax", "jax", "jaxlib", "flax", "numpy", "imagecodecs", "pillow",
+                  "tensorflow-compression-ops", "matplotlib"):
+    try:
+      out[package] = metadata.version(package)
+    except metadata.PackageNotFoundError:
+      out[package] = None
+  try:
+    repo = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                            text=True, timeout=10)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                           capture_output=True, text=True, timeout=10)
+    if commit.returncode == 0:
+      out["git_commit"] = commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return out
+
+
+def _progress_bar(total: int, progress: bool | None):
+  from tqdm import tqdm
+
+  enabled = sys.stderr.isatty() if progress is None else (progress and sys.stderr.isatty())
+  return tqdm(total=total, disable=not enabled, unit="file", desc="gvae eval",
+              dynamic_ncols=True)
+
+
+def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
+             taus: Sequence[int] | None = None, anchors=False,
+             overrides: Mapping[str, Any] | Sequence[str] | None = None, *,
+             tau_rate: float | None = None, max_images: int = 0, progress: bool | None = False,
+             warmup: bool = True, command: str | None = None) -> dict:
+  """Evaluates a model (an exported model directory or ExportedModel) on real files.
+
+  images: a folder, or a list of image paths or (name, uint8 [H, W, 3]) pairs.
+  rates: lossy rates s (None: every level and midpoint; [] for none).
+  taus: near-lossless bounds (None: 0..5 for scalable models, none for
+    lossy-only ones; any tau with a lossy-only model is an EvalError).
+  anchors: False, True (all) or names / Anchor objects (select_anchors).
+  overrides: {"model.interpolation": "linear"} or ["key=value", ...].
+  tau_rate: the base rate of every residual file (None: choose per image).
+  Returns the results dict (module doc; write it with write_outputs).
+  Images image_io refuses are skipped with the reason; EvalError if none
+  could be read.
+  """
+  from gvae_jax import metrics
+  from gvae_jax.coding import codec
+
+  started = datetime.datetime.now(datetime.timezone.utc)
+  if taus is not None:
+    taus = check_taus(taus)  # cheap checks before loading anything
+  raw_overrides = parse_overrides(overrides)
+  folder, items = _images(images, max_images)
+  exported, model_dir = _load_model(model_dir_or_model)
+  model, override_values = apply_overrides(exported, raw_overrides)
+  if taus is None:
+    taus = list(DEFAULT_SCALABLE_TAUS) if model.is_scalable else []
+  elif taus and not model.is_scalable:
+    raise EvalError(f"model {model.name} is lossy-only: --taus (near-lossless and lossless) "
+                    "need a scalable model")
+  rates = default_rates(model.levels) if rates is None else list(rates)
+  for rate in rates:
+    codec.check_rate(rate, model.levels)
+  rates = list(dict.fromkeys(float(r) for r in rates))
+  if tau_rate is not None:
+    codec.check_rate(tau_rate, model.levels)
+    tau_rate = float(tau_rate)
+  if not rates and not taus:
+    raise EvalError("nothing to evaluate: no rates and no taus")
+  anchor_list, skipped_anchors = select_anchors(anchors, taus)
+
+  rows, failures, skipped_images, image_info = [], [], [], []
+  per_image = len(rates) + len(taus) + sum(max(len(a.settings), 1) for a in anchor_list)
+  warmed = set()
+  with _progress_bar(per_image * len(items), progress) as bar:
+    for name, source in items:
+      if isinstance(source, Path):
+        try:
+          rgb, info = image_io.read_image(source)
+        except image_io.ImageError as e:
+          skipped_images.append({"image": name, "reason": str(e)})
+          bar.update(per_image)
+          continue
+        source_mode = info.source_mode.value
+      else:
+        try:
+          rgb, _ = codec._as_rgb(source)
+        except UserError as e:
+          skipped_images.append({"image": name, "reason": str(e)})
+          bar.update(per_image)
+          continue
+        source_mode = "array"
+      height, width = rgb.shape[:2]
+      image_info.append({"image": name, "height": height, "width": width,
+                         "source": source_mode})
+      if warmup and (height, width) not in warmed:
+        warmed.add((height, width))
+        try:
+          _warm_up(model, rgb, rates, taus, tau_rate)
+        except Exception:  # noqa: BLE001 - the timed run below records the failure
+          pass
+      jobs = [(MODEL_CODEC, LOSSY, "rate", r, functools.partial(_model_lossy, model, name, rgb, r))
+              for r in rates]
+      jobs += [(MODEL_CODEC, LOSSLESS if t == 0 else NEAR_LOSSLESS, "tau", t,
+                functools.partial(_model_residual, model, name, rgb, t, tau_rate)) for t in taus]
+      for anchor in anchor_list:
+        for setting in (anchor.settings or (None,)):
+          jobs.append((anchor.name, anchor.kind, anchor.setting_name, setting,
+                       functools.partial(_anchor_row, anchor, name, rgb, setting)))
+      for codec_name, mode, setting_name, setting, job in jobs:
+        bar.set_postfix_str(f"{name} {codec_name} {setting_name} {setting}", refresh=False)
+        try:
+          row = job()
+        except (KeyboardInterrupt, SystemExit):
+          raise
+        except Exception as e:  # record, go on with the other files
+          message = f"{type(e).__name__}: {str(e)[:500]}"
+          row = _base_row(codec_name, mode, setting_name, setting, name, height, width)
+          row["error"] = message
+          failures.append({"codec": codec_name, "setting": setting, "image": name,
+                           "reason": message})
+        else:
+          if row.get("tau_ok") is False:
+            failures.append({"codec": codec_name, "setting": setting, "image": name,
+                             "reason": f"max abs error {row['max_error']} exceeds tau "
+                                       f"{row['tau']}"})
+        rows.append(row)
+        bar.update(1)
+
+  if not image_info:
+    reasons = "; ".join(s["reason"] for s in skipped_images[:2])
+    raise EvalError(f"no image could be evaluated ({len(skipped_images)} skipped: {reasons})")
+  means = compute_means(rows)
+  notes = []
+  small = [i["image"] for i in image_info
+           if min(i["height"], i["width"]) < metrics.ms_ssim_min_side()]
+  if small:
+    notes.append(f"MS-SSIM is undefined below {metrics.ms_ssim_min_side()} pixels a side "
+                 f"(5 scales, 11-tap filter): null for {len(small)} image(s) "
+                 f"({', '.join(small[:5])}{', ...' if len(small) > 5 else ''}); "
+                 "their MS-SSIM means are null")
+  results = {
+      "format": "gvae-eval-results", "version": RESULTS_VERSION,
+      "timestamp": started.isoformat(timespec="seconds"),
+      "seconds": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+      "command": command if command is not None else shlex.join(sys.argv),
+      "model": {"dir": model_dir, "name": exported.name, "levels": exported.levels,
+                "scalable": exported.is_scalable, "fingerprint": exported.fingerprint.hex(),
+                "coding_fingerprint": model.fingerprint.hex(),
+                "step": exported.manifest.get("step")},
+      "overrides": override_values,
+      "images": {"folder": folder, "evaluated": image_info, "skipped": skipped_images,
+                 "max_images": max_images or None},
+      "settings": {"rates": rates, "taus": taus, "tau_rate": tau_rate, "warmup": warmup,
+                   "anchors": [a.name for a in anchor_list]},
+      "anchors": {"run": {a.name: {"kind": a.kind, "description": a.description,
+                                   "setting_name": a.setting_name,
+                                   "settings": list(a.settings)} for a in anchor_list},
+                  "skipped": skipped_anchors},
+      "versions": _versions(),
+      "means": means,
+      "bd_rates": bd_rates(means),
+      "failures": failures,
+      "notes": notes,
+      "rows": rows,
+  }
+  return results
+
+
+# --- Means and BD-rates -------------------------------------------------------------
+
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+def compute_means(rows: Sequence[dict]) -> list[dict]:
+  """One row per (codec, mode, setting), over the images that coded without error."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault((row["codec"], row["mode"], repr(row["setting"])), []).append(row)
+  means = []
+  for (codec_name, mode, _), group in groups.items():
+    ok = [r for r in group if not r.get("error")]
+    first = group[0]
+    mean = {"codec": codec_name, "mode": mode, "setting_name": first["setting_name"],
+            "setting": first["setting"], "tau": first.get("tau") if ok else None,
+            "images": len(ok), "failed_images": len(group) - len(ok)}
+    if ok:
+      psnrs = [r["psnr"] for r in ok]
+      ssims = [r.get("ms_ssim") for r in ok]
+      mse = float(np.mean([r["mse"] for r in ok]))
+      mean.update(
+          tau=ok[0].get("tau"),
+          rate=_mean(r.get("rate") for r in ok),
+          bytes=_mean(r["bytes"] for r in ok), bpp=_mean(r["bpp"] for r in ok),
+          bpsp=_mean(r["bpsp"] for r in ok),
+          psnr=float(np.mean(psnrs)) if all(math.isfinite(p) for p in psnrs) else math.inf,
+          mse=mse, psnr_of_mean_mse=(math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)),
+          ms_ssim=_mean(ssims) if all(s is not None for s in ssims) else None,
+          max_error=max(r["max_error"] for r in ok),
+          tau_ok=all(r.get("tau_ok", True) for r in ok) if ok[0].get("tau") is not None else None,
+          encode_seconds=_mean(r["encode_seconds"] for r in ok),
+          decode_seconds=_mean(r["decode_seconds"] for r in ok),
+          encode_seconds_median=float(np.median([r["encode_seconds"] for r in ok])),
+          decode_seconds_median=float(np.median([r["decode_seconds"] for r in ok])),
+          choose_rate_seconds=_mean(r.get("choose_rate_seconds") for r in ok),
+          estimated_bits=_mean(r.get("estimated_bits") for r in ok),
+          estimated_bpp=_mean(r.get("estimated_bpp") for r in ok),
+          estimated_bpsp=_mean(r.get("estimated_bpsp") for r in ok),
+          estimate_lossy_bits=_mean(r.get("estimate_lossy_bits") for r in ok),
+          estimate_residual_bits=_mean(r.get("estimate_residual_bits") for r in ok),
+          lossy_bits=_mean(r.get("lossy_bits") for r in ok),
+          residual_bits=_mean(r.get("residual_bits") for r in ok))
+      if mean["estimated_bits"]:
+        mean["file_vs_estimate_percent"] = 100.0 * (
+            8.0 * mean["bytes"] / mean["estimated_bits"] - 1.0)
+      if mean.get("estimate_residual_bits"):
+        mean["residual_vs_estimate_percent"] = 100.0 * (
+            mean["residual_bits"] / mean["estimate_residual_bits"] - 1.0)
+    means.append(mean)
+  return means
+
+
+def lossy_curve(means: Sequence[dict], codec_name: str) -> list[dict]:
+  """The codec's lossy mean rows, by bpp."""
+  return sorted((m for m in means if m["codec"] == codec_name and m["mode"] == LOSSY
+                 and m.get("bpp") is not None), key=lambda m: m["bpp"])
+
+
+def _bd(anchor_rows, test_rows, quality) -> tuple[float | None, str | None, float | None]:
+  a = [(m["bpp"], quality(m)) for m in anchor_rows]
+  t = [(m["bpp"], quality(m)) for m in test_rows]
+  if any(q is None for _, q in a + t):
+    return None, "MS-SSIM not available (images smaller than 161 pixels a side)", None
+  try:
+    rate = rd.bd_rate([p[0] for p in a], [p[1] for p in a], [p[0] for p in t], [p[1] for p in t])
+    delta = rd.bd_psnr([p[0] for p in a], [p[1] for p in a], [p[0] for p in t], [p[1] for p in t])
+  except ValueError as e:
+    return None, str(e), None
+  return rate, None, delta
+
+
+def bd_rates(means: Sequence[dict]) -> list[dict]:
+  """BD-rate of the model's mean lossy curve against each lossy anchor's (module doc)."""
+  model = lossy_curve(means, MODEL_CODEC)
+  anchors = sorted({m["codec"] for m in means if m["codec"] != MODEL_CODEC and m["mode"] == LOSSY})
+  out = []
+  for name in anchors:
+    anchor = lossy_curve(means, name)
+    entry = {"anchor": name, "test": MODEL_CODEC}
+    if len(model) < 2:
+      note = "the model has fewer than 2 lossy rates (a curve needs 2)"
+      entry.update(bd_rate_psnr_percent=None, bd_rate_psnr_note=note, bd_psnr_db=None,
+                   bd_rate_ms_ssim_percent=None, bd_rate_ms_ssim_note=note, bd_ms_ssim_db=None)
+    else:
+      rate, note, delta = _bd(anchor, model, lambda m: m.get("psnr"))
+      entry.update(bd_rate_psnr_percent=rate, bd_rate_psnr_note=note, bd_psnr_db=delta)
+      rate, note, delta = _bd(anchor, model, lambda m: ms_ssim_db(m.get("ms_ssim")))
+      entry.update(bd_rate_ms_ssim_percent=rate, bd_rate_ms_ssim_note=note, bd_ms_ssim_db=delta)
+    out.append(entry)
+  return out
+
+
+# --- Outputs ----------------------------------------------------------------------------
+
+def _json_safe(value):
+  """NaN and +-inf -> None; numpy scalars -> Python; tuples -> lists."""
+  if isinstance(value, Mapping):
+    return {str(k): _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  if isinstance(value, (np.bool_, bool)):
+    return bool(value)
+  if isinstance(value, (np.integer,)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    value = float(value)
+    return value if math.isfinite(value) else None
+  if isinstance(value, np.ndarray):
+    return _json_safe(value.tolist())
+  return value
+
+
+def results_json(results: dict) -> str:
+  """The results as strict JSON (infinite PSNR of exact files is null; `mse` is 0 there)."""
+  return json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
+
+
+def results_csv(results: dict) -> str:
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+  writer.writeheader()
+  for row in results["rows"]:
+    writer.writerow({k: ("inf" if isinstance(v, float) and math.isinf(v) else v)
+                     for k, v in row.items() if k in CSV_COLUMNS})
+  return buffer.getvalue()
+
+
+def _fmt(value, digits: int = 4) -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, bool):
+    return "yes" if value else "NO"
+  if isinstance(value, (int, np.integer)):
+    return str(value)
+  if isinstance(value, float):
+    if math.isnan(value):
+      return "-"
+    if math.isinf(value):
+      return "inf"
+    return f"{value:.{digits}f}"
+  return str(value)
+
+
+def _pct(value) -> str:
+  return "-" if value is None else f"{value:+.2f}%"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return lines + [""]
+
+
+def format_summary(results: dict) -> str:
+  """summary.md: the tables of the run (module doc)."""
+  means = results["means"]
+  model = results["model"]
+  lines = [f"# gvae eval: {model['name']}", ""]
+  lines += [f"- model: `{model['dir'] or '(in memory)'}` (fingerprint {model['fingerprint']}, "
+            f"{model['levels']} levels, {'scalable' if model['scalable'] else 'lossy-only'}, "
+            f"step {model.get('step')})"]
+  if results["overrides"]:
+    lines += ["- overrides: " + ", ".join(f"`{k}={v}`" for k, v in results["overrides"].items())
+              + f" (coding fingerprint {model['coding_fingerprint']})"]
+  images = results["images"]
+  lines += [f"- images: {len(images['evaluated'])} evaluated from "
+            f"`{images['folder'] or '(given list)'}`"
+            + (f", {len(images['skipped'])} skipped" if images["skipped"] else "")]
+  lines += [f"- command: `{results['command']}`", f"- date: {results['timestamp']} "
+            f"({results['seconds']:.0f} s)"]
+  versions = results["versions"]
+  lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v)]
+  lines += [f"- note: {note}" for note in results.get("notes", [])] + [""]
+  warm = ("the first coding of each image shape was a warm-up, not timed"
+          if results["settings"]["warmup"] else "compilation included (no warm-up)")
+  lines += ["Every number is measured on real files, decoded again; PSNR over RGB (8-bit); "
+            "means over images of per-image values. Seconds: wall clock of one call, "
+            f"{warm}.", ""]
+
+  model_lossy = lossy_curve(means, MODEL_CODEC)
+  if model_lossy:
+    lines += ["## Lossy", ""]
+    lines += _table(
+        ["rate s", "bpp", "PSNR (dB)", "PSNR of mean MSE", "MS-SSIM", "max error",
+         "est. bpp", "file vs est.", "enc s", "dec s"],
+        [[_fmt(m["setting"], 3), _fmt(m["bpp"]), _fmt(m["psnr"], 3),
+          _fmt(m["psnr_of_mean_mse"], 3), _fmt(m["ms_ssim"]), _fmt(m["max_error"]),
+          _fmt(m.get("estimated_bpp")), _pct(m.get("file_vs_estimate_percent")),
+          _fmt(m["encode_seconds"], 3), _fmt(m["decode_seconds"], 3)]
+         for m in sorted(model_lossy, key=lambda m: m["setting"])])
+
+  residual = sorted((m for m in means if m["codec"] == MODEL_CODEC and m["mode"] != LOSSY
+                     and m.get("bpsp") is not None), key=lambda m: m["setting"])
+  if residual:
+    jpegls = {m["tau"]: m for m in means if m["codec"] == "jpegls-near" and m.get("bpsp")}
+    hp1 = next((m for m in means if m["codec"] == "jpegls-hp1" and m.get("bpsp")), None)
+    if hp1 is not None:
+      jpegls.setdefault(0, hp1)
+    lines += ["## Near-lossless and lossless", "",
+              "bits per subpixel (bpsp = file bits / (H x W x 3)) against tau, the largest "
+              "allowed error per sample; JPEG-LS is NEAR=tau (tau 0: lossless with HP1).", ""]
+    lines += _table(
+        ["tau", "bpsp", "JPEG-LS bpsp", "vs JPEG-LS", "est. bpsp", "file vs est.", "max error",
+         "bound held", "PSNR (dB)", "base rate s", "enc s", "dec s"],
+        [[_fmt(m["setting"]), _fmt(m["bpsp"]), _fmt(jpegls.get(m["setting"], {}).get("bpsp")),
+          _pct(100.0 * (m["bpsp"] / jpegls[m["setting"]]["bpsp"] - 1.0)
+               if m["setting"] in jpegls else None),
+          _fmt(m.get("estimated_bpsp")), _pct(m.get("file_vs_estimate_percent")),
+          _fmt(m["max_error"]), _fmt(m.get("tau_ok")), _fmt(m["psnr"], 3),
+          _fmt(m.get("rate"), 3) + ("" if results["settings"]["tau_rate"] is not None
+                                    else " (chosen, mean)"),
+          _fmt(m["encode_seconds"], 3), _fmt(m["decode_seconds"], 3)] for m in residual])
+
+  model_rows = [m for m in means if m["codec"] == MODEL_CODEC and m.get("estimated_bits")]
+  if model_rows:
+    lines += ["## Estimated vs real bits", "",
+              "Estimate: the model's -log2 likelihoods (lossy layer: bits_y + bits_z; "
+              "residual layer: residual_codec.estimate_bits with the coder's contexts). "
+              "Real: 8 x bytes of the file (header and side information included).", ""]
+    lines += _table(
+        ["mode", "setting", "estimated bits", "file bits", "file vs est.",
+         "residual est. bits", "residual real bits", "residual vs est."],
+        [[m["mode"], f"{m['setting_name']} {_fmt(m['setting'], 3)}",
+          _fmt(m["estimated_bits"], 0), _fmt(8.0 * m["bytes"], 0),
+          _pct(m.get("file_vs_estimate_percent")), _fmt(m.get("estimate_residual_bits"), 0),
+          _fmt(m.get("residual_bits"), 0), _pct(m.get("residual_vs_estimate_percent"))]
+         for m in model_rows])
+
+  anchor_means = [m for m in means if m["codec"] != MODEL_CODEC and m.get("bpp") is not None]
+  if anchor_means or results["anchors"]["skipped"]:
+    lines += ["## Anchors", ""]
+    lossy = [m for m in anchor_means if m["mode"] == LOSSY]
+    if lossy:
+      lines += _table(["anchor", "setting", "bpp", "PSNR (dB)", "MS-SSIM", "enc s", "dec s"],
+                      [[m["codec"], f"{m['setting_name']} {_fmt(m['setting'], 2)}",
+                        _fmt(m["bpp"]), _fmt(m["psnr"], 3), _fmt(m["ms_ssim"]),
+                        _fmt(m["encode_seconds"], 3), _fmt(m["decode_seconds"], 3)]
+                       for m in lossy])
+    exact = [m for m in anchor_means if m["mode"] != LOSSY]
+    if exact:
+      lines += _table(["anchor", "tau", "bpsp", "bpp", "max error", "enc s", "dec s"],
+                      [[m["codec"], _fmt(m["tau"]), _fmt(m["bpsp"]), _fmt(m["bpp"]),
+                        _fmt(m["max_error"]), _fmt(m["encode_seconds"], 3),
+                        _fmt(m["decode_seconds"], 3)]
+                       for m in sorted(exact, key=lambda m: (m["tau"], m["bpsp"]))])
+    for name, reason in results["anchors"]["skipped"].items():
+      lines.append(f"- skipped {name}: {reason}")
+    if results["anchors"]["skipped"]:
+      lines.append("")
+
+  if results["bd_rates"]:
+    lines += ["## BD-rate of the model against each lossy anchor", "",
+              "Mean curves over the images, pchip interpolation (gvae_jax/eval/rd.py); "
+              "negative = the model needs fewer bits for the same quality. MS-SSIM on "
+              "-10 log10(1 - MS-SSIM).", ""]
+
+    def cell(entry, metric):
+      value = entry[f"bd_rate_{metric}_percent"]
+      return _pct(value) if value is not None else f"n/a ({entry[f'bd_rate_{metric}_note']})"
+
+    lines += _table(["anchor", "BD-rate PSNR", "BD-PSNR (dB)", "BD-rate MS-SSIM"],
+                    [[e["anchor"], cell(e, "psnr"), _fmt(e["bd_psnr_db"], 3),
+                      cell(e, "ms_ssim")] for e in results["bd_rates"]])
+
+  if images["skipped"]:
+    lines += ["## Skipped images", ""]
+    lines += [f"- {s['image']}: {s['reason']}" for s in images["skipped"]] + [""]
+  lines += ["## Failures", ""]
+  if results["failures"]:
+    lines += [f"- {f['codec']} {f['setting']} on {f['image']}: {f['reason']}"
+              for f in results["failures"]]
+  else:
+    lines.append("None: every file decoded, every tau bound held.")
+  return "\n".join(lines) + "\n"
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+  """out_dir must be a folder or not exist yet (checked before a long run)."""
+  out_dir = Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise EvalError(f"{out_dir} exists and is not a folder")
+  return out_dir
+
+
+def write_outputs(results: dict, out_dir: str | os.PathLike, plots: bool = True) -> list[Path]:
+  """results.json, results.csv, summary.md and the plots in out_dir (created), atomically.
+
+  Files of an earlier run in out_dir are replaced; results.json is written last.
+  """
+  out_dir = check_out_dir(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  written = []
+  for name, text in ((RESULTS_CSV, results_csv(results)), (SUMMARY_MD, format_summary(results))):
+    fileio.atomic_write_bytes(out_dir / name, text.encode(), overwrite=True)
+    written.append(out_dir / name)
+  if plots:
+    from gvae_jax.eval import plots as plots_lib
+
+    for name, data in plots_lib.render_all(results).items():
+      fileio.atomic_write_bytes(out_dir / name, data, overwrite=True)
+      written.append(out_dir / name)
+  # results.json last: its presence means the run is complete (gvae sweep resumes on it).
+  fileio.atomic_write_bytes(out_dir / RESULTS_JSON, results_json(results).encode(),
+                            overwrite=True)
+  written.append(out_dir / RESULTS_JSON)
+  return written
+
+
+def check_failures(results: dict) -> None:
+  """EvalError (non-zero exit) if any file failed or broke its tau bound."""
+  failures = results["failures"]
+  if failures:
+    first = failures[0]
+    raise EvalError(f"{len(failures)} failure(s), e.g. {first['codec']} {first['setting']} on "
+                    f"{first['image']}: {first['reason']} (all listed in summary.md)")
+
+
+# --- `gvae eval` (gvae_jax/cli.py parses the arguments) -----------------------------------
+
+def check_command(args) -> None:
+  """The checks that need no model (and no JAX): they fail fast."""
+  if args.max_images is not None and args.max_images < 1:
+    raise EvalError(f"--max-images must be at least 1, got {args.max_images}")
+  check_out_dir(args.out)
+  parse_overrides(args.override)
+  if args.taus:
+    for tau in args.taus:  # codec.check_tau's rules, without importing JAX
+      try:
+        value = float(tau)
+      except ValueError:
+        value = math.nan
+      if not math.isfinite(value) or value != math.floor(value) or value < 0:
+        raise EvalError(f"tau must be a whole number >= 0 (0 is lossless), got {tau}")
+
+
+def command_line(args) -> str:
+  """The `gvae eval` command of `args`, as typed (recorded in results.json)."""
+  def text(value):
+    return f"{value:.0f}" if isinstance(value, float) and value.is_integer() else str(value)
+
+  command = ["gvae", "eval", "--model", args.model, "--images", args.images, "--out", args.out]
+  for flag, values in (("--rates", args.rates), ("--taus", args.taus),
+                       ("--anchors", args.anchors), ("--override", args.override)):
+    if values is not None:
+      command += [flag, *map(text, values)]
+  for flag, value in (("--tau-rate", args.tau_rate), ("--max-images", args.max_images)):
+    if value is not None:
+      command += [flag, text(value)]
+  command += [flag for flag, on in (("--no-progress", args.no_progress),
+                                    ("--no-warmup", args.no_warmup)) if on]
+  return shlex.join(command)
+
+
+def run_command(args) -> dict:
+  """Evaluates, writes the outputs, prints the summary; EvalError after writing on failures."""
+  anchors = False if args.anchors is None else (args.anchors or True)
+  results = evaluate(args.model, args.images, rates=args.rates, taus=args.taus,
+                     anchors=anchors, overrides=args.override, tau_rate=args.tau_rate,
+                     max_images=args.max_images or 0, progress=not args.no_progress,
+                     warmup=not args.no_warmup, command=command_line(args))
+  write_outputs(results, args.out)
+  print(format_summary(results))
+  print(f"wrote {args.out}/{{{RESULTS_JSON},{RESULTS_CSV},{SUMMARY_MD},psnr_bpp.png,"
+        "msssim_bpp.png,bpsp_tau.png}")
+  check_failures(results)  # after writing: the failures are in the outputs
+  return results
