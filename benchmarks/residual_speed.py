@@ -7,34 +7,41 @@ base layer (lossy layer, x_base and the prior u) is computed once per rate
 and is not part of the times; the lossy layer's own speed is
 benchmarks/codec_speed.py.
 
-For each tau it reports, after a warm-up call that compiles (reported on its
-own as compile_seconds):
+For each tau (default 0 1 2 3 5) it reports, after a warm-up call that
+compiles (reported on its own as compile_seconds):
 
-  encode_seconds / decode_seconds   median of `--repeats` warm calls
-  steps, coder_calls, symbols       per image; symbols_per_second = symbols / seconds
+  encode_seconds / decode_seconds   median of `--repeats` warm calls (wall)
+  encode_cpu_seconds / ...          the process CPU time of the same calls
+                                    (less sensitive to other jobs on the machine)
+  steps, coder_calls, symbols       per image; symbols = coded values (pixels
+                                    times coded channels); symbols_per_second =
+                                    symbols / seconds
   breakdown (one more profiled call each way; the profiler waits for each
   JAX result, which costs a little, so its parts sum to slightly more):
-    context    gathering the masked-conv taps of a step's pixels (numpy)
-    network    the 1x1 heads at a step's pixels (JAX)
-    cdf        integer CDF rows over the residual range, and their copy to
-               the host (JAX)
+    context    writing each step's decoded values into the context buffer (JAX)
+    network    gathering a step's context taps and running the heads (JAX)
+    stats      encoder: the first pass's bits and escapes per window (JAX)
+    cdf        integer CDF rows (coarse and fine) and their copy to the host (JAX)
     coder      TFC range_encode / range_decode calls
     python     the rest of the loop (bookkeeping, dispatch, array writes)
+  compiled     executables per jitted function after the run (each bucket
+               size, window and head compiles once per process)
 
 The model is experiments/configs/small_nearlossless.py with random init
-(flax init at seed 0) unless --model names an exported scalable model. With
-random init the base layer is poor (the residual range is nearly the full
-[-255, 255] at tau 0) and the untrained residual head predicts arbitrary
-spreads, so neither the CDF windows nor the escapes are what a trained model
-gives. So, until a trained near-lossless model exists, a second run
-("trained_lossy") takes the lossy layer from the exported trained lossy model
+(flax init at seed 0) unless --model names an exported scalable model (e.g.
+experiments/models/small_nearlossless once trained). With random init the
+base layer is poor (the residual range is nearly the full [-255, 255] at
+tau 0) and the untrained residual head predicts arbitrary spreads, so
+neither the CDF windows nor the escapes are what a trained model gives. So,
+until a trained near-lossless model exists, a second run ("trained_lossy")
+takes the lossy layer from the exported trained lossy model
 experiments/models/small (or --lossy-from; the prior head stays random) and
 sets the residual head's log-scale bias (--residual-log-scale, default 2.0:
 logistic scale ~7 grey levels, about what the residual of that base layer
 needs): a realistic residual range, realistic CDF windows and few escapes,
 though not a trained residual model's compression. The JSON holds both.
 
-  python benchmarks/residual_speed.py [--model DIR] [--taus 0 1 2] [--repeats 3]
+  python benchmarks/residual_speed.py [--model DIR] [--taus 0 1 2 3 5] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -140,23 +147,24 @@ def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
     raise AssertionError(f"error bound {tau} violated")
 
   def median_seconds(fn):
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       fn()
       times.append(time.perf_counter() - start)
-    return statistics.median(times)
+      cpu.append(time.process_time() - start_cpu)
+    return statistics.median(times), statistics.median(cpu)
 
-  encode_seconds = median_seconds(encode)
-  decode_seconds = median_seconds(lambda: decode(layer))
+  encode_seconds, encode_cpu = median_seconds(encode)
+  decode_seconds, decode_cpu = median_seconds(lambda: decode(layer))
 
   def breakdown(run):
     profile = residual_codec.Profile()
     start = time.perf_counter()
     run(profile)
     total = time.perf_counter() - start
-    parts = {"context": profile.context, "network": profile.network, "cdf": profile.cdf,
-             "coder": profile.coder}
+    parts = {"context": profile.context, "network": profile.network, "stats": profile.stats,
+             "cdf": profile.cdf, "coder": profile.coder}
     parts["python"] = max(0.0, total - sum(parts.values()))
     return profile, {"total_profiled": total, **parts}
 
@@ -168,6 +176,8 @@ def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
       "tau": tau,
       "encode_seconds": encode_seconds,
       "decode_seconds": decode_seconds,
+      "encode_cpu_seconds": encode_cpu,
+      "decode_cpu_seconds": decode_cpu,
       "compile_seconds": {"encode": max(0.0, first_encode - encode_seconds),
                           "decode": max(0.0, first_decode - decode_seconds)},
       "steps": profile.steps,
@@ -177,13 +187,24 @@ def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
       "decode_symbols_per_second": profile.symbols / decode_seconds,
       "symbol_range": [int(h - l + 1) for l, h in zip(layer.q_low, layer.q_high)],
       "cdf_windows": [int(w) for w in layer.windows],
+      "cdf_group_sizes": [residual_codec.group_size(int(w)) if w else 0 for w in layer.windows],
       "escapes": int(layer.escapes),
       "residual_bytes": residual_bytes,
       "residual_bpsp": 8.0 * residual_bytes / (3 * height * width),
       "stream_count": len(layer.stream_lengths),
       "encode_breakdown": encode_parts,
       "decode_breakdown": decode_parts,
+      "compiled": compiled_counts(),
   }
+
+
+def compiled_counts() -> dict:
+  """Executables in each jitted function's cache (one per shape and static arguments)."""
+  from gvae_jax.coding import residual_codec
+
+  names = ("_network", "_scatter", "_coarse_cdf", "_fine_cdf", "_step_stats")
+  return {name: int(getattr(residual_codec, name)._cache_size()) for name in names
+          if hasattr(getattr(residual_codec, name, None), "_cache_size")}
 
 
 def scenarios(args) -> list[tuple[str, str | None, float | None]]:
@@ -204,6 +225,7 @@ def run(model, source: str, pixels, args) -> dict:
     row = measure(model, pixels, base, u, tau, args.repeats)
     results.append(row)
     print(f"tau {tau}: encode {row['encode_seconds']:.3f} s, decode {row['decode_seconds']:.3f} s "
+          f"(cpu {row['encode_cpu_seconds']:.3f} / {row['decode_cpu_seconds']:.3f} s) "
           f"({row['steps']} steps, {row['coder_calls']} coder calls, "
           f"{row['decode_symbols_per_second'] / 1e6:.2f} M symbols/s decoding, ranges "
           f"{row['symbol_range']}, windows {row['cdf_windows']}, {row['escapes']} escapes, "
@@ -225,7 +247,7 @@ def main() -> None:
   parser.add_argument("--image", default=str(KODIM01))
   parser.add_argument("--rate", type=float, default=None,
                       help="base rate s (default: the middle of the model's range)")
-  parser.add_argument("--taus", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+  parser.add_argument("--taus", type=int, nargs="+", default=[0, 1, 2, 3, 5])
   parser.add_argument("--lossy-from", help="random init: also time a model whose lossy layer "
                       "comes from this exported lossy model (default: experiments/models/small "
                       "if present)")

@@ -6,6 +6,9 @@ golden lossy layer plus a residual layer drawn at a fixed seed and made
 non-degenerate). Its base layer is untrained, so residuals span most of
 [-255, 255]: the widest symbol ranges and CDF windows the coder can meet.
 """
+import hashlib
+import json
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -274,3 +277,47 @@ def test_step_plan_codes_each_pixel_once_after_its_context(height, width, order)
     assert np.all(taps[step.count:] == plan.cells - 1)
   # Pixel (i, j) of a patch is coded at step order*i + j: 64x64 patches take a*63 + 64 steps.
   assert len(plan.steps) == order * (min(height, 64) - 1) + min(width, 64)
+
+
+# --- Golden residual bitstreams: a committed model, files and hashes (tests/golden). ---
+
+def sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def test_residual_golden_bitstreams():
+  """Any change of the residual format or coding numerics changes these.
+
+  The committed .gvae files (tau 0, 1, 3 with two-level windows, tau 10 with
+  one-level windows) decode within tau to the stored pixels, and today's
+  encoder writes them byte for byte. If a change is intended, run
+  `python tests/golden/regenerate.py --residual-only` and say so in the commit.
+  """
+  from golden.regenerate import (GOLDEN_SCALABLE_MODEL, RESIDUAL_CASES, RESIDUAL_FILES,
+                                 RESIDUAL_HASHES, case_image)
+
+  model = export.load_model(GOLDEN_SCALABLE_MODEL)
+  stored = json.loads(RESIDUAL_HASHES.read_text())
+  assert model.fingerprint.hex() == stored["model_fingerprint"]
+  assert set(stored["cases"]) == {case[0] for case in RESIDUAL_CASES}
+  assert {tau for *_, tau, _ in RESIDUAL_CASES} >= {0, 1, 3}
+  for name, height, width, seed, rate, tau, grayscale in RESIDUAL_CASES:
+    expected = stored["cases"][name]
+    pixels = case_image(height, width, seed, grayscale)
+    golden = (RESIDUAL_FILES / f"{name}.gvae").read_bytes()
+    assert (len(golden), sha256(golden)) == (expected["bytes"], expected["gvae_sha256"]), name
+    header = codec.read_header(golden)
+    assert header.mode == Mode.RESIDUAL and header.tau == tau, name
+    decoded = codec.decompress(model, golden)
+    assert decoded.shape == pixels.shape, name
+    assert np.abs(decoded.astype(np.int32) - pixels).max() <= tau, name
+    assert sha256(decoded.tobytes()) == expected["decoded_sha256"], name
+    data = codec.compress(model, pixels, rate, tau=tau)
+    assert (len(data), sha256(data)) == (expected["bytes"], expected["gvae_sha256"]), name
+
+
+def test_golden_scalable_model_is_what_the_helpers_make():
+  from golden.regenerate import GOLDEN_SCALABLE_MODEL
+
+  rebuilt = export.build_exported_model(tiny_scalable_config(), tiny_scalable_params())
+  assert rebuilt.fingerprint == export.load_model(GOLDEN_SCALABLE_MODEL).fingerprint

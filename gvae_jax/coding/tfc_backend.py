@@ -42,6 +42,7 @@ from gvae_jax.coding.coder import (TFC_RANGE_CODER_ID, CodingError, EntropyCoder
                                    check_cdf_rows, check_indexes, check_symbols)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
+_INT32 = np.iinfo(np.int32)
 _MAX_VARINT_BYTES = 5  # escape codes are < 2**33 (int32 symbol minus int32 offset)
 
 
@@ -157,10 +158,12 @@ class TfcRangeCoder(EntropyCoder):
     values = symbols.astype(np.int64) - offsets
     escaped = (values < 0) | (values >= window)
     coded = np.where(escaped, window, values).astype(np.int16)
-    _, ops = _tf()
+    tf, ops = _tf()
     # debug_level=0: the rows were checked above (or are valid by construction).
-    ranged = bytes(ops.range_encode(coded, cdf, precision=precision, debug_level=0).numpy())
-    return ranged, symbols[escaped].astype(np.int64)
+    # Tensors, not numpy arrays: the op's fast path takes only tensors.
+    ranged = ops.range_encode(tf.constant(coded), tf.constant(cdf), precision=precision,
+                              debug_level=0)
+    return bytes(ranged.numpy()), symbols[escaped].astype(np.int64)
 
   def decode_with_cdfs(self, data: bytes, cdf: np.ndarray, offsets: np.ndarray,
                        precision: int, escapes: Callable[[int], np.ndarray],
@@ -174,20 +177,21 @@ class TfcRangeCoder(EntropyCoder):
       return np.zeros(0, np.int32)
     tf, ops = _tf()
     try:
-      decoded = ops.range_decode(bytes(data), np.asarray([offsets.size], np.int32), cdf,
-                                 precision=precision, debug_level=0)
+      # Tensors, not numpy arrays: the op's fast path takes only tensors.
+      decoded = ops.range_decode(tf.constant(bytes(data)), tf.constant([offsets.size], tf.int32),
+                                 tf.constant(cdf), precision=precision, debug_level=0)
     except tf.errors.OpError as e:
       raise CodingError(f"range decoder rejected the stream: {e.message}") from e
-    values = decoded.numpy().astype(np.int64)
+    values = decoded.numpy()
     window = cdf.shape[1] - 2
-    if np.any((values < 0) | (values > window)):  # cannot happen for valid rows
+    if values.min() < 0 or values.max() > window:  # cannot happen for valid rows
       raise CodingError("range decoder produced out-of-range values")
-    symbols = values + offsets
+    symbols = values.astype(np.int64) + offsets
     escaped = values == window
-    if escaped.any():
-      symbols[escaped] = np.asarray(escapes(int(escaped.sum())), np.int64)
-    info = np.iinfo(np.int32)
-    if symbols.min() < info.min or symbols.max() > info.max:
+    count = int(np.count_nonzero(escaped))
+    if count:
+      symbols[escaped] = np.asarray(escapes(count), np.int64)
+    if symbols.min() < _INT32.min or symbols.max() > _INT32.max:
       raise CodingError("escaped value out of int32 range")
     return symbols.astype(np.int32)
 
@@ -265,7 +269,6 @@ class TfcRangeCoder(EntropyCoder):
       magnitude = codes >> 1
       values[k][mask] = np.where(codes & 1, -magnitude - 1, lengths[k][mask] + magnitude)
     symbols = values + table.offsets[indexes]
-    info = np.iinfo(np.int32)
-    if symbols.size and (symbols.min() < info.min or symbols.max() > info.max):
+    if symbols.size and (symbols.min() < _INT32.min or symbols.max() > _INT32.max):
       raise CodingError("escaped value out of int32 range")
     return symbols.astype(np.int32)
