@@ -279,6 +279,18 @@ def test_step_plan_codes_each_pixel_once_after_its_context(height, width, order)
   assert len(plan.steps) == order * (min(height, 64) - 1) + min(width, 64)
 
 
+def test_encoder_recomputing_its_mixtures_writes_the_same_file(model, monkeypatch):
+  """Large images: the encoder's second pass recomputes the first pass's
+  mixtures instead of keeping them; same numbers, same bytes."""
+  pixels = synthetic("mixed", 30, 50, 4)
+  kept = codec.encode(model, pixels, 0.5, 0)
+  assert any(residual_codec.group_size(int(w)) > 1 for w in kept.residual.windows)
+  monkeypatch.setattr(residual_codec, "_KEEP_MIXTURES_BYTES", 0)
+  recomputed = codec.encode(model, pixels, 0.5, 0)
+  assert recomputed.data == kept.data
+  np.testing.assert_array_equal(codec.decompress(model, recomputed.data), pixels)
+
+
 # --- Golden residual bitstreams: a committed model, files and hashes (tests/golden). ---
 
 def sha256(data: bytes) -> str:

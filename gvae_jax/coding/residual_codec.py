@@ -34,9 +34,9 @@ groups of S consecutive values (S = group_size(W), about sqrt(W)). The
 coarse symbol is the group (or the escape), coded with the mixture mass of
 each group; then, for the pixels that did not escape, the fine symbol is the
 value within its group, coded with the mixture restricted to that group. The
-product of the two is the one-level probability (up to the integer CDFs'
-rounding), but a pixel's CDFs cost W / S + S + 2 mixture-CDF evaluations
-instead of W + 1: 26 instead of 129 at W = 128. Building CDF rows was most
+product of the two is the one-level probability (the integer counts are
+built to match, below), but a pixel's CDFs cost W / S + S + 2 mixture-CDF
+evaluations instead of W + 1: 26 instead of 129 at W = 128. Building CDF rows was most
 of the decoding time; a second level costs one more jitted call and coder
 call per (step, channel), which is worth it from W = 96 (measured on a
 768x512 image), so smaller windows are coded in one level (S = 1: the
@@ -69,29 +69,41 @@ per-patch cells with zero borders. Per step:
   3. `_scatter` writes the step's values into the buffer.
 
 Integer CDFs, built inside JAX by jitted functions shared by encoder and
-decoder. For a coarse row, with F_k the mixture CDF at the lower edge of the
-k-th group's first value (k = 0 .. W / S, so the last edge closes the
-window; 0 below the lowest and 1 above the highest value of [min, max], so
-those take the tails) and G_k = clip(F_k - F_0, 0, 1) (G_0 = 0 is set, not
-computed: XLA may evaluate the two F_0 in different fused loops, which need
-not round alike), the row of n = W / S symbols plus the escape is
+decoder. One level first: with F_k the mixture CDF at the lower edge of the
+k-th window value (k = 0 .. W; 0 below the lowest and 1 above the highest
+value of [min, max], so those take the tails) and G_k = clip(F_k - F_0, 0, 1),
+a row of the W values plus the escape is
 
-  cdf[k] = 2k + floor(G_k * (2^16 - 2n - 1))  for k = 0 .. n,   cdf[n + 1] = 2^16
+  cdf[k] = 2k + floor(G_k * (2^16 - 2W - 1))  for k = 0 .. W,   cdf[W + 1] = 2^16
 
-so every symbol has a count >= 2 and the escape >= 1, the row ends exactly
-at 2^16, and the escape's count is about the mass outside the window. A fine
-row is the same with n = S and G_k = (F_k - F_0) / (F_S - F_0) over the
-edges of the decoded group's values (uniform if the group's float mass is
-not positive); its escape never occurs. Two counts per symbol (not one) keep
-a row strictly rising even where float rounding leaves F a hair non-monotone
-(it would have to fall by 2^-15). The range decoder needs rising rows to
-stay inside its buffers, so the functions also report whether they rise, and
-for garbage input (NaN, huge numbers) that breaks this, both sides apply the
-same exact integer running maximum (`_make_rising`). The only
-float-to-integer step is a floor of a float32 that encoder and decoder
-compute with the same jitted function on the same inputs. Groups or values
-beyond max get count 2 and never occur. The cost over the ideal code length
-is about 2n / 2^16 of the probability of likely symbols, per level.
+so every value has a count >= 2 and the escape >= 1, the row ends exactly at
+2^16, and the escape's count is about the mass outside the window. Two
+levels keep these counts: a coarse row has the n = W / S group edges,
+
+  cdf[k] = 2Sk + floor(G_kS * (2^16 - 2W - 1))  for k = 0 .. n,   cdf[n + 1] = 2^16
+
+(a group's count is its values' one-level counts summed), and the fine row of
+a decoded group, with A_f = 2f + G'_f (2^16 - 2W - 1) the one-level counts
+summed up to its f-th value (G'_f = clip(F'_f - F'_0, 0, 1) over the group's
+edges) and H_f = A_f / A_S, is
+
+  cdf[f] = 2f + floor(H_f * (2^16 - 2S - 1))  for f = 0 .. S,   cdf[S + 1] = 2^16
+
+(its escape never occurs). So a value costs what one level would charge, up
+to rounding: in particular a value far in the tails pays the minimum count
+once, not once per level, and a group whose float mass is 0 is uniform. In
+every row the first entry is set to 0, not computed (G_0 = F_0 - F_0, but
+XLA may evaluate the two F_0 in different fused loops, which need not round
+alike). The per-value step (2, or 2S per group) keeps a row strictly rising
+even where float rounding leaves F a hair non-monotone (it would have to
+fall by 2^-15). The range decoder needs rising rows to stay inside its
+buffers, so the functions also report whether they rise, and for garbage
+input (NaN, huge numbers) that breaks this, both sides apply the same exact
+integer running maximum (`_make_rising`). The only float-to-integer step is
+a floor of a float32 that encoder and decoder compute with the same jitted
+function on the same inputs. Values beyond max get count 2 and never occur.
+The cost over the ideal code length is about 2W / 2^16 of the probability of
+likely symbols (one level), plus about 2S / 2^16 for the fine level.
 
 Streams: one per (step, channel) with at least one coded pixel and a range
 wider than one value, and a second one (the fine symbols of the pixels that
@@ -382,20 +394,25 @@ def _mixture_cdf(edges, weights, means, inv_scales):
   return jnp.sum(terms, axis=-1)
 
 
-def _rows(fraction, n: int):
-  """(rows [N, n + 2] int32, whether all rise strictly) from the fractions
-  G_0 .. G_n [N, n + 1] (module doc).
+def _rows(fraction, n: int, step: int, spare: int):
+  """(rows [N, n + 2] int32, whether all rise strictly): cdf[k] = step k +
+  floor(fraction[k] spare) for k = 0 .. n, then 2^16 (module doc).
 
-  G_0 is F_0 - F_0, but XLA may compute the two F_0 in different fused loops,
-  which need not round alike: row[0] is set to 0, not computed.
+  fraction[0] is F_0 - F_0 (or 0 / A), but XLA may compute the two F_0 in
+  different fused loops, which need not round alike: it is set to 0, not
+  computed.
   """
   k = jnp.arange(n + 1, dtype=jnp.int32)
-  spare = jnp.float32(2**PRECISION - 2 * n - 1)
   fraction = jnp.where(k == 0, 0.0, jnp.clip(fraction, 0.0, 1.0))
-  body = 2 * k + jnp.floor(fraction * spare).astype(jnp.int32)
-  rising = jnp.all(body[:, 1:] > body[:, :-1])
+  body = step * k + jnp.floor(fraction * jnp.float32(spare)).astype(jnp.int32)
+  rising = jnp.min(body[:, 1:] - body[:, :-1]) > 0  # (a min is cheaper than an all here)
   top = jnp.full((body.shape[0], 1), 2**PRECISION, jnp.int32)
   return jnp.concatenate([body, top], axis=1), rising
+
+
+def _spare(window: int) -> int:
+  """What the values' masses share of a one-level row of `window` values."""
+  return 2**PRECISION - 2 * window - 1
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -416,7 +433,7 @@ def _coarse_cdf(window: int, group: int, mixture, pixel, channel, q_low, count, 
   n = window // group
   value = start[:, None] + group * jnp.arange(n + 1, dtype=jnp.int32)[None, :]
   cdf = _cdf_at(value, q_low, count, tau, weights, means, inv_scales)
-  rows, rising = _rows(cdf - cdf[:, :1], n)
+  rows, rising = _rows(cdf - cdf[:, :1], n, 2 * group, _spare(window))
   return rows, start, rising
 
 
@@ -424,15 +441,14 @@ def _coarse_cdf(window: int, group: int, mixture, pixel, channel, q_low, count, 
 def _fine_cdf(window: int, group: int, mixture, pixel, channel, q_low, count, tau, start,
               groups):
   """(rows [N, group + 2], rows rise strictly): the values of group groups[n] of
-  row n's window (starts from `_coarse_cdf`), their probabilities given the group."""
-  del window  # part of the cache key only: the shapes come from `group`
+  row n's window (starts from `_coarse_cdf`), each in proportion to its
+  one-level count (module doc)."""
   weights, means, inv_scales = _channel(mixture, pixel, channel)
   value = (start + group * groups)[:, None] + jnp.arange(group + 1, dtype=jnp.int32)[None, :]
   cdf = _cdf_at(value, q_low, count, tau, weights, means, inv_scales)
-  mass = cdf[:, -1:] - cdf[:, :1]
-  uniform = jnp.arange(group + 1, dtype=jnp.float32)[None, :] / group
-  fraction = jnp.where(mass > 0, (cdf - cdf[:, :1]) / jnp.where(mass > 0, mass, 1.0), uniform)
-  return _rows(fraction, group)
+  counts = (2 * jnp.arange(group + 1, dtype=jnp.float32)
+            + jnp.clip(cdf - cdf[:, :1], 0.0, 1.0) * jnp.float32(_spare(window)))
+  return _rows(counts / counts[:, -1:], group, 2, _spare(group))
 
 
 def _make_rising(rows: np.ndarray) -> np.ndarray:
