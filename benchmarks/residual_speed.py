@@ -26,6 +26,13 @@ compiles (reported on its own as compile_seconds):
     python     the rest of the loop (bookkeeping, dispatch, array writes)
   compiled     executables per jitted function after the run (each bucket
                size, window and head compiles once per process)
+  interleaved_with_baseline (with --baseline REF): residual_codec.py as of
+               git REF and the current one, each call timed in turns in the
+               same process (medians of `--repeats` rounds), with the
+               speedups: on a shared machine, whose speed drifts by 2x or
+               more within minutes, the fair before/after. Both use today's
+               coder backend (tfc_backend.py), so the baseline's coder calls
+               are already the faster ones.
 
 The model is experiments/configs/small_nearlossless.py with random init
 (flax init at seed 0) unless --model names an exported scalable model (e.g.
@@ -42,11 +49,11 @@ needs): a realistic residual range, realistic CDF windows and few escapes,
 though not a trained residual model's compression. The JSON holds both.
 
   python benchmarks/residual_speed.py [--model DIR] [--taus 0 1 2 3 5] [--repeats 3]
+      [--baseline GIT_REF] [--cpus N]
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import os
@@ -124,6 +131,53 @@ def base_layer(model, pixels, rate: float):
   s = jnp.full((1,), s_value, jnp.float32)
   return codec._synthesize_image(model, y_np, mean, s, pixels.shape[0], pixels.shape[1],
                                  with_prior=True)
+
+
+def load_baseline(ref: str):
+  """gvae_jax/coding/residual_codec.py as of git `ref`, imported as its own module."""
+  import importlib.util
+  import subprocess
+  import sys
+  import tempfile
+
+  command = ["git", "-C", str(REPO), "show", f"{ref}:gvae_jax/coding/residual_codec.py"]
+  source = subprocess.run(command, check=True, capture_output=True).stdout
+  path = Path(tempfile.mkdtemp(prefix="residual_baseline_")) / "baseline_residual_codec.py"
+  path.write_bytes(source)
+  spec = importlib.util.spec_from_file_location("baseline_residual_codec", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def interleaved(model, pixels, base, u, tau: int, repeats: int, baseline) -> dict:
+  """Medians of the current and the baseline coder timed in turns (module doc)."""
+  from gvae_jax.coding import residual_codec
+  from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
+
+  coder = get_coder(TFC_RANGE_CODER_ID)
+  modules = {"current": residual_codec, "baseline": baseline}
+  layers = {name: m.encode(model, coder, pixels, base, u, tau) for name, m in modules.items()}
+  for name, m in modules.items():  # warm up (compiles) before timing
+    m.decode(model, coder, layers[name].side_info, layers[name].streams, base, u, tau)
+  times = {(name, kind): [] for name in modules for kind in ("encode", "decode")}
+  for _ in range(repeats):
+    for name, m in modules.items():
+      layer = layers[name]
+      for kind, fn in (("encode", lambda: m.encode(model, coder, pixels, base, u, tau)),
+                       ("decode", lambda: m.decode(model, coder, layer.side_info, layer.streams,
+                                                   base, u, tau))):
+        start = time.perf_counter()
+        fn()
+        times[name, kind].append(time.perf_counter() - start)
+  out = {name: {f"{kind}_seconds": statistics.median(times[name, kind])
+                for kind in ("encode", "decode")} | {
+                    "residual_bytes": len(layers[name].side_info) + len(layers[name].streams)}
+         for name in modules}
+  for kind in ("encode", "decode"):
+    out[f"{kind}_speedup"] = out["baseline"][f"{kind}_seconds"] / out["current"][f"{kind}_seconds"]
+  return out
 
 
 def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
@@ -223,6 +277,16 @@ def run(model, source: str, pixels, args) -> dict:
   results = []
   for tau in args.taus:
     row = measure(model, pixels, base, u, tau, args.repeats)
+    if args.baseline_module is not None:
+      row["interleaved_with_baseline"] = {
+          "baseline": args.baseline,
+          **interleaved(model, pixels, base, u, tau, args.repeats, args.baseline_module)}
+      comparison = row["interleaved_with_baseline"]
+      print(f"tau {tau}: interleaved with {args.baseline}: encode "
+            f"{comparison['baseline']['encode_seconds']:.3f} -> "
+            f"{comparison['current']['encode_seconds']:.3f} s, decode "
+            f"{comparison['baseline']['decode_seconds']:.3f} -> "
+            f"{comparison['current']['decode_seconds']:.3f} s", flush=True)
     results.append(row)
     print(f"tau {tau}: encode {row['encode_seconds']:.3f} s, decode {row['decode_seconds']:.3f} s "
           f"(cpu {row['encode_cpu_seconds']:.3f} / {row['decode_cpu_seconds']:.3f} s) "
@@ -255,8 +319,17 @@ def main() -> None:
                       help="with --lossy-from: the residual head's log-scale bias")
   parser.add_argument("--random-only", action="store_true", help="only the plain random init")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--baseline", metavar="GIT_REF", default=None,
+                      help="also time residual_codec.py as of this git ref, in turns with the "
+                      "current one in the same process (a fair before/after on a shared machine)")
+  parser.add_argument("--cpus", type=int, default=None,
+                      help="pin the process to this many CPUs before JAX and TF start (their "
+                      "thread pools follow); default: all")
   parser.add_argument("--out", default=str(REPO / "benchmarks/results/residual_speed.json"))
   args = parser.parse_args()
+  if args.cpus:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
+  args.baseline_module = load_baseline(args.baseline) if args.baseline else None
 
   import jax
 
@@ -285,12 +358,13 @@ def main() -> None:
       "benchmark": "residual_speed", "image": image_name, "image_size": list(pixels.shape[:2]),
       "config": None if args.model else str(CONFIG.relative_to(REPO)),
       "machine": platform.machine(), "cpus": os.cpu_count(),
+      "cpus_used": len(os.sched_getaffinity(0)),
       "python": platform.python_version(), "jax": jax.__version__,
       "note": ("residual layer only (the base layer is computed once, outside the times); "
                "seconds are medians of warm calls; compile_seconds is the first call's extra; "
-               "the machine may be shared (a training run used both cores during the "
-               "committed measurement)"),
-      "repeats": args.repeats, "runs": runs,
+               "the machine is a shared 2-vCPU VM: other jobs and the host's steal time move "
+               "these times by 2x or more between runs, so compare runs made together"),
+      "repeats": args.repeats, "baseline": args.baseline, "runs": runs,
   }
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
