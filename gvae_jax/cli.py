@@ -228,7 +228,7 @@ def _info(args, overrides):
 def _section_names(header, count: int) -> list[str]:
   from gvae_jax.coding.container import Mode
 
-  names = ["z", "y"] + (["residual side info", "residual streams"]
+  names = ["z", "y"] + (["residual side info", "residual streams", "pixel check"]
                         if header.mode == Mode.RESIDUAL else [])
   return names if len(names) == count else [""] * count
 

@@ -48,6 +48,8 @@ class Run:
   overrides: training config overrides {"model.levels": 1, ...}.
   eval_overrides: eval-time model overrides {"model.interpolation": "linear"}.
   group: runs sharing a group form one RD curve (e.g. fixed-rate models).
+  tau_rate: fixed base rate for the taus (`gvae eval --tau-rate`); None = per
+    image, the smallest file's (slower: several model passes per image).
   """
   name: str
   config: str | None = None
@@ -57,6 +59,7 @@ class Run:
   rates: Sequence[float] | None = None
   taus: Sequence[int] | None = None
   group: str | None = None
+  tau_rate: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +134,8 @@ def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: i
     evaluate += ["--rates", *[str(r) for r in run.rates]]
   if run.taus is not None:
     evaluate += ["--taus", *[str(t) for t in run.taus]]
+  if run.tau_rate is not None:
+    evaluate += ["--tau-rate", str(run.tau_rate)]
   for key, value in run.eval_overrides.items():
     evaluate += ["--override", f"{key}={_format_value(value)}"]
   stages.append(("eval", evaluate, run_dir / "eval" / "results.json"))

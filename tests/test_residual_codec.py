@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from codec_helpers import GOLDEN_MODEL, make_image, tiny_scalable_config, tiny_scalable_params
 from gvae_jax.coding import codec, container, export, residual_codec
-from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
+from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, CodingError, get_coder
 from gvae_jax.coding.container import FormatError, Mode
 from gvae_jax.errors import UserError
 
@@ -244,14 +244,19 @@ def test_residual_headers_the_decoder_cannot_use_are_refused(model):
   header, sections = container.unpack(data)
   repack = lambda sections=sections, **changes: container.pack(
       container.Header(**{**header.__dict__, **changes}), sections)
-  with pytest.raises(FormatError, match="4 sections"):
+  with pytest.raises(FormatError, match="5 sections"):
     codec.decompress(model, repack(sections=sections[:2]))
   with pytest.raises(FormatError, match="exceeds"):
     codec.decompress(model, repack(tau=400))  # no residual can be that large
   with pytest.raises(UserError):
-    codec.decompress(model, repack(sections=sections[:2] + [b"\x80", sections[3]]))
+    codec.decompress(model, repack(sections=sections[:2] + [b"\x80"] + sections[3:]))
   with pytest.raises(FormatError, match="streams"):
-    codec.decompress(model, repack(sections=sections[:3] + [sections[3] + b"x"]))
+    codec.decompress(model, repack(sections=sections[:3] + [sections[3] + b"x"] + sections[4:]))
+  # Intact bytes (valid container CRC) whose decoded pixels differ from the
+  # encoder's, as on a machine with other float rounding: refused, not returned.
+  wrong_check = bytes(b ^ 0xFF for b in sections[4])
+  with pytest.raises(CodingError, match="checksum"):
+    codec.decompress(model, repack(sections=sections[:4] + [wrong_check]))
   # A residual file is not decoded by a lossy-only model (another fingerprint first).
   with pytest.raises(codec.ModelMismatchError):
     codec.decompress(export.load_model(GOLDEN_MODEL), data)
@@ -300,19 +305,25 @@ def sha256(data: bytes) -> str:
 def test_residual_golden_bitstreams():
   """Any change of the residual format or coding numerics changes these.
 
-  The committed .gvae files (tau 0, 1, 3 with two-level windows, tau 10 with
-  one-level windows) decode within tau to the stored pixels, and today's
-  encoder writes them byte for byte. If a change is intended, run
-  `python tests/golden/regenerate.py --residual-only` and say so in the commit.
+  On the platform that wrote them (residual_hashes.json "platform": CPU
+  features and jaxlib), the committed .gvae files (tau 0, 1, 3 with two-level
+  windows, tau 10 with one-level windows) decode within tau to the stored
+  pixels, and today's encoder writes them byte for byte. Elsewhere float32
+  kernels may round differently, so bit-exactness is not promised there, but
+  a committed file must still either decode to the stored pixels or be
+  refused by its pixel check: never a wrong image. If a change is intended,
+  run `python tests/golden/regenerate.py --hashes-only` and say so in the
+  commit.
   """
   from golden.regenerate import (GOLDEN_SCALABLE_MODEL, RESIDUAL_CASES, RESIDUAL_FILES,
-                                 RESIDUAL_HASHES, case_image)
+                                 RESIDUAL_HASHES, case_image, platform_signature)
 
   model = export.load_model(GOLDEN_SCALABLE_MODEL)
   stored = json.loads(RESIDUAL_HASHES.read_text())
   assert model.fingerprint.hex() == stored["model_fingerprint"]
   assert set(stored["cases"]) == {case[0] for case in RESIDUAL_CASES}
   assert {tau for *_, tau, _ in RESIDUAL_CASES} >= {0, 1, 3}
+  same_platform = stored["platform"] == platform_signature()
   for name, height, width, seed, rate, tau, grayscale in RESIDUAL_CASES:
     expected = stored["cases"][name]
     pixels = case_image(height, width, seed, grayscale)
@@ -320,12 +331,21 @@ def test_residual_golden_bitstreams():
     assert (len(golden), sha256(golden)) == (expected["bytes"], expected["gvae_sha256"]), name
     header = codec.read_header(golden)
     assert header.mode == Mode.RESIDUAL and header.tau == tau, name
-    decoded = codec.decompress(model, golden)
-    assert decoded.shape == pixels.shape, name
-    assert np.abs(decoded.astype(np.int32) - pixels).max() <= tau, name
-    assert sha256(decoded.tobytes()) == expected["decoded_sha256"], name
+    try:
+      decoded = codec.decompress(model, golden)
+    except CodingError as e:
+      assert not same_platform, f"{name}: {e}"
+      assert "checksum" in str(e)
+    else:
+      assert decoded.shape == pixels.shape, name
+      assert np.abs(decoded.astype(np.int32) - pixels).max() <= tau, name
+      assert sha256(decoded.tobytes()) == expected["decoded_sha256"], name
     data = codec.compress(model, pixels, rate, tau=tau)
-    assert (len(data), sha256(data)) == (expected["bytes"], expected["gvae_sha256"]), name
+    if same_platform:
+      assert (len(data), sha256(data)) == (expected["bytes"], expected["gvae_sha256"]), name
+    else:  # today's files still round-trip within tau here
+      decoded = codec.decompress(model, data)
+      assert np.abs(decoded.astype(np.int32) - pixels).max() <= tau, name
 
 
 def test_golden_scalable_model_is_what_the_helpers_make():

@@ -41,37 +41,39 @@ def varint(value: int) -> bytes:
 
 def mutate(rng, base: bytes) -> bytes:
   sections = container.unpack(base)[1]
-  z, y, side, streams = sections
+  z, y, side, streams, check = sections
   kind = rng.integers(10)
   if kind == 0:  # flip bits in the side information
     side = bytearray(side)
     for _ in range(rng.integers(1, 4)):
       side[rng.integers(len(side))] ^= 1 << int(rng.integers(8))
-    return with_sections(base, [z, y, bytes(side), streams])
+    return with_sections(base, [z, y, bytes(side), streams, check])
   if kind == 1:  # flip bits in the streams
     streams = bytearray(streams)
     for _ in range(rng.integers(1, 6)):
       streams[rng.integers(len(streams))] ^= 1 << int(rng.integers(8))
-    return with_sections(base, [z, y, side, bytes(streams)])
+    return with_sections(base, [z, y, side, bytes(streams), check])
   if kind == 2:  # random residual sections
     return with_sections(base, [z, y, rng.bytes(int(rng.integers(0, 200))),
-                                rng.bytes(int(rng.integers(0, 2000)))])
+                                rng.bytes(int(rng.integers(0, 2000))), check])
   if kind == 3:  # truncated or extended residual sections
     side = side[:rng.integers(0, len(side) + 1)] + rng.bytes(int(rng.integers(0, 3)))
     streams = streams[:rng.integers(0, len(streams) + 1)] + rng.bytes(int(rng.integers(0, 3)))
-    return with_sections(base, [z, y, side, streams])
+    return with_sections(base, [z, y, side, streams, check])
   if kind == 4:  # plausible side information: ranges, windows and lengths rewritten
     fields = [varint(int(v)) for v in rng.integers(0, 600, 9)]
     lengths = [varint(int(v)) for v in rng.integers(0, 40, int(rng.integers(0, 500)))]
     escapes = [varint(int(v)) for v in rng.integers(0, 2**34, int(rng.integers(0, 20)))]
-    return with_sections(base, [z, y, b"".join(fields + lengths + escapes), streams])
+    return with_sections(base, [z, y, b"".join(fields + lengths + escapes), streams,
+                                check])
   if kind == 5:  # the streams shuffled in blocks (lengths still add up)
     cut = int(rng.integers(0, len(streams) + 1))
-    return with_sections(base, [z, y, side, streams[cut:] + streams[:cut]])
+    return with_sections(base, [z, y, side, streams[cut:] + streams[:cut], check])
   if kind == 6:  # missing, extra or swapped sections
-    choice = rng.integers(4)
-    return with_sections(base, [[z, y, side], [z, y, streams, side], [z, y, side, streams, side],
-                                [y, z, side, streams]][choice])
+    choice = rng.integers(5)
+    return with_sections(base, [[z, y, side, streams], [z, y, streams, side, check],
+                                [z, y, side, streams, check, side], [y, z, side, streams, check],
+                                [z, y, side, streams, check[:3]]][choice])
   data = bytearray(base)
   if kind == 7:  # another tau
     struct.pack_into("<H", data, TAU, int(rng.choice([0, 1, 2, 3, 7, 200, 254, 255, 65535])))
@@ -95,7 +97,7 @@ def test_fuzzed_residual_files_fail_cleanly(model):
            codec.compress(model, make_image(17, 9, 2), 0.2, tau=2),
            codec.compress(model, make_image(12, 20, 3)[:, :, 0], 1.0, tau=5)]
   rng = np.random.default_rng(2025)
-  outcomes, errors = {"error": 0, "decoded": 0}, {}
+  outcomes, errors = {"error": 0, "decoded": 0, "checksum": 0}, {}
   faulthandler.dump_traceback_later(HANG_LIMIT_S, exit=True)
   start = time.monotonic()
   try:
@@ -105,6 +107,7 @@ def test_fuzzed_residual_files_fail_cleanly(model):
         pixels = codec.decompress(model, data)
       except UserError as e:
         outcomes["error"] += 1
+        outcomes["checksum"] += "checksum" in str(e)  # decoded in full, then refused
         errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
         continue
       except Exception as e:  # noqa: BLE001 - this is what the test is about
@@ -117,4 +120,5 @@ def test_fuzzed_residual_files_fail_cleanly(model):
     faulthandler.cancel_dump_traceback_later()
   print(f"{CASES} cases in {time.monotonic() - start:.1f} s: {outcomes}, errors {errors}")
   assert outcomes["error"] > CASES // 3
-  assert outcomes["decoded"] > 0  # garbage did reach the step-wise decoder
+  # Garbage did run through the whole step-wise decoder.
+  assert outcomes["decoded"] + outcomes["checksum"] > 0

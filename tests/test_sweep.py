@@ -53,7 +53,8 @@ def test_bad_sweep_files_are_refused(tmp_path, body, message):
 def test_stage_commands_carry_overrides_and_eval_options(tmp_path):
   run = Run("fixed", "experiments/configs/tiny.py",
             {"model.levels": 1, "train.lambdas": (0.01,), "model.residual.bias_correction": False},
-            rates=(0, 0.5), taus=(1, 2), eval_overrides={"model.interpolation": "linear"})
+            rates=(0, 0.5), taus=(1, 2), eval_overrides={"model.interpolation": "linear"},
+            tau_rate=1.5)
   sweep = Sweep("s", "d", [run])
   stages = sweep_lib.stage_commands(run, sweep, tmp_path, "imgs", 3)
   assert [s[0] for s in stages] == ["train", "export", "eval"]
@@ -65,9 +66,11 @@ def test_stage_commands_carry_overrides_and_eval_options(tmp_path):
   assert evaluate[i + 1:i + 3] == ["0", "0.5"]
   assert evaluate[evaluate.index("--override") + 1] == "model.interpolation=linear"
   assert evaluate[evaluate.index("--max-images") + 1] == "3"
+  assert evaluate[evaluate.index("--tau-rate") + 1] == "1.5"
   # An eval-only run has one stage on the given model.
   only = sweep_lib.stage_commands(Run("e", model="/m"), sweep, tmp_path, "imgs", 0)
   assert [s[0] for s in only] == ["eval"] and "/m" in only[0][1]
+  assert "--tau-rate" not in only[0][1]
 
 
 def test_finished_stages_are_skipped(tmp_path, monkeypatch):

@@ -36,8 +36,15 @@ Near-lossless and lossless (mode RESIDUAL, header tau = the error bound):
 the lossy layer at the header's rate, as above, is the base layer; the
 decoder's uint8 image x_base and the residual prior u come from the same
 jitted synthesis call on both sides (`_synthesize` with with_prior), and
-gvae_jax.coding.residual_codec codes x - x_base within tau. Four sections:
-[z stream, y stream, residual side information, residual streams]. Needs a
+gvae_jax.coding.residual_codec codes x - x_base within tau. Five sections:
+[z stream, y stream, residual side information, residual streams, check],
+where check is the CRC-32 (u32) of the decoded RGB pixels as the encoder
+reconstructed them. The residual probabilities come from float32 networks;
+a machine whose float results differ (another ISA, XLA or oneDNN build) can
+desynchronise the range decoder and produce pixels outside the bound. The
+container CRC cannot see that (the bytes are intact), so the decoder checks
+its output against this CRC and raises CodingError instead of returning a
+wrong image. Needs a
 scalable model (ExportedModel.is_scalable); with one, lossy files use its
 lossy layer and are the same as a lossy-only model's. Without a rate,
 `compress` picks the base rate with `choose_rate` (the smallest estimated
@@ -55,6 +62,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +82,9 @@ from gvae_jax.ops import pad_to_multiple
 MAX_CODEC_PIXELS = 2**26
 Z_SECTION, Y_SECTION = 0, 1
 NUM_SECTIONS = 2
-SIDE_INFO_SECTION, STREAMS_SECTION = 2, 3  # residual mode only
-NUM_RESIDUAL_SECTIONS = 4
+SIDE_INFO_SECTION, STREAMS_SECTION, CHECK_SECTION = 2, 3, 4  # residual mode only
+NUM_RESIDUAL_SECTIONS = 5
+_CHECK = struct.Struct("<I")
 _SYMBOL_LIMIT = 2**30  # symbols are clamped here before the int32 cast
 
 
@@ -279,13 +289,19 @@ def encode(model: ExportedModel, pixels, rate, tau=None,
     s = jnp.full((1,), s_value, jnp.float32)
     base, u = _synthesize_image(model, y_np, mean, s, height, width, with_prior=True)
     layer = residual_codec.encode(model, coder, rgb, base, u, tau, profile)
-    sections += [layer.side_info, layer.streams]
+    decoded = np.clip(base.astype(np.int32) + layer.r_hat, 0, 255).astype(np.uint8)
+    sections += [layer.side_info, layer.streams, _pixel_check(decoded)]
     mode = Mode.RESIDUAL
   header = Header(fingerprint=model.fingerprint, mode=mode, rate=float(s_value),
                   tau=0 if tau is None else tau, height=height, width=width, channels=channels,
                   coder_id=coder.coder_id)
   data = container.pack(header, sections)
   return Encoded(data, header, z_np, y_np, index_np, mean, layer, base)
+
+
+def _pixel_check(rgb: np.ndarray) -> bytes:
+  """The residual file's check section: CRC-32 of uint8 RGB [H, W, 3] in C order."""
+  return _CHECK.pack(zlib.crc32(np.ascontiguousarray(rgb, np.uint8).tobytes()))
 
 
 def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
@@ -326,6 +342,9 @@ def _check_header_for_model(model: ExportedModel, header: Header,
   if len(sections) != expected:
     kind = "lossy" if header.mode == Mode.LOSSY else "residual"
     raise FormatError(f"a {kind} file has {expected} sections, this one {len(sections)}")
+  if header.mode == Mode.RESIDUAL and len(sections[CHECK_SECTION]) != _CHECK.size:
+    raise FormatError(f"the check section has {len(sections[CHECK_SECTION])} bytes, "
+                      f"not {_CHECK.size}")
   try:
     s = check_rate(header.rate, model.levels)
   except RateError as e:
@@ -359,6 +378,12 @@ def decode(model: ExportedModel, data: bytes,
     pixels, layer = residual_codec.decode(model, coder, sections[SIDE_INFO_SECTION],
                                           sections[STREAMS_SECTION], base, u, header.tau,
                                           profile)
+    if _pixel_check(pixels) != sections[CHECK_SECTION]:
+      raise CodingError(
+          "the decoded pixels do not match the file's checksum: the file was written on a "
+          "machine whose floating-point results differ from this one's (residual files "
+          "decode only on the same kind of CPU and software; README, Portability), or it "
+          "was altered")
   if header.channels == 1:
     # Average of the three channels, rounded to nearest (sum/3 never ties);
     # for a residual file each channel is within tau of the gray value, so is this.

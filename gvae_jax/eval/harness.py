@@ -357,7 +357,7 @@ def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate) -> di
   residual_estimate = float(np.sum(encoded.residual.estimated_bits))
   estimate = lossy_estimate + residual_estimate
   row.update(lossy_bits=8.0 * (len(sections[0]) + len(sections[1])),
-             residual_bits=8.0 * (len(sections[2]) + len(sections[3])),
+             residual_bits=8.0 * sum(len(section) for section in sections[2:]),
              estimate_lossy_bits=lossy_estimate, estimate_residual_bits=residual_estimate,
              estimated_bits=estimate, estimated_bpp=estimate / (height * width),
              estimated_bpsp=estimate / (3 * height * width))

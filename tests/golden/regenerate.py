@@ -94,6 +94,29 @@ def compute_residual_hashes(model: export.ExportedModel) -> dict:
   return hashes
 
 
+# CPU features that change XLA's float32 kernels (vector width, FMA), hence
+# the residual probabilities: files written with one signature may fail their
+# pixel check with another (README, Portability).
+_FLOAT_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                   "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd", "sve")
+
+
+def platform_signature() -> dict:
+  """What decides whether residual files decode bit-exactly here."""
+  import platform
+
+  import jaxlib
+  flags = set()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith(("flags", "Features")):
+        flags.update(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return {"machine": platform.machine(), "jaxlib": jaxlib.__version__,
+          "cpu_features": sorted(flags.intersection(_FLOAT_FEATURES))}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--hashes-only", action="store_true",
@@ -115,7 +138,7 @@ def main():
     config.data.folder = config.eval.folder = ""
     export.export_params(config, tiny_scalable_params(config), GOLDEN_SCALABLE_MODEL, force=True)
   scalable = export.load_model(GOLDEN_SCALABLE_MODEL)
-  hashes = {"model_fingerprint": scalable.fingerprint.hex(),
+  hashes = {"model_fingerprint": scalable.fingerprint.hex(), "platform": platform_signature(),
             "cases": compute_residual_hashes(scalable)}
   RESIDUAL_HASHES.write_text(json.dumps(hashes, indent=2) + "\n")
   print(f"wrote {RESIDUAL_HASHES} and {RESIDUAL_FILES}/ ({len(RESIDUAL_CASES)} cases, "
