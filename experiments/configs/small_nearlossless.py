@@ -21,7 +21,7 @@ def get_config():
   config.data.crop_size = 64
   config.data.downscale = 2  # removes JPEG block artefacts the residual model would learn
   config.train.per_device_batch = 16
-  config.train.num_steps = 1200
+  config.train.num_steps = 3000
   config.train.checkpoint_every = 200
   config.train.warmup_steps = 100
   config.train.learning_rate = 2e-4
