@@ -248,6 +248,10 @@ def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
   fileio.atomic_write_bytes(out / "sweep_results.csv", _csv(rows).encode(), overwrite=True)
   fileio.atomic_write_bytes(out / "sweep_results.md", format_markdown(summary).encode(),
                             overwrite=True)
+  from gvae_jax.eval import plots  # matplotlib only when collating
+
+  for name, png in plots.sweep_plots(summary).items():
+    fileio.atomic_write_bytes(out / name, png, overwrite=True)
   return summary
 
 
@@ -299,8 +303,8 @@ def format_markdown(summary: dict) -> str:
       cells = []
       for metric in ("psnr", "ms_ssim"):
         value = entry.get(f"bd_rate_{metric}_percent")
-        cells.append(f"{value:+.2f}%" if value is not None
-                     else f"n/a ({entry.get(f'bd_rate_{metric}_note', '')})")
+        note = entry.get(f"bd_rate_{metric}_note", "").split("; got")[0]  # full note: JSON
+        cells.append(f"{value:+.2f}%" if value is not None else f"n/a ({note})")
       lines.append(f"| {group} | {cells[0]} | {cells[1]} |")
     lines.append("")
   if summary["missing_runs"]:

@@ -143,6 +143,8 @@ def test_collate_builds_one_table_with_bd_rates(tmp_path):
     assert (tmp_path / f"sweep_results.{suffix}").stat().st_size > 0
   markdown = (tmp_path / "sweep_results.md").read_text()
   assert "+10.00%" in markdown and "Not evaluated yet: missing" in markdown
+  assert (tmp_path / "sweep_psnr_bpp.png").read_bytes().startswith(b"\x89PNG")
+  assert not (tmp_path / "sweep_bpsp_tau.png").exists()  # no residual rows in this sweep
 
 
 def test_cli_refuses_a_missing_sweep_file(tmp_path):

@@ -120,6 +120,35 @@ def tau_plot(results: dict) -> bytes:
   return _png(fig)
 
 
+def sweep_plots(summary: dict) -> dict[str, bytes]:
+  """A collated sweep (gvae_jax.sweep.collate): one curve per run group.
+
+  sweep_psnr_bpp.png when the sweep has lossy rows, sweep_bpsp_tau.png when
+  it has near-lossless or lossless ones.
+  """
+  figures = {}
+  lossy, residual = {}, {}
+  for row in summary["rows"]:
+    if row.get("mode") == harness.LOSSY and row.get("psnr") is not None:
+      lossy.setdefault(row["group"], []).append((row["bpp"], row["psnr"]))
+    elif row.get("mode") != harness.LOSSY and row.get("bpsp") is not None:
+      residual.setdefault(row["run"], []).append((row["tau"], row["bpsp"]))
+  for name, curves, labels in (
+      ("sweep_psnr_bpp.png", lossy, ("bits per pixel", "PSNR (dB, RGB)")),
+      ("sweep_bpsp_tau.png", residual, ("tau (largest error per sample)", "bits per subpixel"))):
+    if not curves:
+      continue
+    fig, ax = _figure(f"Sweep {summary['sweep']} (real files)", *labels)
+    for label, points in curves.items():
+      xs, ys = zip(*sorted(points))
+      # The reference is drawn thicker; matplotlib picks the colours.
+      width = 2.5 if label == summary.get("reference") else 1.2
+      ax.plot(xs, ys, marker="o", markersize=4, linewidth=width, label=label)
+    ax.legend(fontsize=8)
+    figures[name] = _png(fig)
+  return figures
+
+
 def render_all(results: dict) -> dict[str, bytes]:
   return {"psnr_bpp.png": rd_plot(results, "psnr"),
           "msssim_bpp.png": rd_plot(results, "ms_ssim"),
