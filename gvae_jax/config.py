@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.residual.share_weights = False
   config.model.residual.max_tau = 5
   config.model.residual.bias_correction = True
+  # "separate" (a second head from scratch) or "delta" (the lossless head plus
+  # a zero-initialised tau-conditioned correction): gvae_jax/models/residual.py
+  config.model.residual.correction = "separate"
 
   config.train = ml_collections.ConfigDict()
   config.train.lambdas = PAPER_LAMBDAS

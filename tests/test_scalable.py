@@ -66,3 +66,36 @@ def test_residual_rates_sum_to_one_over_all_images_of_one_pixel():
   bits = residual_bits(broadcast, images, jnp.full((images.shape[0],), tau), float(grid[0]),
                        float(grid[-1]))
   np.testing.assert_allclose(float(jnp.sum(2.0 ** -bits)), 1.0, atol=1e-4)
+
+
+def test_delta_correction_starts_at_no_correction_and_trains_only_itself():
+  """correction="delta": at init the corrected head equals the lossless head
+  (so bias correction can only start from "off"), and the tau loss moves only
+  the delta layers, not the lossless head or the context."""
+  model = ResidualModel(context_channels=4, hidden=8, components=2, correction="delta")
+  rng = np.random.default_rng(0)
+  u = jnp.asarray(rng.normal(size=(2, 6, 7, 3)), jnp.float32)
+  r_hat = jnp.asarray(rng.integers(-3, 4, (2, 6, 7, 3)) * 3, jnp.float32)
+  tau = jnp.asarray([1, 4])
+  variables = model.init(jax.random.PRNGKey(0), u, r_hat, tau, corrected=True)
+  assert "bc_delta_2" in variables["params"] and "bc_head_2" not in variables["params"]
+  on = model.apply(variables, u, r_hat, tau, corrected=True)
+  off = model.apply(variables, u, r_hat, jnp.zeros(2, jnp.int32), corrected=False)
+  for key in on:
+    np.testing.assert_array_equal(on[key], off[key])
+
+  def corrected_bits(params):
+    params_on = model.apply({"params": params}, u, r_hat, tau, corrected=True)
+    return jnp.sum(residual_bits(params_on, r_hat, tau))
+
+  flat = jax.tree_util.tree_flatten_with_path(jax.grad(corrected_bits)(variables["params"]))[0]
+  moved = {jax.tree_util.keystr(p) for p, g in flat if np.any(np.asarray(g) != 0)}
+  assert moved and all("bc_delta" in name for name in moved), moved
+  assert any("bc_delta_2" in name for name in moved)  # the zero layer does get a gradient
+
+
+def test_unknown_correction_form_is_refused():
+  model = ResidualModel(context_channels=2, hidden=4, components=2, correction="both")
+  with pytest.raises(ValueError, match="correction form"):
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 2, 2, 3)),
+               jnp.ones(1, jnp.int32), corrected=True)

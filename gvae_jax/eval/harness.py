@@ -448,9 +448,11 @@ def _versions() -> dict:
 def _progress_bar(total: int, progress: bool | None):
   from tqdm import tqdm
 
-  enabled = sys.stderr.isatty() if progress is None else (progress and sys.stderr.isatty())
+  tty = sys.stderr.isatty()
+  enabled = tty if progress is None else progress
+  # Redirected to a log (a long background run): an update every 30 s, not every file.
   return tqdm(total=total, disable=not enabled, unit="file", desc="gvae eval",
-              dynamic_ncols=True)
+              dynamic_ncols=tty, mininterval=0.1 if tty else 30.0)
 
 
 def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,

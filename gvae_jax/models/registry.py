@@ -62,5 +62,7 @@ def _scalable(config) -> ScalableHyperprior:
   residual = ResidualModel(
       context_channels=r.context_channels, kernel_size=r.kernel_size, order=r.order,
       hidden=r.hidden, components=r.components, share_weights=r.share_weights,
-      max_tau=r.max_tau, bias_correction=r.bias_correction)
+      max_tau=r.max_tau, bias_correction=r.bias_correction,
+      # Models exported before the "delta" form have no such key.
+      correction=r.get("correction", "separate"))
   return ScalableHyperprior(_gained_hyperprior(config), residual)

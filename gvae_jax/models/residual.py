@@ -5,6 +5,11 @@ already decoded residuals, concatenated with the synthesis prior u, goes
 through 1x1 layers to discretized-logistic-mixture parameters. A second head
 with tau-conditioned 1x1 layers (bias correction) is trained on contexts of
 r_hat for tau >= 1, where the decoder sees quantised, not true, residuals.
+Two forms (`correction`): "separate", a whole second head trained from
+scratch (what small_nearlossless was trained with), and "delta", the lossless
+head's output plus a tau-conditioned correction whose last layer starts at
+zero, so the corrected head starts exactly at "no correction" and training
+only moves it from there.
 
 Every layer after the masked convolution is 1x1, so the step-wise decoder can
 run the heads on just the pixels of one step ([N, 1, 1, C] inputs).
@@ -31,15 +36,23 @@ class ResidualModel(nn.Module):
   share_weights: bool = False  # DLPR shares mixture weights across R, G, B
   max_tau: int = 5
   bias_correction: bool = True
+  correction: str = "separate"  # "separate" | "delta" (module doc)
 
   def setup(self):
     self.context = MaskedConv(self.context_channels, self.kernel_size, self.order)
     out = lm.num_raw_params(self.components, self.share_weights)
     self.head = [nn.Conv(self.hidden, (1, 1)), nn.Conv(self.hidden, (1, 1)), nn.Conv(out, (1, 1))]
-    if self.bias_correction:
+    if self.correction not in ("separate", "delta"):
+      raise ValueError(f"unknown bias correction form {self.correction!r} "
+                       "(expected 'separate' or 'delta')")
+    if self.bias_correction and self.correction == "separate":
       self.bc_head = [TauConditionalConv(self.hidden, self.max_tau),
                       TauConditionalConv(self.hidden, self.max_tau),
                       TauConditionalConv(out, self.max_tau)]
+    elif self.bias_correction:  # another name, so a warm start never fills it from bc_head
+      self.bc_delta = [TauConditionalConv(self.hidden, self.max_tau),
+                       TauConditionalConv(self.hidden, self.max_tau),
+                       TauConditionalConv(out, self.max_tau, zero_init=True)]
 
   def context_features(self, r_context: jax.Array) -> jax.Array:
     return self.context(r_context * RESIDUAL_INPUT_SCALE)
@@ -48,13 +61,19 @@ class ResidualModel(nn.Module):
                             corrected: bool) -> jax.Array:
     """Raw mixture parameters from context features and the prior (any [B, ..., C])."""
     h = jnp.concatenate([features, u], axis=-1)
-    if corrected:
+    if corrected and self.correction == "separate":
       h = nn.relu(self.bc_head[0](h, tau))
       h = nn.relu(self.bc_head[1](h, tau))
       return self.bc_head[2](h, tau)
-    h = nn.relu(self.head[0](h))
-    h = nn.relu(self.head[1](h))
-    return self.head[2](h)
+    g = nn.relu(self.head[0](h))
+    g = nn.relu(self.head[1](g))
+    raw = self.head[2](g)
+    if not corrected:
+      return raw
+    # delta: the tau loss trains the correction only, never the lossless head.
+    d = nn.relu(self.bc_delta[0](h, tau))
+    d = nn.relu(self.bc_delta[1](d, tau))
+    return jax.lax.stop_gradient(raw) + self.bc_delta[2](d, tau)
 
   def __call__(self, u: jax.Array, r_context: jax.Array, tau: jax.Array,
                corrected: bool = False) -> dict[str, jax.Array]:
