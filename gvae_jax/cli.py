@@ -241,7 +241,7 @@ def _sweep(args, overrides):
   if not args.collate_only:
     statuses = sweep_lib.run_sweep(sweep, out, jobs=args.jobs, images=args.images,
                                    max_images=args.max_images, only=args.only or (),
-                                   dry_run=args.dry_run)
+                                   dry_run=args.dry_run, train_overrides=overrides)
     if args.dry_run:
       return
   summary = sweep_lib.collate(sweep, out)
@@ -337,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
   p.set_defaults(run=_decompress)
 
-  p = sub.add_parser("sweep", help="run an ablation sweep (train, export, eval) and collate it")
+  p = sub.add_parser("sweep", help="run an ablation sweep (train, export, eval) and collate it",
+                     epilog="--config.section.key=value overrides go to every training run "
+                     "(before each run's own); use a new --out when changing them.")
   p.add_argument("sweep", help="experiments/sweeps/NAME.py")
   p.add_argument("--out", help="output folder (default runs/sweeps/NAME)")
   p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--only", nargs="+", help="run only these run names")
   p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished stages")
   p.add_argument("--collate-only", action="store_true", help="only collate finished runs")
-  p.set_defaults(run=_sweep)
+  p.set_defaults(run=_sweep, takes_overrides=True)
 
   p = sub.add_parser("info", help="print the header of a .gvae file (no model needed)")
   p.add_argument("input", help=".gvae file")

@@ -111,9 +111,13 @@ def _format_value(value) -> str:
   return str(value)
 
 
-def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: int
-                   ) -> list[tuple[str, list[str], Path]]:
-  """(stage, command, the path whose existence means the stage is done)."""
+def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
+                   train_overrides: Sequence[str] = ()) -> list[tuple[str, list[str], Path]]:
+  """(stage, command, the path whose existence means the stage is done).
+
+  train_overrides ("--config.train.num_steps=3000", ...) go to every training
+  run before the run's own overrides, which win on a clash.
+  """
   run_dir = out / run.name
   stages = []
   model = run.model and _resolve(run.model)
@@ -121,7 +125,7 @@ def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: i
     workdir = run_dir / "work"
     model = str(run_dir / "model")
     train = _gvae("train", "--config", _resolve(run.config), "--workdir", str(workdir),
-                  "--no-progress",
+                  "--no-progress", *train_overrides,
                   *[f"--config.{k}={_format_value(v)}" for k, v in run.overrides.items()])
     stages.append(("train", train, Path(model) / "manifest.json"))
     export = _gvae("export", "--workdir", str(workdir), "--out", model, "--force")
@@ -143,10 +147,11 @@ def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: i
 
 
 def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
-             dry_run: bool, echo) -> dict:
+             dry_run: bool, echo, train_overrides: Sequence[str] = ()) -> dict:
   run_dir = out / run.name
   status = {"name": run.name, "stages": {}}
-  for stage, command, done_marker in stage_commands(run, sweep, out, images, max_images):
+  for stage, command, done_marker in stage_commands(run, sweep, out, images, max_images,
+                                                    train_overrides):
     if done_marker.exists():
       status["stages"][stage] = "done before"
       continue
@@ -177,8 +182,12 @@ def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
 
 def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str | None = None,
               max_images: int | None = None, only: Sequence[str] = (), dry_run: bool = False,
-              echo=print) -> list[dict]:
-  """Runs every unfinished stage of every run, `jobs` runs at a time."""
+              echo=print, train_overrides: Sequence[str] = ()) -> list[dict]:
+  """Runs every unfinished stage of every run, `jobs` runs at a time.
+
+  Use a new `out` folder when changing train_overrides: finished stages are
+  recognised by their outputs, not by the settings that made them.
+  """
   out = Path(out)
   images = images or sweep.images
   if not dry_run and not Path(images).is_dir():
@@ -191,8 +200,8 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str |
   if not dry_run:
     out.mkdir(parents=True, exist_ok=True)
   with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-    futures = [pool.submit(_run_one, run, sweep, out, images, max_images, dry_run, echo)
-               for run in runs]
+    futures = [pool.submit(_run_one, run, sweep, out, images, max_images, dry_run, echo,
+                           train_overrides) for run in runs]
     return [f.result() for f in futures]
 
 

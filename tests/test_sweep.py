@@ -56,10 +56,14 @@ def test_stage_commands_carry_overrides_and_eval_options(tmp_path):
             rates=(0, 0.5), taus=(1, 2), eval_overrides={"model.interpolation": "linear"},
             tau_rate=1.5)
   sweep = Sweep("s", "d", [run])
-  stages = sweep_lib.stage_commands(run, sweep, tmp_path, "imgs", 3)
+  stages = sweep_lib.stage_commands(run, sweep, tmp_path, "imgs", 3,
+                                    ["--config.train.num_steps=7", "--config.model.levels=3"])
   assert [s[0] for s in stages] == ["train", "export", "eval"]
   train = stages[0][1]
   assert "--config.model.levels=1" in train and "--config.train.lambdas=(0.01,)" in train
+  # Sweep-wide overrides come first, so the run's own (levels=1) wins.
+  assert train.index("--config.model.levels=3") < train.index("--config.model.levels=1")
+  assert "--config.train.num_steps=7" in train
   assert "--config.model.residual.bias_correction=false" in train
   evaluate = stages[2][1]
   i = evaluate.index("--rates")
@@ -153,3 +157,14 @@ def test_cli_refuses_a_missing_sweep_file(tmp_path):
   assert result.returncode != 0
   assert result.stderr.strip().startswith("gvae: error: sweep file not found")
   assert "Traceback" not in result.stderr
+
+
+def test_cli_dry_run_passes_config_overrides_to_training(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "gvae_jax", "sweep", "experiments/sweeps/gained_vs_fixed.py",
+       "--out", str(tmp_path / "out"), "--dry-run", "--config.train.num_steps=3000"],
+      capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+  assert result.returncode == 0, result.stderr
+  train_lines = [line for line in result.stdout.splitlines() if "] train: " in line]
+  assert len(train_lines) == 4
+  assert all("--config.train.num_steps=3000" in line for line in train_lines)
