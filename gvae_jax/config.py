@@ -158,17 +158,20 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), sort_keys=True, indent=2, default=list)
 
 
-_LATER_RESIDUAL_KEYS = {"correction": "separate"}
+# Residual keys added after models were exported, with the value their
+# absence means (the registry reads old configs with these defaults).
+RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT = {"correction": "separate"}
 
 
 def model_fingerprint(config: ml_collections.ConfigDict) -> str:
   """Hash of what fixes the parameter shapes and numerics of a model."""
   model = config.model.to_dict()
-  # Keys added after models were exported are hashed only when they differ
-  # from the value their absence means, so existing fingerprints stay valid.
-  for key, implied in _LATER_RESIDUAL_KEYS.items():
-    if model.get("residual", {}).get(key, implied) == implied:
-      model.get("residual", {}).pop(key, None)
+  # Such keys are hashed only when they differ from their implied value, so
+  # existing fingerprints stay valid.
+  residual = model.get("residual", {})
+  for key, implied in RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT.items():
+    if residual.get(key, implied) == implied:
+      residual.pop(key, None)
   relevant = {"model": model, "levels_lambdas": list(config.train.lambdas)}
   blob = json.dumps(relevant, sort_keys=True, default=list).encode()
   return hashlib.sha256(blob).hexdigest()[:16]

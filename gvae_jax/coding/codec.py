@@ -289,14 +289,19 @@ def encode(model: ExportedModel, pixels, rate, tau=None,
     s = jnp.full((1,), s_value, jnp.float32)
     base, u = _synthesize_image(model, y_np, mean, s, height, width, with_prior=True)
     layer = residual_codec.encode(model, coder, rgb, base, u, tau, profile)
-    decoded = np.clip(base.astype(np.int32) + layer.r_hat, 0, 255).astype(np.uint8)
-    sections += [layer.side_info, layer.streams, _pixel_check(decoded)]
+    sections += [layer.side_info, layer.streams,
+                 _pixel_check(_residual_pixels(base, layer.r_hat))]
     mode = Mode.RESIDUAL
   header = Header(fingerprint=model.fingerprint, mode=mode, rate=float(s_value),
                   tau=0 if tau is None else tau, height=height, width=width, channels=channels,
                   coder_id=coder.coder_id)
   data = container.pack(header, sections)
   return Encoded(data, header, z_np, y_np, index_np, mean, layer, base)
+
+
+def _residual_pixels(base: np.ndarray, r_hat: np.ndarray) -> np.ndarray:
+  """What the decoder returns for a residual file (RGB): x_base + r_hat, clipped."""
+  return np.clip(base.astype(np.int32) + r_hat, 0, 255).astype(np.uint8)
 
 
 def _pixel_check(rgb: np.ndarray) -> bytes:
@@ -310,8 +315,7 @@ def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
   For a residual file: x_base + r_hat, clipped (what decode returns for RGB).
   """
   if encoded.residual is not None:
-    total = encoded.base.astype(np.int32) + encoded.residual.r_hat
-    return np.clip(total, 0, 255).astype(np.uint8)
+    return _residual_pixels(encoded.base, encoded.residual.r_hat)
   s = jnp.full((1,), np.float32(encoded.header.rate), jnp.float32)
   return _synthesize_image(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
                            encoded.header.width)[0]

@@ -6,6 +6,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from gvae_jax import gain as gain_lib
+from gvae_jax.config import RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT
 from gvae_jax.models.hyperprior import GainedMeanScaleHyperprior
 from gvae_jax.models.residual import ResidualModel
 from gvae_jax.models.scalable import ScalableHyperprior
@@ -63,6 +64,5 @@ def _scalable(config) -> ScalableHyperprior:
       context_channels=r.context_channels, kernel_size=r.kernel_size, order=r.order,
       hidden=r.hidden, components=r.components, share_weights=r.share_weights,
       max_tau=r.max_tau, bias_correction=r.bias_correction,
-      # Models exported before the "delta" form have no such key.
-      correction=r.get("correction", "separate"))
+      correction=r.get("correction", RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT["correction"]))
   return ScalableHyperprior(_gained_hyperprior(config), residual)
