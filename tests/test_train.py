@@ -55,6 +55,7 @@ def _eval_loss(config, params, image_folder):
   return total
 
 
+@pytest.mark.isolated
 def test_loss_drops_and_checkpoints_are_written(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=20, checkpoint_every=10)
   initial = train.create_train_state(
@@ -73,6 +74,7 @@ def _assert_same_params(a, b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.isolated
 def test_interrupted_run_resumes_to_the_same_parameters(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder)
   straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
@@ -84,6 +86,7 @@ def test_interrupted_run_resumes_to_the_same_parameters(repo_root, image_folder,
   _assert_same_params(straight.params, resumed.params)
 
 
+@pytest.mark.isolated
 def test_incompatible_workdir_is_refused(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=3)
   train.train_and_evaluate(config, tmp_path, progress=False)
@@ -113,6 +116,7 @@ def test_cli_reports_bad_input_without_traceback(repo_root, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.isolated
 def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=30, checkpoint_every=5)
   straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
