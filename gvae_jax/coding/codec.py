@@ -384,10 +384,10 @@ def decode(model: ExportedModel, data: bytes,
                                           profile)
     if _pixel_check(pixels) != sections[CHECK_SECTION]:
       raise CodingError(
-          "the decoded pixels do not match the file's checksum: the file was written on a "
-          "machine whose floating-point results differ from this one's (residual files "
-          "decode only on the same kind of CPU and software; README, Portability), or it "
-          "was altered")
+          "the decoded pixels do not match the file's checksum: the file was written by "
+          "another gvae-jax version, or on a machine whose floating-point results differ "
+          "from this one's (residual files decode only on the same kind of CPU and "
+          "software; README, Portability), or it was altered")
   if header.channels == 1:
     # Average of the three channels, rounded to nearest (sum/3 never ties);
     # for a residual file each channel is within tau of the gray value, so is this.
