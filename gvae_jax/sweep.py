@@ -217,13 +217,17 @@ def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
   from gvae_jax.eval import rd
 
   out = Path(out)
-  rows, missing = [], []
+  rows, missing, provenance = [], [], []
   for run in sweep.runs:
     path = out / run.name / "eval" / "results.json"
     if not path.exists():
       missing.append(run.name)
       continue
     results = json.loads(path.read_text())
+    model = results.get("model", {})
+    provenance.append({"run": run.name, "step": model.get("step"),
+                       "fingerprint": model.get("fingerprint"),
+                       "train_command": _logged_command(out / run.name / "train.log")})
     for row in _mean_rows(results):
       rows.append({"run": run.name, "group": run.group or run.name, **row})
   curves: dict[str, list[tuple[float, float, float]]] = {}
@@ -250,7 +254,8 @@ def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
           entry[f"bd_rate_{metric}_note"] = str(e)
       bd[group] = entry
   summary = {"sweep": sweep.name, "description": sweep.description, "reference": reference,
-             "rows": rows, "bd_rate_vs_reference": bd, "missing_runs": missing}
+             "runs": provenance, "rows": rows, "bd_rate_vs_reference": bd,
+             "missing_runs": missing}
   fileio.atomic_write_bytes(out / "sweep_results.json",
                             json.dumps(summary, indent=2, default=_json_default).encode(),
                             overwrite=True)
@@ -262,6 +267,16 @@ def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
   for name, png in plots.sweep_plots(summary).items():
     fileio.atomic_write_bytes(out / name, png, overwrite=True)
   return summary
+
+
+def _logged_command(log: Path) -> str | None:
+  """The command a stage log starts with ("$ ..."), if the log is there."""
+  try:
+    with open(log) as f:
+      first = f.readline().rstrip("\n")
+  except OSError:
+    return None
+  return first[2:] if first.startswith("$ ") else None
 
 
 def _json_default(value):
@@ -304,6 +319,11 @@ def format_markdown(summary: dict) -> str:
     lines += [f"| {r['run']} | {_cell(r.get('tau'))} | {_cell(r.get('bpsp'))} | "
               f"{_cell(r.get('estimated_bpsp'))} | {_cell(r.get('max_error'))} |"
               for r in residual]
+    lines.append("")
+  trained = [r for r in summary.get("runs", []) if r.get("step") is not None]
+  if trained:  # which weights the rows come from (the commands are in the JSON)
+    lines += ["| run | model step | fingerprint |", "|---|---|---|"]
+    lines += [f"| {r['run']} | {r['step']} | {r['fingerprint']} |" for r in trained]
     lines.append("")
   if summary["bd_rate_vs_reference"]:
     lines += [f"BD-rate against `{summary['reference']}` (negative: fewer bits for the same "

@@ -136,9 +136,16 @@ def test_collate_builds_one_table_with_bd_rates(tmp_path):
     folder.mkdir(parents=True)
     rows = lossy(1.1, range(4)) if run.name == "gained" else lossy(1.0, [int(run.name[-1])])
     rows.append({"codec": "jpeg", "mode": "lossy", "bpp": 1.0, "psnr": 30.0})  # an anchor
-    (folder / "results.json").write_text(json.dumps(fake_results(rows)))
+    results = fake_results(rows)
+    if run.name == "gained":  # trained by the sweep: its step and command are recorded
+      results["model"] = {"step": 3000, "fingerprint": "f" * 32}
+      (tmp_path / run.name / "train.log").write_text("$ python -m gvae_jax train --x=1\nstep 1\n")
+    (folder / "results.json").write_text(json.dumps(results))
   summary = sweep_lib.collate(sweep, tmp_path)
   assert summary["missing_runs"] == ["missing"]
+  assert summary["runs"][0] == {"run": "gained", "step": 3000, "fingerprint": "f" * 32,
+                                "train_command": "python -m gvae_jax train --x=1"}
+  assert summary["runs"][1]["train_command"] is None
   assert len(summary["rows"]) == 8  # anchors are not model rows
   bd = summary["bd_rate_vs_reference"]["gained"]
   assert bd["bd_rate_psnr_percent"] == pytest.approx(10.0, abs=0.01)
@@ -147,6 +154,7 @@ def test_collate_builds_one_table_with_bd_rates(tmp_path):
     assert (tmp_path / f"sweep_results.{suffix}").stat().st_size > 0
   markdown = (tmp_path / "sweep_results.md").read_text()
   assert "+10.00%" in markdown and "Not evaluated yet: missing" in markdown
+  assert f"| gained | 3000 | {'f' * 32} |" in markdown
   assert (tmp_path / "sweep_psnr_bpp.png").read_bytes().startswith(b"\x89PNG")
   assert not (tmp_path / "sweep_bpsp_tau.png").exists()  # no residual rows in this sweep
 

@@ -2,8 +2,9 @@
 
 One gained model with 3 levels against 3 single-level models, one per lambda,
 each trained for the same number of steps (small_ablation: 600 steps on this
-CPU). The fixed-rate points form the reference curve; the table gives the
-gained model's BD-rate against it (the paper reports no loss).
+CPU; `--config.train.num_steps=N` sets all four). The fixed-rate points form
+the reference curve; the table gives the gained model's BD-rate against it
+(the paper reports no loss).
 """
 from gvae_jax.sweep import Run, Sweep
 
