@@ -146,6 +146,9 @@ def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: i
   return stages
 
 
+_COMMAND_PREFIX = "$ "  # a stage log's line that records the command it ran
+
+
 def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
              dry_run: bool, echo, train_overrides: Sequence[str] = ()) -> dict:
   run_dir = out / run.name
@@ -164,7 +167,7 @@ def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
     echo(f"[{run.name}] {stage} ... (log {log_path})")
     start = time.time()
     with open(log_path, "ab") as log:
-      log.write(f"\n$ {' '.join(command)}\n".encode())
+      log.write(f"\n{_COMMAND_PREFIX}{' '.join(command)}\n".encode())
       log.flush()
       result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, cwd=REPO)
@@ -270,13 +273,14 @@ def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
 
 
 def _logged_command(log: Path) -> str | None:
-  """The command a stage log starts with ("$ ..."), if the log is there."""
+  """The last command `_run_one` wrote to a stage log (a resumed stage appends
+  its command again; the last one finished it), if the log is there."""
   try:
-    with open(log) as f:
-      first = f.readline().rstrip("\n")
+    lines = log.read_text(errors="replace").splitlines()
   except OSError:
     return None
-  return first[2:] if first.startswith("$ ") else None
+  commands = [line[len(_COMMAND_PREFIX):] for line in lines if line.startswith(_COMMAND_PREFIX)]
+  return commands[-1] if commands else None
 
 
 def _json_default(value):

@@ -138,8 +138,9 @@ def test_collate_builds_one_table_with_bd_rates(tmp_path):
     rows.append({"codec": "jpeg", "mode": "lossy", "bpp": 1.0, "psnr": 30.0})  # an anchor
     results = fake_results(rows)
     if run.name == "gained":  # trained by the sweep: its step and command are recorded
+      # (the log as _run_one writes it: a blank line, then "$ command")
       results["model"] = {"step": 3000, "fingerprint": "f" * 32}
-      (tmp_path / run.name / "train.log").write_text("$ python -m gvae_jax train --x=1\nstep 1\n")
+      (tmp_path / run.name / "train.log").write_text("\n$ python -m gvae_jax train --x=1\nstep 1\n")
     (folder / "results.json").write_text(json.dumps(results))
   summary = sweep_lib.collate(sweep, tmp_path)
   assert summary["missing_runs"] == ["missing"]
