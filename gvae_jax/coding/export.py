@@ -42,6 +42,15 @@ The fingerprint (16 bytes of a SHA-256) covers the parameter bytes, every
 table array and the config's model fingerprint; `.gvae` files carry it, so a
 file is never decoded with another model's numbers, and `load_model` checks it
 against the files on disk.
+
+Loading is defensive: every file must be a regular file within a size limit
+(MAX_FILE_BYTES, checked with stat before it is read), and tables.npz must
+hold exactly the members listed in TABLE_MEMBERS (an unknown member is
+refused, not loaded: the fingerprint covers every table array that is
+loaded, so nothing unfingerprinted is ever read), each within
+MAX_TABLE_MEMBER_BYTES uncompressed as the zip directory declares it.
+Of config.json only the `model` section matters for decoding, and that is
+what the fingerprint covers (config_lib.model_fingerprint).
 """
 from __future__ import annotations
 
@@ -79,6 +88,12 @@ CONFIG_FILE = "config.json"
 TABLES_FILE = "tables.npz"
 MANIFEST_FILE = "manifest.json"
 MODEL_FILES = (PARAMS_FILE, CONFIG_FILE, TABLES_FILE, MANIFEST_FILE)
+_TABLE_FIELDS = ("cdf", "lengths", "offsets", "precision")  # CdfTable.to_dict
+TABLE_MEMBERS = frozenset([f"{p}{f}" for p in ("z_", "y_") for f in _TABLE_FIELDS]
+                          + ["y_scales", "y_index_bounds"])
+MAX_FILE_BYTES = {PARAMS_FILE: 1 << 30, CONFIG_FILE: 1 << 20, TABLES_FILE: 64 << 20,
+                  MANIFEST_FILE: 1 << 20}
+MAX_TABLE_MEMBER_BYTES = 64 << 20
 
 DEFAULT_TAIL_MASS = 1e-4  # total probability left to the escape, per row
 DEFAULT_PRECISION = 16
@@ -435,6 +450,40 @@ def _read_config(path: Path) -> ml_collections.ConfigDict:
     raise ExportError(f"cannot read config {path}: {e}") from e
 
 
+def _check_model_files(model_dir: Path) -> None:
+  """Each model file a regular file within MAX_FILE_BYTES, checked before reading it."""
+  import stat
+
+  for name in MODEL_FILES:
+    path = model_dir / name
+    try:
+      info = path.stat()
+    except FileNotFoundError:
+      raise ExportError(f"{model_dir} is not a valid exported model: {name} is missing") from None
+    except OSError as e:
+      raise ExportError(f"{model_dir}: cannot read {name} ({e.strerror or e})") from e
+    if not stat.S_ISREG(info.st_mode):
+      raise ExportError(f"{model_dir}: {name} is not a regular file; refusing to read it")
+    if info.st_size > MAX_FILE_BYTES[name]:
+      raise ExportError(f"{model_dir}: {name} has {info.st_size} bytes, more than the "
+                        f"{MAX_FILE_BYTES[name]} an exported model's {name} may have; "
+                        "refusing to load it")
+
+
+def _known_table_members(npz) -> list[str]:
+  """The member names to load: exactly TABLE_MEMBERS, each of a bounded size (ValueError)."""
+  names = set(npz.files)
+  unknown = sorted(names - TABLE_MEMBERS)
+  if unknown:
+    raise ValueError(f"{TABLES_FILE} has members this version does not know "
+                     f"({', '.join(unknown[:5])}); refusing to load unfingerprinted data")
+  for info in npz.zip.infolist():
+    if info.file_size > MAX_TABLE_MEMBER_BYTES:
+      raise ValueError(f"{TABLES_FILE} member {info.filename} declares {info.file_size} "
+                       f"bytes, more than {MAX_TABLE_MEMBER_BYTES}")
+  return sorted(names)
+
+
 def load_model(model_dir: str | os.PathLike) -> ExportedModel:
   """Loads an exported model directory, checking its fingerprint (ExportError)."""
   model_dir = Path(model_dir)
@@ -443,6 +492,7 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
   if not model_dir.is_dir() or not _is_model_dir(model_dir):
     raise ExportError(f"{model_dir} is not an exported model (no {MANIFEST_FILE}); "
                       "make one with `gvae export --workdir DIR --out MODEL_DIR`")
+  _check_model_files(model_dir)
   try:
     manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
@@ -454,7 +504,7 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     config = _read_config(model_dir / CONFIG_FILE)
     params_bytes = (model_dir / PARAMS_FILE).read_bytes()
     with np.load(model_dir / TABLES_FILE, allow_pickle=False) as npz:
-      arrays = {key: npz[key] for key in npz.files}
+      arrays = {key: npz[key] for key in _known_table_members(npz)}
     z_table = CdfTable.from_dict(arrays, "z_")
     y_table = CdfTable.from_dict(arrays, "y_")
     y_scales = np.asarray(arrays["y_scales"])

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -131,6 +130,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  from gvae_jax import fileio
   from gvae_jax.coding.export import load_model
   from gvae_jax.train import evaluate as evaluate_lib
 
@@ -139,15 +139,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--images", required=True, help="folder of images, e.g. Kodak")
   parser.add_argument("--rates", nargs="+", type=float, help="default: every trained level")
   parser.add_argument("--max-images", type=int, default=0)
-  parser.add_argument("--out", help="write the full report as JSON here")
+  parser.add_argument("--out", help="write the full report as JSON here (atomically)")
+  parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
   args = parser.parse_args(argv)
+  if args.out:  # before the slow part; fileio refuses special files and missing dirs
+    fileio.check_output_path(args.out, overwrite=args.force)
   model = load_model(args.model)
   images = evaluate_lib.load_folder(args.images, args.max_images)
   rates = args.rates if args.rates else [float(i) for i in range(model.levels)]
   report = real_vs_estimate(model, images, rates)
   print(format_table(report))
   if args.out:
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    fileio.atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode(),
+                              overwrite=args.force)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ _MAX_VARINT_BYTES = 5  # escape codes are < 2**33 (int32 symbol minus int32 offs
 @functools.cache
 def _tf():
   """(tensorflow, tfc ops), imported once; TF must not grab GPUs JAX uses."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # 3 hides the CUDA-registration lines
   import tensorflow as tf
   try:
     tf.config.set_visible_devices([], "GPU")

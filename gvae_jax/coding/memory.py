@@ -1,0 +1,130 @@
+"""How much memory coding an image takes, checked before anything is allocated.
+
+The codec runs its networks on the whole (padded) image at once, so its peak
+memory grows linearly with the number of pixels. `estimate_peak_bytes` is
+that line, measured on this project's `small` models (N=64, M=96) with
+`/usr/bin/time -f %M` (peak RSS of the whole `gvae` process) at 1024x1024
+and 2048x2048 (benchmarks/memory.py re-measures it):
+
+  peak = BASE_BYTES + bytes_per_pixel[operation] * padded pixels
+
+  operation            bytes per padded pixel
+  lossy compress       PER_PIXEL["lossy", "compress"]
+  lossy decompress     PER_PIXEL["lossy", "decompress"]
+  residual compress    PER_PIXEL["residual", "compress"]   (near-lossless, lossless)
+  residual decompress  PER_PIXEL["residual", "decompress"]
+
+(the values below already include a 25 % margin over the measured slopes;
+BASE_BYTES is the process with JAX, the coder and a model loaded). Wider
+models scale these with their channel counts (`model_scale`).
+
+The cap: `--max-memory` on the command line, else the GVAE_MAX_MEMORY
+environment variable ("16G", "800M", a byte count, or "off"), else half of
+the machine's physical memory, but not more than the process's address
+space limit (RLIMIT_AS) if one is set (an explicit setting is used as given). compress checks the image's header
+and decompress the .gvae header against it before decoding or allocating
+anything, and refuse with one `gvae: error:` line saying how much the image
+needs; an out-of-memory error that happens anyway (the estimate is a model,
+other processes use memory too) is caught by the CLI and reported as one
+line as well. No JAX or NumPy import here.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from gvae_jax.errors import UserError
+
+MAX_CODEC_PIXELS = 2**26  # the codec's own size limit (codec.MAX_CODEC_PIXELS; a test checks)
+BASE_BYTES = 1 << 30  # measured 0.85-0.9 GB (jax + TF + model + Python), rounded up
+# Measured slopes (MB / Mpixel between 1024^2 and 2048^2 runs) x 1.25, rounded up.
+PER_PIXEL = {
+    ("lossy", "compress"): 112,
+    ("lossy", "decompress"): 248,
+    ("residual", "compress"): 420,
+    ("residual", "decompress"): 330,
+}
+_REFERENCE_CHANNELS = 64 + 96  # the `small` models the slopes were measured on
+ENV_VAR = "GVAE_MAX_MEMORY"
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class MemoryLimitError(UserError):
+  """Coding this image would need more memory than the cap allows."""
+
+
+def parse_size(text: str) -> int | None:
+  """Bytes from '16G', '800M', '1.5g', '123456'; None for 'off' / 'none' / '0'."""
+  value = str(text).strip().lower()
+  if value in ("off", "none", "0", "unlimited", ""):
+    return None
+  match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", value)
+  if not match:
+    raise UserError(f"not a memory size: {text!r} (examples: 16G, 800M, 123456, off)")
+  return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _physical_memory() -> int | None:
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _address_space_limit() -> int | None:
+  try:
+    import resource
+  except ImportError:
+    return None
+  soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+  return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def memory_cap(option: str | None = None) -> tuple[int | None, str]:
+  """(cap in bytes or None for no cap, where it came from) — see the module doc."""
+  if option is not None:
+    cap, source = parse_size(option), "--max-memory"
+  elif os.environ.get(ENV_VAR) is not None:
+    cap, source = parse_size(os.environ[ENV_VAR]), ENV_VAR
+  else:
+    physical = _physical_memory()
+    cap, source = (None if physical is None else physical // 2), "half the physical memory"
+    limit = _address_space_limit()  # only the default is clamped: explicit settings win
+    if limit is not None and (cap is None or limit < cap):
+      cap, source = limit, "the process's address space limit (ulimit -v)"
+  return cap, source
+
+
+def model_scale(n: int, m: int) -> float:
+  """Activation memory relative to the measured models (N=64, M=96): at least 1."""
+  return max(1.0, (int(n) + int(m)) / _REFERENCE_CHANNELS)
+
+
+def padded_pixels(height: int, width: int, multiple: int = 64) -> int:
+  return (-(-height // multiple) * multiple) * (-(-width // multiple) * multiple)
+
+
+def estimate_peak_bytes(height: int, width: int, mode: str, operation: str,
+                        scale: float = 1.0, extra_bytes: int = 0) -> int:
+  """Estimated peak memory of one compress/decompress (mode 'lossy' or 'residual')."""
+  per_pixel = PER_PIXEL[mode, operation] * scale
+  return int(BASE_BYTES + per_pixel * padded_pixels(height, width) + extra_bytes)
+
+
+def _gib(value: int) -> str:
+  return f"{value / (1 << 30):.1f} GiB"
+
+
+def check(height: int, width: int, mode: str, operation: str, cap: int | None,
+          source: str, scale: float = 1.0, extra_bytes: int = 0) -> int:
+  """The estimated peak; MemoryLimitError if it exceeds `cap`."""
+  need = estimate_peak_bytes(height, width, mode, operation, scale, extra_bytes)
+  if cap is not None and need > cap:
+    verb = "compressing" if operation == "compress" else "decoding"
+    kind = "a lossy" if mode == "lossy" else "a near-lossless/lossless"
+    raise MemoryLimitError(
+        f"{verb} {kind} image of {width}x{height} pixels needs about {_gib(need)} of memory "
+        f"(about {PER_PIXEL[mode, operation] * scale:.0f} bytes per pixel), more than the cap "
+        f"of {_gib(cap)} ({source}); raise it with --max-memory SIZE or {ENV_VAR}=SIZE if "
+        "the machine has the memory, or use a smaller image")
+  return need
