@@ -182,11 +182,12 @@ def _compress(args, overrides):
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
     pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
   if tau is not None:
-    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model))
+    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model),
+                          allow_stored=True)
   elif args.bpp is not None:
     data, _ = codec.compress_to_bpp(model, pixels, args.bpp)
   else:
-    data = codec.compress(model, pixels, args.rate)
+    data = codec.compress(model, pixels, args.rate, allow_stored=True)
   _write_output(args.output, data, args.force)
   header = codec.read_header(data)
   note = "" if not info.converted else f" ({info.describe()})"
@@ -205,6 +206,8 @@ def _default_model(near_lossless: bool) -> str:
 def _tau_note(header) -> str:
   from gvae_jax.coding.container import Mode
 
+  if header.mode == Mode.STORED:
+    return ", lossless (pixels stored: smaller than coding them)"
   if header.mode != Mode.RESIDUAL:
     return ""
   return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
@@ -234,7 +237,7 @@ def _decompress(args, overrides):
   cap, source = _memory_cap(args)
 
   def fits(header, size):  # on the header alone, before the body is read
-    mode = "lossy" if header.mode == container.Mode.LOSSY else "residual"
+    mode = header.mode.name.lower()
     memory.check(header.height, header.width, mode, "decompress", cap, source, 1.0, size)
 
   data = container.read_file(args.input, check=fits)
@@ -250,7 +253,7 @@ def _decompress(args, overrides):
   from gvae_jax.coding import codec, export
   _enable_compilation_cache()
   model = export.load_model(model_dir)
-  mode = "lossy" if header.mode == container.Mode.LOSSY else "residual"
+  mode = header.mode.name.lower()
   memory.check(header.height, header.width, mode, "decompress", cap, source,
                _model_scale(model), len(data))
   pixels = codec.decompress(model, data)
@@ -280,7 +283,9 @@ def _info(args, overrides):
       ("mode", header.mode.name.lower() + _tau_note(header)),
       ("rate s", f"{header.rate:.9g}"),
       ("tau", f"{header.tau} (every decoded value within tau of the original)"
-       if header.mode == container.Mode.RESIDUAL else f"{header.tau} (lossy: no bound)"),
+       if header.mode == container.Mode.RESIDUAL else
+       f"{header.tau} (stored pixels: lossless)" if header.mode == container.Mode.STORED
+       else f"{header.tau} (lossy: no bound)"),
       ("size", f"{header.width}x{header.height} (width x height)"),
       ("channels", header.channels),
       ("coder id", header.coder_id),
@@ -296,6 +301,8 @@ def _info(args, overrides):
 def _section_names(header, count: int) -> list[str]:
   from gvae_jax.coding.container import Mode
 
+  if header.mode == Mode.STORED:
+    return ["pixels (zlib)"] if count == 1 else [""] * count
   names = ["z", "y"] + (["residual side info", "residual streams", "pixel check"]
                         if header.mode == Mode.RESIDUAL else [])
   return names if len(names) == count else [""] * count

@@ -491,7 +491,7 @@ def test_fuzzed_headers_never_exceed_the_documented_peak(tmp_path):
       for name, height, width, mode, need in {cases!r}:
         small = need <= {cap}
         data = (valid_lossy(height, width) if mode == 0 and small
-                else crafted(height, width, container.Mode(mode), 1, len(codes)))
+                else crafted(height, width, container.Mode(mode), mode, len(codes)))
         open(name, "wb").write(data)
         print("case", name, file=sys.stderr, flush=True)
         codes.append(cli.main(["decompress", name, name + ".png", "--force",
@@ -518,6 +518,46 @@ def test_fuzzed_headers_never_exceed_the_documented_peak(tmp_path):
 
 
 # --- degenerate sizes, resume messages, stderr, first run -----------------------------------
+
+def test_one_pixel_high_image_costs_no_more_than_raw(tmp_path):
+  pixels = make_image(1, 300, 4)
+  Image.fromarray(pixels).save(tmp_path / "strip.png")
+  Image.fromarray(pixels[:, :, 0].T.copy()).save(tmp_path / "column.png")  # 300 x 1 gray
+  for name, channels in (("strip", 3), ("column", 1)):
+    result = gvae("compress", f"{name}.png", f"{name}.gvae", "--model", MODEL, "--rate", 1,
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = (tmp_path / f"{name}.gvae").read_bytes()
+    header = container.unpack(data)[0]
+    assert header.mode == container.Mode.STORED and "lossless" in result.stdout
+    assert len(data) <= 300 * channels + 64  # raw samples plus the container header
+    assert gvae("decompress", f"{name}.gvae", f"{name}_out.png", "--model", MODEL,
+                cwd=tmp_path).returncode == 0
+    decoded = np.asarray(Image.open(tmp_path / f"{name}_out.png"))
+    np.testing.assert_array_equal(decoded, np.asarray(Image.open(tmp_path / f"{name}.png")))
+
+
+def test_stored_file_inflates_at_most_the_header_size():
+  import zlib
+
+  from gvae_jax.coding import codec
+
+  model = export.load_model(GOLDEN_MODEL)
+
+  def stored(height, width, payload):
+    header = container.Header(fingerprint=model.fingerprint, mode=container.Mode.STORED,
+                              rate=0.0, tau=0, height=height, width=width, channels=3,
+                              coder_id=1)
+    return container.pack(header, [zlib.compress(payload, 9)])
+
+  bomb = stored(2, 2, b"\0" * (64 << 20))  # 64 MiB of zeros in 64 KB, claiming 12 bytes
+  with pytest.raises(container.FormatError, match="does not match the header"):
+    codec.decompress(model, bomb)
+  with pytest.raises(container.FormatError, match="does not match the header"):
+    codec.decompress(model, stored(2, 2, b"\1" * 11))
+  pixels = codec.decompress(model, stored(2, 2, bytes(range(12))))
+  assert pixels.shape == (2, 2, 3) and pixels.ravel().tolist() == list(range(12))
+
 
 def test_compress_stderr_is_clean(tmp_path, rgb_png):
   result = gvae("compress", rgb_png, "a.gvae", "--model", MODEL, "--rate", 1, cwd=tmp_path)

@@ -5,7 +5,8 @@ All integers are little-endian. Format version 1:
   offset    size  type    field
   0         4     bytes   magic b"GVAE"
   4         1     u8      format version (1)
-  5         1     u8      mode: 0 lossy, 1 residual (near-lossless)
+  5         1     u8      mode: 0 lossy, 1 residual (near-lossless),
+                          2 stored (the pixels, zlib-deflated; lossless)
   6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC range coder)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
@@ -61,6 +62,11 @@ class FormatError(UserError):
 class Mode(enum.IntEnum):
   LOSSY = 0
   RESIDUAL = 1  # near-lossless: lossy layer plus a residual within +-tau
+  # The pixels themselves (one zlib section), for images the networks would
+  # code in more bits than that, e.g. 1 pixel high (padding to 64 rows costs
+  # 64x). Added to format version 1 without a version bump: files of modes
+  # 0 and 1 are unchanged, and older readers refuse mode 2 as unknown.
+  STORED = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +90,12 @@ def _header_problem(header: Header) -> str | None:
   """Why `header` cannot be written or trusted, or None."""
   if not isinstance(header.fingerprint, bytes) or len(header.fingerprint) != FINGERPRINT_SIZE:
     return f"fingerprint must be {FINGERPRINT_SIZE} bytes"
-  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL):
+  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.STORED):
     return f"unknown mode {header.mode}"
   if not 0 <= header.tau <= 0xFFFF:
     return f"tau {header.tau} not in [0, 65535]"
-  if header.mode == Mode.LOSSY and header.tau != 0:
-    return "tau must be 0 in lossy mode"
+  if header.mode in (Mode.LOSSY, Mode.STORED) and header.tau != 0:
+    return f"tau must be 0 in {header.mode.name.lower()} mode"
   if not (math.isfinite(header.rate) and header.rate >= 0):
     return f"rate {header.rate} must be finite and >= 0"
   if not (1 <= header.height <= 0xFFFFFFFF and 1 <= header.width <= 0xFFFFFFFF):
@@ -141,7 +147,7 @@ def _check_prefix(view: memoryview, size: int) -> None:
 
 def _header_of(fields) -> Header:
   (_, _, mode, coder_id, channels, fingerprint, rate, tau, height, width, _) = fields
-  if mode not in (Mode.LOSSY, Mode.RESIDUAL):
+  if mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.STORED):
     raise FormatError(f"invalid header: unknown mode {mode}")
   return Header(fingerprint=bytes(fingerprint), mode=Mode(mode), rate=rate, tau=tau,
                 height=height, width=width, channels=channels, coder_id=coder_id)

@@ -48,6 +48,7 @@ PER_PIXEL = {
     ("lossy", "decompress"): 248,
     ("residual", "compress"): 420,
     ("residual", "decompress"): 500,
+    ("stored", "decompress"): 8,  # container mode STORED: inflating the pixels, no network
 }
 _REFERENCE_CHANNELS = 64 + 96  # the `small` models the slopes were measured on
 ENV_VAR = "GVAE_MAX_MEMORY"
@@ -126,7 +127,7 @@ def check(height: int, width: int, mode: str, operation: str, cap: int | None,
   need = estimate_peak_bytes(height, width, mode, operation, scale, extra_bytes)
   if cap is not None and need > cap:
     verb = "compressing" if operation == "compress" else "decoding"
-    kind = "a lossy" if mode == "lossy" else "a near-lossless/lossless"
+    kind = {"lossy": "a lossy", "stored": "a stored"}.get(mode, "a near-lossless/lossless")
     raise MemoryLimitError(
         f"{verb} {kind} image of {width}x{height} pixels needs about {_gib(need)} of memory "
         f"(about {PER_PIXEL[mode, operation] * scale:.0f} bytes per pixel), more than the cap "
