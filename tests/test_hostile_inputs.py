@@ -609,3 +609,17 @@ def test_shipped_samples_are_what_the_generator_makes():
   assert shipped.shape == regenerated.shape == (256, 384, 3)
   assert np.abs(shipped - regenerated).mean() < 1.0
   assert len(list(samples.QUICKSTART_IMAGES.glob("*.png"))) == 16
+
+
+def test_first_run_compresses_the_shipped_sample_with_the_shipped_model(tmp_path):
+  """The README's first commands, with no --model, on the sample the package ships."""
+  from gvae_jax.samples import SAMPLE_PHOTO
+
+  result = gvae("compress", SAMPLE_PHOTO, "photo.gvae", "--rate", 1.5, cwd=tmp_path)
+  assert result.returncode == 0 and result.stderr == "", result.stderr
+  header = container.read_file(tmp_path / "photo.gvae")
+  lossy = json.loads((defaults.LOSSY_MODEL / "manifest.json").read_text())["fingerprint"]
+  assert container.unpack(header)[0].fingerprint.hex() == lossy
+  result = gvae("decompress", "photo.gvae", "photo.png", cwd=tmp_path)
+  assert result.returncode == 0 and result.stderr == "", result.stderr
+  assert np.asarray(Image.open(tmp_path / "photo.png")).shape == (256, 384, 3)
