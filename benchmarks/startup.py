@@ -85,14 +85,15 @@ def main() -> None:
   times: dict[str, list[float]] = {name: [] for name in commands}
   cold = {}
   for round_index in range(args.rounds + 1):
+    latest = {}
     for name, command in commands.items():
-      elapsed = _timed(command, env)
+      elapsed = latest[name] = _timed(command, env)
       if round_index == 0 and name.startswith("gvae"):
         cold[name] = elapsed  # empty cache: compiles and fills it
       elif round_index > 0:
         times[name].append(elapsed)
-    print(f"round {round_index}: " + ", ".join(
-        f"{n} {(times[n] or [cold.get(n, 0)])[-1]:.2f}s" for n in commands), flush=True)
+    print(f"round {round_index}{' (cold cache, not counted)' if round_index == 0 else ''}: "
+          + ", ".join(f"{n} {t:.2f}s" for n, t in latest.items()), flush=True)
   report = {
       "image": image.name,
       "rate": args.rate,

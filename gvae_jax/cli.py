@@ -461,8 +461,11 @@ def _run_supervised(argv: list[str]) -> int:
   import subprocess
 
   env = {**os.environ, _SUPERVISED_ENV: "1"}
+  # Its own process group: a terminal's Ctrl-C reaches only this parent, which passes
+  # it on once (twice would interrupt the child's cleanup of its temporary file).
   child = subprocess.Popen([sys.executable, "-m", "gvae_jax", *argv], env=env,
-                           stderr=subprocess.PIPE, text=True, errors="replace")
+                           stderr=subprocess.PIPE, text=True, errors="replace",
+                           process_group=0)
 
   def forward(signum, frame):
     child.send_signal(signum)
