@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from gvae_jax.coding import memory  # noqa: E402
 from gvae_jax.samples import SAMPLE_PHOTO  # noqa: E402
 
-KODIM01 = REPO.parent / "shared" / "data" / "kodak" / "kodim01.png"
+KODIM01 = Path(os.environ.get("GVAE_KODAK", REPO.parent / "shared" / "data" / "kodak")) / "kodim01.png"
 
 
 def _image(megapixels: float, folder: Path) -> tuple[Path, int]:
