@@ -73,8 +73,11 @@ def crafted(height: int, width: int, mode=container.Mode.LOSSY, tau=0, seed=0,
               for _ in range(count)]
   if mode == container.Mode.RESIDUAL:
     sections[-1] = sections[-1][:4]
+  from gvae_jax.coding.coder import default_coder_id
+
   header = container.Header(fingerprint=_fingerprint(), mode=mode, rate=0.0, tau=tau,
-                            height=height, width=width, channels=3, coder_id=1)
+                            height=height, width=width, channels=3,
+                            coder_id=default_coder_id())
   return container.pack(header, sections)
 
 
@@ -470,10 +473,10 @@ def test_fuzzed_headers_never_exceed_the_documented_peak(tmp_path):
       import jax.numpy as jnp
       from gvae_jax import cli
       from gvae_jax.coding import codec, container, export
-      from gvae_jax.coding.coder import get_coder
+      from gvae_jax.coding.coder import default_coder_id, get_coder
       from test_hostile_inputs import crafted
       model = export.load_model({MODEL!r})
-      coder = get_coder(1)
+      coder = get_coder(default_coder_id())
 
       def valid_lossy(height, width):
         z_shape, y_shape = codec._latent_shapes(model.lossy_model, height, width)
@@ -484,7 +487,7 @@ def test_fuzzed_headers_never_exceed_the_documented_peak(tmp_path):
         y = coder.encode(np.zeros(y_shape, np.int32), np.asarray(rows), model.y_table)
         header = container.Header(fingerprint=model.fingerprint, mode=container.Mode.LOSSY,
                                   rate=0.0, tau=0, height=height, width=width, channels=3,
-                                  coder_id=1)
+                                  coder_id=coder.coder_id)
         return container.pack(header, [z, y])
 
       codes = []
