@@ -14,13 +14,16 @@ and 2048x2048 (benchmarks/memory.py re-measures it):
   residual compress    PER_PIXEL["residual", "compress"]   (near-lossless, lossless)
   residual decompress  PER_PIXEL["residual", "decompress"]
 
-(the values below are the measured slopes plus 25 %, rounded: lossy 88 and
-197, residual 333 and 395 bytes per pixel measured; BASE_BYTES is the
-process with JAX, the coder and a model loaded, 0.85-0.9 GB measured, rounded
-up). So at the default cap on a 24 GiB machine (12 GiB) the largest image
-is about 47 Mpixel lossy (e.g. 6800x6800) and 23 Mpixel near-lossless /
-lossless (4800x4800) for decoding; MAX_CODEC_PIXELS (8192x8192) needs about
-16.5 GiB to decode lossily. Bounded-memory tiling is not implemented. Wider
+(measured slopes, TFC coder, benchmarks/results/memory_lossy.json: lossy
+compress 94 bytes per pixel between 1 and 4 Mpixel but 198 between 4 and 16
+(the analysis transform's half-resolution activations dominate at large
+sizes), lossy decompress 201 and 197; residual compress 333 and decompress
+395 between 1 and 4 Mpixel (not measured larger: they get a 55 % margin
+instead of 25 %). BASE_BYTES is the process with JAX, the coder and a model
+loaded, 0.85-0.9 GB measured, rounded up.) So at the default cap on a 24 GiB
+machine (12 GiB) the largest image is about 46 Mpixel lossy (e.g.
+6800x6800) and 19 Mpixel near-lossless / lossless (4400x4400) for decoding;
+MAX_CODEC_PIXELS (8192x8192) needs about 16.8 GiB to decode lossily. Bounded-memory tiling is not implemented. Wider
 models scale these with their channel counts (`model_scale`).
 
 The cap: `--max-memory` on the command line, else the GVAE_MAX_MEMORY
@@ -42,12 +45,12 @@ from gvae_jax.errors import UserError
 
 MAX_CODEC_PIXELS = 2**26  # the codec's own size limit (codec.MAX_CODEC_PIXELS; a test checks)
 BASE_BYTES = 1 << 30  # measured 0.85-0.9 GB (jax + TF + model + Python), rounded up
-# Measured slopes (MB / Mpixel between 1024^2 and 2048^2 runs) x 1.25, rounded up.
+# Measured slopes (bytes per pixel) x 1.25 or more, rounded up (module doc).
 PER_PIXEL = {
-    ("lossy", "compress"): 112,
-    ("lossy", "decompress"): 248,
-    ("residual", "compress"): 420,
-    ("residual", "decompress"): 500,
+    ("lossy", "compress"): 250,
+    ("lossy", "decompress"): 252,
+    ("residual", "compress"): 520,
+    ("residual", "decompress"): 600,
     ("stored", "decompress"): 8,  # container mode STORED: inflating the pixels, no network
 }
 _REFERENCE_CHANNELS = 64 + 96  # the `small` models the slopes were measured on
