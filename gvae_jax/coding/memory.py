@@ -19,11 +19,13 @@ compress 94 bytes per pixel between 1 and 4 Mpixel but 198 between 4 and 16
 (the analysis transform's half-resolution activations dominate at large
 sizes), lossy decompress 201 and 197; residual compress 333 and decompress
 395 between 1 and 4 Mpixel (not measured larger: they get a 55 % margin
-instead of 25 %). BASE_BYTES is the process with JAX, the coder and a model
-loaded, 0.85-0.9 GB measured, rounded up.) So at the default cap on a 24 GiB
-machine (12 GiB) the largest image is about 46 Mpixel lossy (e.g.
-6800x6800) and 19 Mpixel near-lossless / lossless (4400x4400) for decoding;
-MAX_CODEC_PIXELS (8192x8192) needs about 16.8 GiB to decode lossily. Bounded-memory tiling is not implemented. Wider
+instead of 25 %). BASE_BYTES is the intercept of those lines (the process
+with JAX, the coder and a model loaded): 0.77 GB lossy and 1.35 GB residual
+measured, 1.5 GiB used; at 1 Mpixel a lossless compress measured 1.68 GB
+(benchmarks/results/memory_lossless.json).) So at the default cap on a 24
+GiB machine (12 GiB) the largest image is about 44 Mpixel lossy (e.g.
+6600x6600) and 18 Mpixel near-lossless / lossless (4300x4300) for decoding;
+MAX_CODEC_PIXELS (8192x8192) needs about 17.3 GiB to decode lossily. Bounded-memory tiling is not implemented. Wider
 models scale these with their channel counts (`model_scale`).
 
 The cap: `--max-memory` on the command line, else the GVAE_MAX_MEMORY
@@ -44,7 +46,7 @@ import re
 from gvae_jax.errors import UserError
 
 MAX_CODEC_PIXELS = 2**26  # the codec's own size limit (codec.MAX_CODEC_PIXELS; a test checks)
-BASE_BYTES = 1 << 30  # measured 0.85-0.9 GB (jax + TF + model + Python), rounded up
+BASE_BYTES = 3 << 29  # 1.5 GiB: measured intercepts 0.77 GB lossy, 1.35 GB residual
 # Measured slopes (bytes per pixel) x 1.25 or more, rounded up (module doc).
 PER_PIXEL = {
     ("lossy", "compress"): 250,
