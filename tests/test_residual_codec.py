@@ -342,8 +342,8 @@ def test_residual_golden_bitstreams(coder):
   tau 10 with one-level windows) decode within tau to the stored pixels, and
   today's encoder writes them byte for byte. Elsewhere float32 kernels may
   round differently, so bit-exactness is not promised there, but a committed
-  file must still either decode to the stored pixels or be refused by its
-  pixel check: never a wrong image. If a change is intended, run
+  file must still either decode to the stored pixels or be refused (its pixel
+  check, or a desynchronised stream's own checks): never a wrong image. If a change is intended, run
   `python tests/golden/regenerate.py --hashes-only` under the coder's profile
   and say so in the commit.
   """
@@ -367,9 +367,8 @@ def test_residual_golden_bitstreams(coder):
     assert header.coder_id == CODER_NAMES[coder], name
     try:
       decoded = codec.decompress(model, golden)
-    except CodingError as e:
+    except CodingError as e:  # desynchronised on another platform: refused, not wrong
       assert not same_platform, f"{name}: {e}"
-      assert "checksum" in str(e)
     else:
       assert decoded.shape == pixels.shape, name
       assert np.abs(decoded.astype(np.int32) - pixels).max() <= tau, name
