@@ -133,7 +133,7 @@ def test_compress_to_bpp_finds_the_largest_rate_within_budget(tiny):
 
 
 def test_real_vs_estimate_report(tiny):
-  from gvae_jax.coding import report
+  from gvae_jax.eval import report
 
   images = [("a", make_image(40, 70, 1)), ("b", make_image(64, 64, 2)[:, :, 0])]
   result = report.real_vs_estimate(tiny, images, [0.0, 1.0])
