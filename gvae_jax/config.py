@@ -17,7 +17,7 @@ import ml_collections
 
 from gvae_jax.errors import UserError
 
-# MSE lambdas on the 0..255 scale (D = 255^2 * MSE on [0, 1]), REFERENCE section 2.
+# MSE lambdas on the 0..255 scale (D = 255^2 * MSE on [0, 1]); docs/decoding.md section 2.
 PAPER_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
 
 

@@ -142,3 +142,15 @@ def test_readme_layout_lists_every_module():
     pytest.fail("README.md: no module list in the Layout section")
   assert sorted(actual - listed) == [], "modules missing from the README layout"
   assert sorted(listed - actual) == [], "README layout lists modules that do not exist"
+
+
+def test_cited_documents_are_in_the_repository():
+  """The code cites docs/*.md for the facts it relies on, never a file outside the repo."""
+  cited, outside = set(), []
+  for path in [*PACKAGE.rglob("*.py"), *(REPO / "tests").glob("*.py"), REPO / "README.md"]:
+    text = path.read_text()
+    cited.update(re.findall(r"docs/[\w-]+\.md", text))
+    if re.search(r"REFERENCE(\.md| section)", text) and path != Path(__file__):
+      outside.append(str(path.relative_to(REPO)))
+  assert not outside, f"cite docs/ instead of an outside REFERENCE: {outside}"
+  assert cited and all((REPO / doc).is_file() for doc in cited), sorted(cited)

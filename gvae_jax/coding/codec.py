@@ -8,7 +8,7 @@ rate, and (with a scalable model) near-lossless or lossless.
     data = compress(scalable, pixels, tau=2)     # every value within 2 of the input
     data = compress(scalable, pixels, tau=0)     # lossless
 
-Pipeline (REFERENCE sections 6 and 7). The image is edge-padded to a multiple
+Pipeline (docs/decoding.md sections 1 and 5). The image is edge-padded to a multiple
 of 64 and coded as one batch of 1:
 
   encoder: y', z = analyze(x, s); z_sym = round(z)
