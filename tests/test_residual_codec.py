@@ -211,6 +211,10 @@ def test_choose_rate_and_compress_without_rate(model):
   data = codec.compress(model, pixels, tau=2)
   assert codec.read_header(data).rate == rate
   assert np.abs(codec.decompress(model, data).astype(np.int32) - pixels).max() <= 2
+  # Reusing the chosen candidate's coded lossy layer writes the same bytes as coding it again.
+  assert data == codec.compress(model, pixels, rate, tau=2)
+  chosen = codec.choose_base(model, pixels, 2)
+  assert chosen.rate == rate and codec.encode(model, pixels, None, 2, base=chosen).data == data
 
 
 @pytest.mark.parametrize("tau", [-1, 1.5, "2.5", "abc", float("nan"), True, None, [1], 70000])

@@ -271,13 +271,23 @@ def _checked_rgb(model: ExportedModel, pixels) -> tuple[np.ndarray, int]:
 
 
 def encode(model: ExportedModel, pixels, rate, tau=None,
-           profile: residual_codec.Profile | None = None) -> Encoded:
-  """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc."""
+           profile: residual_codec.Profile | None = None,
+           base: "ChosenBase | None" = None) -> Encoded:
+  """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc.
+
+  base: choose_base's result for these pixels and tau (its rate is used and
+  its coded lossy layer reused); rate is then ignored and may be None.
+  """
   if tau is not None:
     tau = check_tau(tau, model)
-  s_value = check_rate(rate, model.levels)
+  if base is not None:
+    if tau is None:
+      raise TauError("a chosen base layer is for a residual file: give tau")
+    s_value, lossy = base.layer.s_value, base.layer
+  else:
+    s_value, lossy = check_rate(rate, model.levels), None
   rgb, channels = _checked_rgb(model, pixels)
-  return _encode(model, rgb, channels, s_value, tau, profile)
+  return _encode(model, rgb, channels, s_value, tau, profile, lossy)
 
 
 def _encode(model: ExportedModel, rgb: np.ndarray, channels: int, s_value: np.float32,
@@ -415,6 +425,20 @@ def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> floa
   tau = check_tau(tau, model)
   rgb, _ = _checked_rgb(model, pixels)
   return _choose_rate(model, rgb, tau, refinements)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChosenBase:
+  """choose_base's result: the base rate and its coded lossy layer, for encode(base=...)."""
+  rate: float
+  layer: _LossyLayer
+
+
+def choose_base(model: ExportedModel, pixels, tau, refinements: int = 4) -> ChosenBase:
+  """choose_rate, keeping the chosen candidate's coded lossy layer for `encode`."""
+  tau = check_tau(tau, model)
+  rgb, _ = _checked_rgb(model, pixels)
+  return ChosenBase(*_choose_rate(model, rgb, tau, refinements))
 
 
 def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int,

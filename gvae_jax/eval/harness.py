@@ -283,9 +283,9 @@ def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate) -> di
   mode = LOSSLESS if tau == 0 else NEAR_LOSSLESS
   row = _base_row(MODEL_CODEC, mode, "tau", tau, name, height, width)
   start = time.perf_counter()
-  rate = codec.choose_rate(model, rgb, tau) if tau_rate is None else tau_rate
+  base = codec.choose_base(model, rgb, tau) if tau_rate is None else None
   chosen_at = time.perf_counter()
-  encoded = codec.encode(model, rgb, rate, tau)
+  encoded = codec.encode(model, rgb, tau_rate, tau, base=base)  # as gvae compress --tau
   encoded_at = time.perf_counter()
   decoded = codec.decompress(model, encoded.data)
   row.update(rate=float(encoded.header.rate), tau=tau, encode_seconds=encoded_at - start,
