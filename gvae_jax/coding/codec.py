@@ -144,7 +144,7 @@ def _synthesize(model, params, y_sym, mean, s, with_prior: bool):
   y_hat = y_sym.astype(jnp.float32) + mean
   x_tilde, u = model.apply({"params": params}, y_hat, s, method=model.synthesize)
   x = jnp.nan_to_num(x_tilde)  # garbage input must still give pixels
-  # The same rounding as evaluate.py's estimate: round(clip(x, 0, 1) * 255).
+  # The same rounding as gvae_jax.eval.estimate: round(clip(x, 0, 1) * 255).
   pixels = jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
   return pixels, (jnp.nan_to_num(u) if with_prior else None)
 

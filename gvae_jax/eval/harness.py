@@ -16,7 +16,7 @@ What is measured, per image and setting (`rows`, also results.csv):
   (8-bit), MS-SSIM (None with a note below 161 pixels a side, where it is
   undefined), max abs error, encode and decode seconds, and the model's
   estimated bits (bits_y + bits_z of the model at train=False, as
-  gvae_jax.coding.report).
+  gvae_jax.eval.estimate.lossy_bits).
 * near-lossless / lossless (scalable models), per tau: the base rate is
   codec.choose_rate's (the smallest estimated file) unless `tau_rate` fixes
   it; bpsp = bytes * 8 / (H * W * 3), bpp, max abs error (checked <= tau: a
