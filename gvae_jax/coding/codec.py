@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gvae_jax.coding import container, residual_codec
-from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, CodingError, get_coder
+from gvae_jax.coding.coder import CodingError, EntropyCoder, default_coder_id, get_coder
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
 from gvae_jax.coding.settings import RateError, TauError, check_rate, check_tau  # noqa: F401
@@ -219,7 +219,8 @@ class Decoded:
   base: np.ndarray | None = None
 
 
-def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32):
+def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
+                  coder: EntropyCoder):
   """(z_sym, y_sym, y_index, mean) of the lossy layer, and the z and y streams."""
   s = jnp.full((1,), s_value, jnp.float32)
   x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.lossy_model.stride))
@@ -227,7 +228,6 @@ def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32):
   mean, y_index = hyper(model.lossy_model, model.lossy_params, z_sym, s, model.y_index_bounds)
   y_sym = quantize_y(y, mean)
   z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
-  coder = get_coder(TFC_RANGE_CODER_ID)
   z_bytes = coder.encode(z_np, z_indexes(z_np.shape), model.z_table)
   y_bytes = coder.encode(y_np, index_np, model.y_table)
   return (z_np, y_np, index_np, mean), [z_bytes, y_bytes]
@@ -242,26 +242,33 @@ class _LossyLayer:
   y_indexes: np.ndarray
   mean: jax.Array
   sections: list  # [z stream, y stream]
+  coder_id: int  # the coder that wrote the sections
   base: np.ndarray | None = None  # uint8 [H, W, 3]
   u: jax.Array | None = None  # padded prior [1, Hp, Wp, C]
 
 
 def _code_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
-                with_base: bool) -> _LossyLayer:
-  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value)
+                with_base: bool, coder: EntropyCoder) -> _LossyLayer:
+  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder)
   base = u = None
   if with_base:
     s = jnp.full((1,), s_value, jnp.float32)
     base, u = synthesize_image(model, y_np, mean, s, rgb.shape[0], rgb.shape[1],
                                with_prior=True)
-  return _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, base, u)
+  return _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, coder.coder_id, base, u)
 
 
 def base_layer(model: ExportedModel, pixels, rate) -> tuple[np.ndarray, jax.Array]:
   """(x_base uint8 [H, W, 3], padded residual prior u) exactly as a residual file codes them."""
   rgb, _ = _checked_rgb(model, pixels)
-  layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True)
+  layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
+                      coder=_backend(None))
   return layer.base, layer.u
+
+
+def _backend(coder: int | None) -> EntropyCoder:
+  """The entropy coder of id `coder`, by default the installed profile's."""
+  return get_coder(default_coder_id() if coder is None else coder)
 
 
 def _checked_rgb(model: ExportedModel, pixels) -> tuple[np.ndarray, int]:
@@ -271,13 +278,16 @@ def _checked_rgb(model: ExportedModel, pixels) -> tuple[np.ndarray, int]:
 
 
 def encode(model: ExportedModel, pixels, rate, tau=None,
-           profile: residual_codec.Profile | None = None,
+           profile: residual_codec.Profile | None = None, coder: int | None = None,
            base: "ChosenBase | None" = None) -> Encoded:
   """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc.
 
+  coder: the entropy coder id (gvae_jax.coding.coder); by default the
+  installed profile's (coder.default_coder_id).
   base: choose_base's result for these pixels and tau (its rate is used and
   its coded lossy layer reused); rate is then ignored and may be None.
   """
+  backend = _backend(coder)
   if tau is not None:
     tau = check_tau(tau, model)
   if base is not None:
@@ -287,18 +297,18 @@ def encode(model: ExportedModel, pixels, rate, tau=None,
   else:
     s_value, lossy = check_rate(rate, model.levels), None
   rgb, channels = _checked_rgb(model, pixels)
-  return _encode(model, rgb, channels, s_value, tau, profile, lossy)
+  return _encode(model, rgb, channels, s_value, tau, backend, profile, lossy)
 
 
 def _encode(model: ExportedModel, rgb: np.ndarray, channels: int, s_value: np.float32,
-            tau: int | None, profile: residual_codec.Profile | None = None,
+            tau: int | None, coder: EntropyCoder,
+            profile: residual_codec.Profile | None = None,
             lossy: _LossyLayer | None = None) -> Encoded:
   """encode() on checked arguments; `lossy`: the layer already coded at s_value."""
-  if lossy is None:
-    lossy = _code_lossy(model, rgb, s_value, with_base=tau is not None)
+  if lossy is None or lossy.coder_id != coder.coder_id:
+    lossy = _code_lossy(model, rgb, s_value, with_base=tau is not None, coder=coder)
   height, width = rgb.shape[:2]
   sections = list(lossy.sections)
-  coder = get_coder(TFC_RANGE_CODER_ID)
   mode, layer = Mode.LOSSY, None
   if tau is not None:
     layer = residual_codec.encode(model, coder, rgb, lossy.base, lossy.u, tau, profile)
@@ -411,7 +421,8 @@ def decode(model: ExportedModel, data: bytes,
 
 # --- Choosing the base rate of a residual file. ---
 
-def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> float:
+def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4,
+                coder: int | None = None) -> float:
   """The base rate s that minimises the size of the residual file for tau.
 
   The size at a rate is the real lossy layer's bytes plus the model's
@@ -424,7 +435,7 @@ def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> floa
   """
   tau = check_tau(tau, model)
   rgb, _ = _checked_rgb(model, pixels)
-  return _choose_rate(model, rgb, tau, refinements)[0]
+  return _choose_rate(model, rgb, tau, refinements, _backend(coder))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,15 +445,16 @@ class ChosenBase:
   layer: _LossyLayer
 
 
-def choose_base(model: ExportedModel, pixels, tau, refinements: int = 4) -> ChosenBase:
+def choose_base(model: ExportedModel, pixels, tau, refinements: int = 4,
+                coder: int | None = None) -> ChosenBase:
   """choose_rate, keeping the chosen candidate's coded lossy layer for `encode`."""
   tau = check_tau(tau, model)
   rgb, _ = _checked_rgb(model, pixels)
-  return ChosenBase(*_choose_rate(model, rgb, tau, refinements))
+  return ChosenBase(*_choose_rate(model, rgb, tau, refinements, _backend(coder)))
 
 
-def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int,
-                 refinements: int) -> tuple[float, _LossyLayer]:
+def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int, refinements: int,
+                 coder: EntropyCoder) -> tuple[float, _LossyLayer]:
   """choose_rate on checked arguments: the rate and its coded lossy layer (reused by compress)."""
   sizes = {}
   best = None  # (size, rate, lossy layer): the smallest size, then the lowest rate
@@ -451,7 +463,8 @@ def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int,
     nonlocal best
     rate = float(np.float32(rate))
     if rate not in sizes:
-      layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True)
+      layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
+                          coder=coder)
       bits = residual_codec.estimate_bits(model, rgb, layer.base, layer.u, tau)
       sizes[rate] = sum(len(x) for x in layer.sections) + float(np.sum(bits)) / 8.0
       if best is None or (sizes[rate], rate) < best[:2]:
@@ -477,26 +490,29 @@ def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int,
 
 # --- The public API. ---
 
-def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None) -> bytes:
+def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
+             coder: int | None = None) -> bytes:
   """uint8 [H, W, 3] (or [H, W] grayscale) -> .gvae bytes.
 
   Lossy at rate s in [0, levels-1]; with tau (an int >= 0; 0 is lossless) a
   residual file whose every decoded value is within tau of the input, with
   the base layer at `rate`, or, if rate is None, at choose_rate's rate (whose
   coded lossy layer is reused, not coded again).
+  coder: entropy coder id, None for the default (`encode`).
   """
   if tau is None:
     if rate is None:
       raise RateError("a lossy file needs a rate")
-    return encode(model, pixels, rate).data
+    return encode(model, pixels, rate, coder=coder).data
   tau = check_tau(tau, model)
+  backend = _backend(coder)
   if rate is not None:
     s_value = check_rate(rate, model.levels)
     rgb, channels = _checked_rgb(model, pixels)
-    return _encode(model, rgb, channels, s_value, tau).data
+    return _encode(model, rgb, channels, s_value, tau, backend).data
   rgb, channels = _checked_rgb(model, pixels)
-  rate, lossy = _choose_rate(model, rgb, tau, refinements=4)
-  return _encode(model, rgb, channels, lossy.s_value, tau, lossy=lossy).data
+  rate, lossy = _choose_rate(model, rgb, tau, 4, backend)
+  return _encode(model, rgb, channels, lossy.s_value, tau, backend, lossy=lossy).data
 
 
 def decompress(model: ExportedModel, data: bytes) -> np.ndarray:
@@ -509,7 +525,7 @@ def bits_per_pixel(data: bytes, header: Header) -> float:
 
 
 def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
-                    tolerance: float = 1e-3) -> tuple[bytes, float]:
+                    tolerance: float = 1e-3, coder: int | None = None) -> tuple[bytes, float]:
   """The file of the largest rate s whose real size is <= target_bpp, and s.
 
   Bisection on s (file size grows with s; where it does not quite, the
@@ -523,10 +539,11 @@ def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
   if not math.isfinite(target) or target <= 0:
     raise UserError(f"target bpp must be a positive number, got {target_bpp}")
   rgb, channels = _checked_rgb(model, pixels)
+  backend = _backend(coder)
   budget = target * rgb.shape[0] * rgb.shape[1] / 8.0  # bytes
 
   def attempt(s):
-    return _encode(model, rgb, channels, check_rate(s, model.levels), None).data
+    return _encode(model, rgb, channels, check_rate(s, model.levels), None, backend).data
 
   top = float(model.levels - 1)
   best = attempt(0.0)
