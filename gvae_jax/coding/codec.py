@@ -48,7 +48,10 @@ wrong image. Needs a
 scalable model (ExportedModel.is_scalable); with one, lossy files use its
 lossy layer and are the same as a lossy-only model's. Without a rate,
 `compress` picks the base rate with `choose_rate` (the smallest estimated
-file: every trained level, then a golden-section refinement).
+file: every trained level, then a golden-section refinement) and codes the
+file with the chosen candidate's lossy layer as it was coded for the search
+(`choose_base` and `encode(base=...)` do the same for callers that time the
+two steps apart).
 
 Colour: the codec codes 8-bit RGB. A grayscale (or bilevel) image is passed
 as a 2-D [H, W] array (or by the CLI from a grayscale file): its value is
