@@ -28,7 +28,7 @@ def images(tmp_path_factory):
   folder = tmp_path_factory.mktemp("estimate_images")
   Image.fromarray(make_image(64, 80, 1)).save(folder / "a.png")
   # A suffix the old training-time lister skipped: every lister now sees it.
-  Image.fromarray(make_image(64, 64, 2)[:, :, 0]).save(folder / "b.pgm")
+  Image.fromarray(make_image(64, 80, 2)[:, :, 0]).save(folder / "b.pgm")  # one shape: one compile
   return folder
 
 
