@@ -209,6 +209,40 @@ def check_cdf_rows(cdf: np.ndarray, offsets: np.ndarray, precision: int,
   return cdf.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False)
 
 
+def window_values(symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray, precision: int,
+                  validate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """An explicit-CDF call's (checked cdf rows, values to code int32 [n] with the
+  escape index W for values outside the window, escaped symbols int64)."""
+  cdf, offsets = check_cdf_rows(cdf, offsets, precision, validate)
+  symbols = np.asarray(symbols)
+  if symbols.shape != offsets.shape or not np.issubdtype(symbols.dtype, np.integer):
+    raise ValueError(f"symbols must be integers of shape {offsets.shape}, got "
+                     f"{symbols.dtype} {symbols.shape}")
+  window = cdf.shape[1] - 2
+  values = symbols.astype(np.int64) - offsets
+  escaped = (values < 0) | (values >= window)
+  coded = np.where(escaped, window, values).astype(np.int32)
+  return cdf, coded, symbols[escaped].astype(np.int64)
+
+
+def window_symbols(values: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
+                   escapes: Callable[[int], np.ndarray]) -> np.ndarray:
+  """Inverse of `window_values`: int32 symbols of decoded values, the escaped
+  ones taken from `escapes` (CodingError for values a valid stream cannot give)."""
+  window = cdf.shape[1] - 2
+  if values.size and (values.min() < 0 or values.max() > window):
+    raise CodingError("range decoder produced out-of-range values")
+  symbols = values.astype(np.int64) + offsets
+  escaped = values == window
+  count = int(np.count_nonzero(escaped))
+  if count:
+    symbols[escaped] = np.asarray(escapes(count), np.int64)
+  info = np.iinfo(np.int32)
+  if symbols.size and (symbols.min() < info.min or symbols.max() > info.max):
+    raise CodingError("escaped value out of int32 range")
+  return symbols.astype(np.int32)
+
+
 def escape_codes(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   """Varint codes of values outside [0, lengths) (escape section, module doc)."""
   values, lengths = np.asarray(values, np.int64), np.asarray(lengths, np.int64)

@@ -48,7 +48,7 @@ import constriction
 from gvae_jax.coding.coder import (CONSTRICTION_RANGE_CODER_ID, CdfDecoder, CdfEncoder,
                                    CodingError, EntropyCoder, check_cdf_rows, check_indexes,
                                    check_symbols, escape_codes, join_stream, read_escapes,
-                                   split_stream)
+                                   split_stream, window_symbols, window_values)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
 _INT32 = np.iinfo(np.int32)
@@ -105,7 +105,7 @@ class _Session(CdfEncoder):
     self.coded = 0
 
   def encode(self, symbols, cdf, offsets, precision):
-    values, escaped = _explicit_values(symbols, cdf, offsets, precision, False)
+    cdf, values, escaped = window_values(symbols, cdf, offsets, precision, False)
     if values.size:
       self.encoder.encode(values, _PER_SYMBOL, _counts(cdf))
       self.coded += values.size
@@ -134,41 +134,13 @@ class _DecodingSession(CdfDecoder):
     self.calls += 1
     values = (_guarded(self.decoder.decode, _PER_SYMBOL, _counts(cdf)) if offsets.size
               else np.zeros(0, np.int32))
-    return _explicit_symbols(values, cdf, offsets, escapes)
+    return window_symbols(values, cdf, offsets, escapes)
 
   def finish(self) -> None:
     # The encoder writes a stream only if something was coded; its words end
     # where the decoder stops (it may have read the last word only in part).
     if self.streams and not self.calls:
       raise CodingError("a stream is left over; file is corrupt")
-
-
-def _explicit_values(symbols, cdf, offsets, precision, validate):
-  """(values to code int32 [n], escaped symbols) of an explicit-CDF call."""
-  cdf, offsets = check_cdf_rows(cdf, offsets, precision, validate)
-  symbols = np.asarray(symbols)
-  if symbols.shape != offsets.shape or not np.issubdtype(symbols.dtype, np.integer):
-    raise ValueError(f"symbols must be integers of shape {offsets.shape}, got "
-                     f"{symbols.dtype} {symbols.shape}")
-  window = cdf.shape[1] - 2
-  values = symbols.astype(np.int64) - offsets
-  escaped = (values < 0) | (values >= window)
-  coded = np.where(escaped, window, values).astype(np.int32)
-  return coded, symbols[escaped].astype(np.int64)
-
-
-def _explicit_symbols(values, cdf, offsets, escapes):
-  window = cdf.shape[1] - 2
-  if values.size and (values.min() < 0 or values.max() > window):  # cannot happen
-    raise CodingError("range decoder produced out-of-range values")
-  symbols = values.astype(np.int64) + offsets
-  escaped = values == window
-  count = int(np.count_nonzero(escaped))
-  if count:
-    symbols[escaped] = np.asarray(escapes(count), np.int64)
-  if symbols.size and (symbols.min() < _INT32.min or symbols.max() > _INT32.max):
-    raise CodingError("escaped value out of int32 range")
-  return symbols.astype(np.int32)
 
 
 class ConstrictionRangeCoder(EntropyCoder):
@@ -235,11 +207,11 @@ class ConstrictionRangeCoder(EntropyCoder):
 
   def encode_with_cdfs(self, symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
                        precision: int, validate: bool = True) -> tuple[bytes, np.ndarray]:
-    values, escaped = _explicit_values(symbols, cdf, offsets, precision, validate)
+    cdf, values, escaped = window_values(symbols, cdf, offsets, precision, validate)
     if values.size == 0:
       return b"", escaped
     encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode(values, _PER_SYMBOL, _counts(np.asarray(cdf)))
+    encoder.encode(values, _PER_SYMBOL, _counts(cdf))
     return encoder.get_compressed().astype(_WORD).tobytes(), escaped
 
   def decode_with_cdfs(self, data: bytes, cdf: np.ndarray, offsets: np.ndarray,
@@ -253,7 +225,7 @@ class ConstrictionRangeCoder(EntropyCoder):
       return np.zeros(0, np.int32)
     decoder = constriction.stream.queue.RangeDecoder(words)
     values = _guarded(decoder.decode, _PER_SYMBOL, _counts(cdf))
-    return _explicit_symbols(values, cdf, offsets, escapes)
+    return window_symbols(values, cdf, offsets, escapes)
 
   def cdf_encoder(self) -> CdfEncoder:
     return _Session(self)

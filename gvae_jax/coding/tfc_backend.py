@@ -35,7 +35,8 @@ import numpy as np
 
 from gvae_jax.coding.coder import (TFC_RANGE_CODER_ID, CodingError, EntropyCoder,
                                    check_cdf_rows, check_indexes, check_symbols, escape_codes,
-                                   join_stream, read_escapes, split_stream)
+                                   join_stream, read_escapes, split_stream, window_symbols,
+                                   window_values)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
 _INT32 = np.iinfo(np.int32)
@@ -88,23 +89,15 @@ class TfcRangeCoder(EntropyCoder):
 
   def encode_with_cdfs(self, symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
                        precision: int, validate: bool = True) -> tuple[bytes, np.ndarray]:
-    cdf, offsets = check_cdf_rows(cdf, offsets, precision, validate)
-    symbols = np.asarray(symbols)
-    if symbols.shape != offsets.shape or not np.issubdtype(symbols.dtype, np.integer):
-      raise ValueError(f"symbols must be integers of shape {offsets.shape}, got "
-                       f"{symbols.dtype} {symbols.shape}")
-    if symbols.size == 0:
-      return b"", np.zeros(0, np.int64)
-    window = cdf.shape[1] - 2
-    values = symbols.astype(np.int64) - offsets
-    escaped = (values < 0) | (values >= window)
-    coded = np.where(escaped, window, values).astype(np.int16)
+    cdf, coded, escaped = window_values(symbols, cdf, offsets, precision, validate)
+    if coded.size == 0:
+      return b"", escaped
     tf, ops = _tf()
     # debug_level=0: the rows were checked above (or are valid by construction).
     # Tensors, not numpy arrays: the op's fast path takes only tensors.
-    ranged = ops.range_encode(tf.constant(coded), tf.constant(cdf), precision=precision,
-                              debug_level=0)
-    return bytes(ranged.numpy()), symbols[escaped].astype(np.int64)
+    ranged = ops.range_encode(tf.constant(coded.astype(np.int16)), tf.constant(cdf),
+                              precision=precision, debug_level=0)
+    return bytes(ranged.numpy()), escaped
 
   def decode_with_cdfs(self, data: bytes, cdf: np.ndarray, offsets: np.ndarray,
                        precision: int, escapes: Callable[[int], np.ndarray],
@@ -123,18 +116,7 @@ class TfcRangeCoder(EntropyCoder):
                                  tf.constant(cdf), precision=precision, debug_level=0)
     except tf.errors.OpError as e:
       raise CodingError(f"range decoder rejected the stream: {e.message}") from e
-    values = decoded.numpy()
-    window = cdf.shape[1] - 2
-    if values.min() < 0 or values.max() > window:  # cannot happen for valid rows
-      raise CodingError("range decoder produced out-of-range values")
-    symbols = values.astype(np.int64) + offsets
-    escaped = values == window
-    count = int(np.count_nonzero(escaped))
-    if count:
-      symbols[escaped] = np.asarray(escapes(count), np.int64)
-    if symbols.min() < _INT32.min or symbols.max() > _INT32.max:
-      raise CodingError("escaped value out of int32 range")
-    return symbols.astype(np.int32)
+    return window_symbols(decoded.numpy(), cdf, offsets, escapes)
 
   def encode_streams(self, symbols: np.ndarray, indexes: np.ndarray,
                      table: CdfTable) -> list[bytes]:
