@@ -5,9 +5,10 @@ grayscale, bilevel and palette images converted losslessly (and reported, so
 the CLI can say so), and everything it could only handle by throwing
 information away refused with an `ImageError`: alpha or transparency, more
 than 8 bits per sample, multi-frame files, other colour models. Pillow does
-the decoding; for PNG, PPM and TIFF the header is checked as well because
-Pillow silently reduces 16-bit RGB in those formats to 8 bits, and for BMP
-because Pillow reads a 32-bit BMP's alpha bytes as unused padding.
+the decoding; for PNG (Pillow's raw mode), PPM and TIFF the sample depth is
+checked as well because Pillow silently reduces 16-bit RGB in those formats
+to 8 bits, and for BMP because Pillow reads a 32-bit BMP's alpha bytes as
+unused padding.
 
 Only regular files are read (fileio.open_regular_file: no devices, FIFOs).
 `max_pixels` is checked on the size in the file's header, before any pixel
@@ -115,14 +116,6 @@ def _refuse(path: str, problem: str, advice: str) -> ImageError:
   return ImageError(f"{path}: {problem}; {advice}")
 
 
-def _png_header(header: bytes) -> tuple[int, int, int, int] | None:
-  """(width, height, bit depth, colour type) from the IHDR chunk, if a PNG."""
-  if header.startswith(_PNG_SIGNATURE) and header[12:16] == b"IHDR" and len(header) >= 26:
-    width, height, bit_depth, color_type = struct.unpack(">IIBB", header[16:26])
-    return width, height, bit_depth, color_type
-  return None
-
-
 def _pnm_header(header: bytes) -> tuple[int, int, int] | None:
   """(width, height, maxval) of a P2/P3/P5/P6 (PGM/PPM) header, if it is one."""
   if header[:2] not in (b"P2", b"P3", b"P5", b"P6"):
@@ -134,6 +127,13 @@ def _pnm_header(header: bytes) -> tuple[int, int, int] | None:
   except ValueError:  # fewer than 3 tokens or not numbers: let Pillow report it
     return None
   return width, height, maxval
+
+
+def _png_size(header: bytes) -> tuple[int, int] | None:
+  """(width, height) from a PNG's IHDR chunk, if the header is a PNG's."""
+  if header.startswith(_PNG_SIGNATURE) and header[12:16] == b"IHDR" and len(header) >= 24:
+    return struct.unpack(">II", header[16:24])
+  return None
 
 
 def _bmp_header(header: bytes) -> tuple[int, int, int, int, int] | None:
@@ -173,14 +173,6 @@ def _bmp_alpha_bytes_used(file, header: bytes) -> bool:
 
 def _check_header(path: str, header: bytes) -> None:
   """Refusals Pillow would not raise itself: it decodes these files silently at 8 bits."""
-  png = _png_header(header)
-  if png is not None:
-    width, height, bit_depth, _ = png
-    if width == 0 or height == 0:
-      raise _refuse(path, f"PNG of {width}x{height} pixels has no pixels", "nothing to compress")
-    if bit_depth == 16:
-      raise _refuse(path, "PNG with 16 bits per sample (48/64-bit colour or 16-bit gray); "
-                    "the codec takes 8 bits and would silently lose precision", _TO_8BIT_RGB)
   pnm = _pnm_header(header)
   if pnm is not None:
     width, height, maxval = pnm
@@ -204,6 +196,10 @@ def _check_opened(path: str, image: Image.Image) -> SourceMode:
   width, height = image.size
   if width == 0 or height == 0:
     raise _refuse(path, f"image of {width}x{height} pixels has no pixels", "nothing to compress")
+  if image.format == "PNG" and image.tile and ";16" in str(image.tile[0][3]):
+    # Pillow opens 48/64-bit PNGs as 8-bit RGB(A); the decoder's raw mode ("RGB;16B") tells.
+    raise _refuse(path, "PNG with 16 bits per sample (48/64-bit colour or 16-bit gray); "
+                  "the codec takes 8 bits and would silently lose precision", _TO_8BIT_RGB)
   frames = _frame_count(image)
   if frames > 1:
     raise _refuse(path, f"{image.format} holds {frames} frames or pages",
@@ -312,7 +308,7 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None,
     if not header:
       raise ImageError(f"{path}: file is empty (0 bytes)")
     _check_header(path, header)
-    png = _png_header(header)
+    png = _png_size(header)
     if png is not None:  # before Pillow: it refuses huge PNGs as "decompression bombs"
       _check_pixel_count(path, png[0], png[1], max_pixels, limit_note)
     if _bmp_alpha_bytes_used(file, header):
