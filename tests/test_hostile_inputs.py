@@ -215,9 +215,9 @@ def test_estimate_out_refuses_to_overwrite_without_force(tmp_path):
                 cwd=tmp_path, timeout=60)
   assert_fails(result, "already exists; pass --force")
   assert out.read_text() == "precious"
-  # With --force the (missing) workdir is the next problem: the output check came first.
+  # With --force the (missing) image folder is the next problem: the output check came first.
   assert_fails(gvae("estimate", "--workdir", "no_workdir", "--images", "x", "--out", out,
-                    "--force", cwd=tmp_path, timeout=60), "not a training workdir")
+                    "--force", cwd=tmp_path, timeout=60), "image folder not found: x")
 
 
 def test_estimate_out_is_written_atomically(tmp_path, monkeypatch):

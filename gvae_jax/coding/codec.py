@@ -411,7 +411,7 @@ def _at_most_stored(model: ExportedModel, pixels, data: bytes) -> bytes:
   """`data`, or the STORED file if that is smaller (it is lossless, so it honours any
   rate or tau), for degenerate sizes only: images whose padding to a multiple of 64
   is at least DEGENERATE_PADDING times their area (1-4 pixels high or wide, tiny)."""
-  rgb, channels = _as_rgb(pixels)
+  rgb, channels = as_rgb(pixels)
   height, width = rgb.shape[:2]
   stride = int(model.lossy_model.stride)
   padded = (-(-height // stride) * stride) * (-(-width // stride) * stride)
