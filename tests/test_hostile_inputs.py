@@ -480,8 +480,8 @@ def test_fuzzed_headers_never_exceed_the_documented_peak(tmp_path):
 
       def valid_lossy(height, width):
         z_shape, y_shape = codec._latent_shapes(model.lossy_model, height, width)
-        z = coder.encode(np.zeros(z_shape, np.int32), codec._z_indexes(z_shape), model.z_table)
-        _, rows = codec._hyper(model.lossy_model, model.lossy_params,
+        z = coder.encode(np.zeros(z_shape, np.int32), codec.z_indexes(z_shape), model.z_table)
+        _, rows = codec.hyper(model.lossy_model, model.lossy_params,
                                jnp.zeros(z_shape, jnp.int32), jnp.zeros((1,), jnp.float32),
                                model.y_index_bounds)
         y = coder.encode(np.zeros(y_shape, np.int32), np.asarray(rows), model.y_table)
