@@ -289,3 +289,21 @@ def test_a_damaged_pair_table_is_refused(asymmetric_model, tmp_path):
   (out / export.TABLES_FILE).write_bytes(buffer.getvalue())
   with pytest.raises(export.ExportError, match="one per pair of scales"):
     export.load_model(out)
+
+
+def test_scalable_asymmetric_model_codes_lossy_and_near_lossless(tmp_path):
+  from codec_helpers import SCALABLE_OVERRIDES, tiny_scalable_params
+
+  config = load_config(str(tiny_config_path()), list(SCALABLE_OVERRIDES) + list(ASYMMETRIC))
+  params = tiny_scalable_params()
+  params["lossy"] = asymmetric_params(params["lossy"], 0.7)
+  model = export.export_params(config, params, tmp_path / "scalable_asym")
+  model = export.load_model(tmp_path / "scalable_asym")
+  assert model.is_scalable and model.y_table.num_rows == LEVELS * LEVELS
+  pixels = make_image(20, 28, seed=8)
+  for tau in (None, 2):
+    encoded = codec.encode(model, pixels, 0.5, tau)
+    decoded = codec.decode(model, encoded.data)
+    np.testing.assert_array_equal(decoded.pixels, codec.reconstruct(model, encoded))
+    if tau is not None:
+      assert np.abs(decoded.pixels.astype(np.int32) - pixels).max() <= tau
