@@ -7,8 +7,8 @@ reported on its own), each stage of gvae_jax.coding.codec:
             -> table index lookup inside the same jitted function), y
             quantisation, synthesis (g_s, clip, round)
   tables:   the scale -> table row lookup alone (searchsorted on the bounds)
-  coding:   TFC range encode / decode of z and y (one op call each), including
-            the escape sections
+  coding:   range encode / decode of z and y with the profile's coder (or
+            --coder), including the escape sections
   transfer: device -> host copies of the integers the coder needs
 
 plus end-to-end compress() / decompress() calls. The image is Kodak kodim01
@@ -83,18 +83,18 @@ def timed(fn, repeats: int):
   return first, statistics.median(times), result
 
 
-def measure(model, pixels, rate: float, repeats: int) -> dict:
+def measure(model, pixels, rate: float, repeats: int, coder_id: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from gvae_jax.coding import codec
-  from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
+  from gvae_jax.coding.coder import get_coder
   from gvae_jax.ops import pad_to_multiple
 
   m, params = model.lossy_model, model.lossy_params  # the model itself unless scalable
-  coder = get_coder(TFC_RANGE_CODER_ID)
-  start = time.perf_counter()  # TensorFlow import and op loading: once per process
+  coder = get_coder(coder_id)
+  start = time.perf_counter()  # the coder's start-up (TFC: TensorFlow import), once per process
   coder.encode(np.zeros(4, np.int32), np.zeros(4, np.int32), model.y_table)
   tf_start_seconds = time.perf_counter() - start
 
@@ -132,7 +132,8 @@ def measure(model, pixels, rate: float, repeats: int) -> dict:
   stage("synthesis", lambda: codec._synthesize_image(model, y_sym, mean, s, height, width)[0])
 
   # End to end, after everything above compiled.
-  _, compress_seconds, data = timed(lambda: codec.compress(model, pixels, rate), repeats)
+  _, compress_seconds, data = timed(lambda: codec.compress(model, pixels, rate, coder=coder_id),
+                                   repeats)
   _, decompress_seconds, decoded = timed(lambda: codec.decompress(model, data), repeats)
   assert np.array_equal(decoded,
                         codec._synthesize_image(model, y_sym, mean, s, height, width)[0])
@@ -155,7 +156,7 @@ def measure(model, pixels, rate: float, repeats: int) -> dict:
       "stage_seconds": stages,
       "compile_seconds": compile_seconds,
       "compile_seconds_total": sum(compile_seconds.values()),
-      "tensorflow_start_seconds": tf_start_seconds,
+      "coder_start_seconds": tf_start_seconds, "coder": coder.name,
   }
 
 
@@ -169,12 +170,16 @@ def main() -> None:
                       help="rate s (default: the middle of each model's range)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--paper-repeats", type=int, default=1, help="paper is slow")
+  parser.add_argument("--coder", choices=["constriction", "tfc"],
+                      help="entropy coder (default: the profile's, gvae_jax.coding.coder)")
   parser.add_argument("--out", default=str(REPO / "benchmarks/results/codec_speed.json"))
   args = parser.parse_args()
 
   import jax
 
   from gvae_jax.coding import export
+  from gvae_jax.coding.coder import CODER_NAMES, default_coder_id
+  coder_id = CODER_NAMES[args.coder] if args.coder else default_coder_id()
 
   pixels, image_name = load_image(Path(args.image))
   results = []
@@ -187,7 +192,7 @@ def main() -> None:
     setup_seconds = time.perf_counter() - start
     rate = args.rate if args.rate is not None else (model.levels - 1) / 2
     repeats = args.paper_repeats if name == "paper" else args.repeats
-    row = measure(model, pixels, rate, repeats)
+    row = measure(model, pixels, rate, repeats, coder_id)
     row.update(config=name, params_from=source, model_setup_seconds=setup_seconds,
                n=int(model.config.model.n), m=int(model.config.model.m),
                levels=model.levels, step=model.manifest.get("step"), repeats=repeats)

@@ -137,12 +137,16 @@ def _compress(args, overrides):
   model = export.load_model(args.model)
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
     pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
+  from gvae_jax.coding.coder import CODER_NAMES, get_coder
+  coder = None if args.coder is None else CODER_NAMES[args.coder]
+  if coder is not None:
+    get_coder(coder)  # a missing backend fails before the work
   if tau is not None:
-    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model))
+    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model), coder=coder)
   elif args.bpp is not None:
-    data, _ = codec.compress_to_bpp(model, pixels, args.bpp)
+    data, _ = codec.compress_to_bpp(model, pixels, args.bpp, coder=coder)
   else:
-    data = codec.compress(model, pixels, args.rate)
+    data = codec.compress(model, pixels, args.rate, coder=coder)
   try:
     fileio.atomic_write_bytes(args.output, data, overwrite=args.force)
   except FileExistsError:
@@ -215,7 +219,7 @@ def _info(args, overrides):
        if header.mode == container.Mode.RESIDUAL else f"{header.tau} (lossy: no bound)"),
       ("size", f"{header.width}x{header.height} (width x height)"),
       ("channels", header.channels),
-      ("coder id", header.coder_id),
+      ("coder id", f"{header.coder_id} ({_coder_name(header.coder_id)})"),
       ("model fingerprint", header.fingerprint.hex()),
       ("sections", ", ".join(
           f"{name} {len(s)} bytes" if name else f"{len(s)} bytes"
@@ -223,6 +227,12 @@ def _info(args, overrides):
   ]
   for key, value in rows:
     print(f"{key + ':':<19}{value}")
+
+
+def _coder_name(coder_id: int) -> str:
+  from gvae_jax.coding.coder import CODER_NAMES
+  names = {v: k for k, v in CODER_NAMES.items()}
+  return names.get(coder_id, "unknown")
 
 
 def _section_names(header, count: int) -> list[str]:
@@ -327,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                  ">= 0) of the original; needs a scalable model. Without --rate the base rate "
                  "of the smallest file is chosen")
   p.add_argument("--lossless", action="store_true", help="lossless: the same as --tau 0")
+  p.add_argument("--coder", choices=("constriction", "tfc"),
+                 help="entropy coder backend (default: tfc where installed, the tfc profile; "
+                      "constriction otherwise)")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
   p.set_defaults(run=_compress)
 

@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gvae_jax.coding import container, residual_codec
-from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, CodingError, get_coder
+from gvae_jax.coding.coder import CodingError, EntropyCoder, default_coder_id, get_coder
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
 from gvae_jax.entropy import asymmetric_gaussian
@@ -271,7 +271,8 @@ def check_tau(tau, model: ExportedModel | None = None) -> int:
   return int(value)
 
 
-def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32):
+def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
+                  coder: EntropyCoder):
   """(z_sym, y_sym, y_index, mean) of the lossy layer, and the z and y streams."""
   s = jnp.full((1,), s_value, jnp.float32)
   x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.lossy_model.stride))
@@ -279,23 +280,26 @@ def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32):
   mean, y_index = _hyper(model.lossy_model, model.lossy_params, z_sym, s, model.y_index_bounds)
   y_sym = _quantize_y(y, mean)
   z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
-  coder = get_coder(TFC_RANGE_CODER_ID)
   z_bytes = coder.encode(z_np, _z_indexes(z_np.shape), model.z_table)
   y_bytes = coder.encode(y_np, index_np, model.y_table)
   return (z_np, y_np, index_np, mean), [z_bytes, y_bytes]
 
 
 def encode(model: ExportedModel, pixels, rate, tau=None,
-           profile: residual_codec.Profile | None = None) -> Encoded:
-  """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc."""
+           profile: residual_codec.Profile | None = None, coder: int | None = None) -> Encoded:
+  """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc.
+
+  coder: the entropy coder id (gvae_jax.coding.coder); by default the
+  installed profile's (coder.default_coder_id).
+  """
+  coder = get_coder(default_coder_id() if coder is None else coder)
   if tau is not None:
     tau = check_tau(tau, model)
   s_value = check_rate(rate, model.levels)
   rgb, channels = _as_rgb(pixels)
   height, width = rgb.shape[:2]
   _check_size(height, width, int(model.lossy_model.stride))
-  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value)
-  coder = get_coder(TFC_RANGE_CODER_ID)
+  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder)
   mode, layer, base = Mode.LOSSY, None, None
   if tau is not None:
     s = jnp.full((1,), s_value, jnp.float32)
@@ -409,18 +413,20 @@ def decode(model: ExportedModel, data: bytes,
 
 # --- Choosing the base rate of a residual file. ---
 
-def _estimated_size(model: ExportedModel, rgb: np.ndarray, rate: float, tau: int) -> float:
+def _estimated_size(model: ExportedModel, rgb: np.ndarray, rate: float, tau: int,
+                    coder: EntropyCoder) -> float:
   """Bytes of a residual file at `rate`: the real lossy layer plus the estimated residual."""
   s_value = check_rate(rate, model.levels)
   height, width = rgb.shape[:2]
-  (_, y_np, _, mean), sections = _encode_lossy(model, rgb, s_value)
+  (_, y_np, _, mean), sections = _encode_lossy(model, rgb, s_value, coder)
   s = jnp.full((1,), s_value, jnp.float32)
   base, u = _synthesize_image(model, y_np, mean, s, height, width, with_prior=True)
   bits = residual_codec.estimate_bits(model, rgb, base, u, tau)
   return sum(len(x) for x in sections) + float(np.sum(bits)) / 8.0
 
 
-def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> float:
+def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4,
+                coder: int | None = None) -> float:
   """The base rate s that minimises the size of the residual file for tau.
 
   The size at a rate is the real lossy layer's bytes plus the model's
@@ -434,12 +440,13 @@ def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> floa
   tau = check_tau(tau, model)
   rgb, _ = _as_rgb(pixels)
   _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride))
+  backend = get_coder(default_coder_id() if coder is None else coder)
   sizes = {}
 
   def size(rate):
     rate = float(np.float32(rate))
     if rate not in sizes:
-      sizes[rate] = _estimated_size(model, rgb, rate, tau)
+      sizes[rate] = _estimated_size(model, rgb, rate, tau, backend)
     return sizes[rate]
 
   top = model.levels - 1
@@ -461,21 +468,23 @@ def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> floa
 
 # --- The public API. ---
 
-def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None) -> bytes:
+def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
+             coder: int | None = None) -> bytes:
   """uint8 [H, W, 3] (or [H, W] grayscale) -> .gvae bytes.
 
   Lossy at rate s in [0, levels-1]; with tau (an int >= 0; 0 is lossless) a
   residual file whose every decoded value is within tau of the input, with
   the base layer at `rate`, or, if rate is None, at choose_rate's rate.
+  coder: entropy coder id, None for the default (`encode`).
   """
   if tau is None:
     if rate is None:
       raise RateError("a lossy file needs a rate")
-    return encode(model, pixels, rate).data
+    return encode(model, pixels, rate, coder=coder).data
   tau = check_tau(tau, model)
   if rate is None:
-    rate = choose_rate(model, pixels, tau)
-  return encode(model, pixels, rate, tau).data
+    rate = choose_rate(model, pixels, tau, coder=coder)
+  return encode(model, pixels, rate, tau, coder=coder).data
 
 
 def decompress(model: ExportedModel, data: bytes) -> np.ndarray:
@@ -488,7 +497,7 @@ def bits_per_pixel(data: bytes, header: Header) -> float:
 
 
 def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
-                    tolerance: float = 1e-3) -> tuple[bytes, float]:
+                    tolerance: float = 1e-3, coder: int | None = None) -> tuple[bytes, float]:
   """The file of the largest rate s whose real size is <= target_bpp, and s.
 
   Bisection on s (file size grows with s; where it does not quite, the
@@ -506,7 +515,7 @@ def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
   budget = target * rgb.shape[0] * rgb.shape[1] / 8.0  # bytes
 
   def attempt(s):
-    return compress(model, gray_or_rgb, s)
+    return compress(model, gray_or_rgb, s, coder=coder)
 
   top = float(model.levels - 1)
   best = attempt(0.0)
