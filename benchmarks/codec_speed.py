@@ -112,10 +112,10 @@ def measure(model, pixels, rate: float, repeats: int, coder_id: int) -> dict:
       compile_seconds[name] = max(0.0, first - median)
     return result
 
-  y, z_sym = stage("analysis", lambda: codec._analyze(m, params, x_padded, s))
-  mean, y_index = stage("hyper_synthesis", lambda: codec._hyper(m, params, z_sym, s,
+  y, z_sym = stage("analysis", lambda: codec.analyze(m, params, x_padded, s))
+  mean, y_index = stage("hyper_synthesis", lambda: codec.hyper(m, params, z_sym, s,
                                                                 model.y_index_bounds))
-  y_sym = stage("quantize_y", lambda: codec._quantize_y(y, mean))
+  y_sym = stage("quantize_y", lambda: codec.quantize_y(y, mean))
   _, scale = m.apply({"params": params}, z_sym.astype(jnp.float32), s,
                      method=m.hyper_synthesize)
   lookup = jax.jit(codec.y_table_row)
@@ -124,19 +124,19 @@ def measure(model, pixels, rate: float, repeats: int, coder_id: int) -> dict:
   z_np, y_np, index_np = stage(
       "device_to_host", lambda: (np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)),
       jitted=False)
-  z_indexes = codec._z_indexes(z_np.shape)
+  z_indexes = codec.z_indexes(z_np.shape)
   z_bytes = stage("encode_z", lambda: coder.encode(z_np, z_indexes, model.z_table), False)
   y_bytes = stage("encode_y", lambda: coder.encode(y_np, index_np, model.y_table), False)
   stage("decode_z", lambda: coder.decode(z_bytes, z_indexes, model.z_table), False)
   stage("decode_y", lambda: coder.decode(y_bytes, index_np, model.y_table), False)
-  stage("synthesis", lambda: codec._synthesize_image(model, y_sym, mean, s, height, width)[0])
+  stage("synthesis", lambda: codec.synthesize_image(model, y_sym, mean, s, height, width)[0])
 
   # End to end, after everything above compiled.
   _, compress_seconds, data = timed(lambda: codec.compress(model, pixels, rate, coder=coder_id),
                                    repeats)
   _, decompress_seconds, decoded = timed(lambda: codec.decompress(model, data), repeats)
   assert np.array_equal(decoded,
-                        codec._synthesize_image(model, y_sym, mean, s, height, width)[0])
+                        codec.synthesize_image(model, y_sym, mean, s, height, width)[0])
 
   network_encode = stages["analysis"] + stages["hyper_synthesis"] + stages["quantize_y"]
   network_decode = stages["hyper_synthesis"] + stages["synthesis"]

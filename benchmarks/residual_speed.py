@@ -121,16 +121,9 @@ def random_init_model(lossy_from: str | None, residual_log_scale: float | None):
 
 def base_layer(model, pixels, rate: float):
   """(x_base uint8 [H, W, 3], padded prior u) exactly as the codec computes them."""
-  import jax.numpy as jnp
-  import numpy as np
-
   from gvae_jax.coding import codec
 
-  s_value = codec.check_rate(rate, model.levels)
-  (_, y_np, _, mean), _ = codec._encode_lossy(model, pixels, s_value)
-  s = jnp.full((1,), s_value, jnp.float32)
-  return codec._synthesize_image(model, y_np, mean, s, pixels.shape[0], pixels.shape[1],
-                                 with_prior=True)
+  return codec.base_layer(model, pixels, rate)
 
 
 def load_baseline(ref: str):

@@ -260,7 +260,7 @@ def test_asymmetric_round_trip_is_bit_exact(asymmetric_model):
 
 
 def test_real_vs_estimate_report(asymmetric_model, equal_scales_model, symmetric_model):
-  from gvae_jax.coding import report
+  from gvae_jax.eval import report
 
   images = [("a", make_image(64, 96, 6))]
   result = report.real_vs_estimate(asymmetric_model, images, [0.0, 1.0])

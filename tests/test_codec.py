@@ -133,22 +133,6 @@ def test_compress_to_bpp_finds_the_largest_rate_within_budget(tiny):
     codec.compress_to_bpp(tiny, pixels, -1)
 
 
-def test_real_vs_estimate_report(tiny):
-  from gvae_jax.coding import report
-
-  images = [("a", make_image(40, 70, 1)), ("b", make_image(64, 64, 2)[:, :, 0])]
-  result = report.real_vs_estimate(tiny, images, [0.0, 1.0])
-  assert len(result["images"]) == 4 and len(result["rates"]) == 2
-  for row in result["images"]:
-    assert row["file_bytes"] == row["header_bytes"] + row["z_bytes"] + row["y_bytes"]
-    assert row["header_bytes"] == 55  # 47 + 4 per section
-    assert row["estimate_bits"] > 0 and row["table_bits_y"] > 0
-    # No coder beats the ideal code length of its tables by more than its flush
-    # bytes. (Above it, escaped values add bytes: this untrained model has many.)
-    assert 8 * (row["z_bytes"] + row["y_bytes"]) >= row["table_bits_y"] + row["table_bits_z"] - 32
-  assert "| 1.00 |" in report.format_table(result)
-
-
 def repack(data, sections=None, **changes):
   """The same file with header fields changed and a freshly computed (valid) CRC."""
   header, old_sections = container.unpack(data)

@@ -123,7 +123,7 @@ def test_encoder_and_decoder_build_identical_cdfs(model):
   for tau in (0, 2, 7):
     encoded = codec.encode(model, pixels, 0.3, tau)
     _, sections = container.unpack(encoded.data)
-    u = codec._synthesize_image(model, encoded.y_symbols, encoded.mean,
+    u = codec.synthesize_image(model, encoded.y_symbols, encoded.mean,
                                 np.full((1,), np.float32(0.3)), 40, 70, with_prior=True)[1]
     coder.calls.clear()
     layer = residual_codec.encode(model, coder, pixels, encoded.base, u, tau)
@@ -185,7 +185,7 @@ def test_coded_size_is_close_to_the_model_estimate(model):
   s = np.full((1,), np.float32(0.5))
   for tau in (0, 2, 5):
     encoded = codec.encode(model, pixels, 0.5, tau)
-    u = codec._synthesize_image(model, encoded.y_symbols, encoded.mean, s, 128, 128, True)[1]
+    u = codec.synthesize_image(model, encoded.y_symbols, encoded.mean, s, 128, 128, True)[1]
     coder = RecordingCoder()
     layer = residual_codec.encode(model, coder, pixels, encoded.base, u, tau)
     assert layer.streams == encoded.residual.streams
@@ -208,7 +208,7 @@ def test_windows_narrower_than_the_range_code_outliers_as_escapes(model):
   assert np.all(encoded.residual.windows >= np.minimum(counts, 512))  # wide model: full range
   # Force a narrow window: most values then escape, and still round-trip.
   s = np.full((1,), np.float32(0.5))
-  u = codec._synthesize_image(model, encoded.y_symbols, encoded.mean, s, 64, 64, True)[1]
+  u = codec.synthesize_image(model, encoded.y_symbols, encoded.mean, s, 64, 64, True)[1]
   coder = get_coder(default_coder_id())
   layer = residual_codec.encode(model, coder, pixels, encoded.base, u, 0,
                                 windows=np.full(3, 16))
@@ -242,6 +242,10 @@ def test_choose_rate_and_compress_without_rate(model):
   data = codec.compress(model, pixels, tau=2)
   assert codec.read_header(data).rate == rate
   assert np.abs(codec.decompress(model, data).astype(np.int32) - pixels).max() <= 2
+  # Reusing the chosen candidate's coded lossy layer writes the same bytes as coding it again.
+  assert data == codec.compress(model, pixels, rate, tau=2)
+  chosen = codec.choose_base(model, pixels, 2)
+  assert chosen.rate == rate and codec.encode(model, pixels, None, 2, base=chosen).data == data
 
 
 @pytest.mark.parametrize("tau", [-1, 1.5, "2.5", "abc", float("nan"), True, None, [1], 70000])

@@ -3,7 +3,7 @@
 Given the base layer (the lossy codec's decoded image x_base, uint8, and the
 prior features u from the same jitted synthesis call, see
 gvae_jax.coding.codec), the residual r = x - x_base is quantised for the
-error bound tau (REFERENCE section 4):
+error bound tau (docs/decoding.md section 3):
 
   r_hat = sign(r) * b * floor((|r| + tau) / b),  b = 2 tau + 1,  |r - r_hat| <= tau
   q = r_hat / b  (the coded integers)
@@ -112,7 +112,7 @@ in step order, R G B within a step. They go through one coder session
 (gvae_jax.coding.coder): the TFC backend writes one stream per call, the
 constriction backend one stream for the whole layer.
 
-Determinism (REFERENCE section 7): the encoder runs the decoder's loop
+Determinism (docs/decoding.md section 5): the encoder runs the decoder's loop
 (`_code_steps`: same jitted functions, same shapes, same order, the same
 inputs); only the coder call differs. The encoder's first pass computes each
 step's mixture with the decoder's `_network` on a buffer that already holds

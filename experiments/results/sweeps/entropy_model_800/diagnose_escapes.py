@@ -1,10 +1,11 @@
 """Escaped y symbols, scale statistics and real-vs-estimate overheads of a model
 (first two images of a folder, s = 2): python diagnose_escapes.py MODEL_DIR [IMAGES]"""
 import sys, numpy as np, jax, jax.numpy as jnp
-from gvae_jax.coding import export, report, codec
-from gvae_jax.train import evaluate as ev
+from gvae_jax.coding import codec, export
+from gvae_jax.eval import report
+from gvae_jax.eval import images as ev
 m = export.load_model(sys.argv[1])
-imgs = ev.load_folder(sys.argv[2] if len(sys.argv) > 2 else "../shared/data/kodak", 2)
+imgs = ev.load_images(sys.argv[2] if len(sys.argv) > 2 else "../shared/data/kodak", 2)
 for name, px in imgs:
   row = report.measure(m, px, 2.0)
   print(name, {k: round(v, 3) for k, v in row.items() if "pct" in k})

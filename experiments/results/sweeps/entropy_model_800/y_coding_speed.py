@@ -2,8 +2,8 @@
 python y_coding_speed.py MODEL_DIR [MODEL_DIR ...] (Kodak at /work/shared/data/kodak)."""
 import sys, time, numpy as np
 from gvae_jax.coding import export, codec, coder as coder_lib
-from gvae_jax.train import evaluate as ev
-(name, px), = ev.load_folder("/work/shared/data/kodak", 1)
+from gvae_jax.eval import images as ev
+(name, px), = ev.load_images("/work/shared/data/kodak", 1)
 for d in sys.argv[1:]:
   m = export.load_model(d)
   enc = codec.encode(m, px, 2.0)
