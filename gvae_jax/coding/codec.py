@@ -16,7 +16,9 @@ of 64 and coded as one batch of 1:
            y_sym = round(y' - mean)
            bytes: z_sym with the z table (row = channel),
                   y_sym with the y table (row = y_row: the table scale
-                  nearest to the predicted scale in the log domain)
+                  nearest to the predicted scale in the log domain; for
+                  an asymmetric model left_row * 64 + right_row, the
+                  rows of its two scales)
   decoder: z_sym <- bytes; mean, y_row = hyper(z_sym, s)
            y_sym <- bytes; x = synthesize(y_sym + mean, s), cropped, clipped,
            rounded to uint8
@@ -84,6 +86,7 @@ from gvae_jax.coding.coder import CodingError, EntropyCoder, default_coder_id, g
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
 from gvae_jax.coding.settings import RateError, TauError, check_rate, check_tau  # noqa: F401
+from gvae_jax.entropy import asymmetric_gaussian
 from gvae_jax.errors import UserError
 from gvae_jax.ops import pad_to_multiple
 
@@ -128,12 +131,21 @@ def scale_to_row(scale: jax.Array, bounds: jax.Array) -> jax.Array:
   return jnp.clip(row, 0, bounds.shape[0]).astype(jnp.int32)
 
 
+def y_table_row(scale, bounds: jax.Array) -> jax.Array:
+  """y table row for `scale` as hyper_synthesize returns it: the scale's row, or
+  for an asymmetric model (a (left, right) pair) the row of the pair of rows."""
+  if isinstance(scale, tuple):
+    left, right = (scale_to_row(v, bounds) for v in scale)
+    return asymmetric_gaussian.pair_rows(left, right, bounds.shape[0] + 1)
+  return scale_to_row(scale, bounds)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def hyper(model, params, z_sym, s, y_index_bounds):
   """z_sym -> (mean, y table row). The encoder and the decoder both call this."""
   mean, scale = model.apply({"params": params}, z_sym.astype(jnp.float32), s,
                             method=model.hyper_synthesize)
-  return mean, scale_to_row(scale, y_index_bounds)
+  return mean, y_table_row(scale, y_index_bounds)
 
 
 @jax.jit

@@ -85,14 +85,18 @@ class HyperAnalysis(nn.Module):
 
 
 class HyperSynthesis(nn.Module):
-  """h_s: z_hat -> raw (mean, scale) parameters for y, each [.., M]."""
+  """h_s: z_hat -> raw (mean, scale) parameters for y, each [.., M].
+
+  With scales=2 (the asymmetric Gaussian) it returns (mean, left scale, right
+  scale): the last convolution has 3M outputs instead of 2M.
+  """
 
   m: int
+  scales: int = 1
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, z: jax.Array) -> tuple[jax.Array, ...]:
     h = nn.leaky_relu(_deconv(self.m, 5, 2, "deconv_0")(z))
     h = nn.leaky_relu(_deconv(self.m * 3 // 2, 5, 2, "deconv_1")(h))
-    out = _conv(2 * self.m, 3, 1, "conv_2")(h)
-    mean, raw_scale = out[..., : self.m], out[..., self.m:]
-    return mean, raw_scale
+    out = _conv((1 + self.scales) * self.m, 3, 1, "conv_2")(h)
+    return tuple(out[..., k * self.m:(k + 1) * self.m] for k in range(1 + self.scales))
