@@ -17,7 +17,8 @@ PACKAGE = REPO / "gvae_jax"
 
 # Lowest first. A unit may import its own modules and those of lower layers.
 LAYERS = (
-    ("errors", "fileio"),
+    ("errors", "samples"),
+    ("fileio",),
     ("ops", "gain", "metrics", "config", "image_io"),
     ("layers", "entropy"),
     ("models",),
