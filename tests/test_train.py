@@ -1,9 +1,12 @@
-"""End-to-end: the tiny config trains on 2 fake CPU devices, checkpoints and resumes."""
+"""End-to-end: the tiny config trains on 2 fake CPU devices, checkpoints and resumes.
+
+Multi-process training is in test_multihost.py."""
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -55,12 +58,24 @@ def _eval_loss(config, params, image_folder):
   return total
 
 
+def _assert_no_deprecation_from_the_project(caught):
+  """No DeprecationWarning attributed to gvae_jax code (JAX, Flax, Optax and
+  Orbax attribute theirs to the caller); third-party internals may warn."""
+  ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+          if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+          and f"{os.sep}gvae_jax{os.sep}" in w.filename]
+  assert not ours, ours
+
+
 @pytest.mark.isolated
 def test_loss_drops_and_checkpoints_are_written(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=20, checkpoint_every=10)
   initial = train.create_train_state(
       jax.random.split(jax.random.PRNGKey(config.train.seed))[0], config, build_model(config))
-  state = train.train_and_evaluate(config, tmp_path, progress=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    state = train.train_and_evaluate(config, tmp_path, progress=False)
+  _assert_no_deprecation_from_the_project(caught)
   assert int(state.step) == 20
   assert _eval_loss(config, state.params, image_folder) < 0.8 * _eval_loss(
       config, initial.params, image_folder)
@@ -81,7 +96,10 @@ def test_interrupted_run_resumes_to_the_same_parameters(repo_root, image_folder,
   first = train.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3,
                                    progress=False)
   assert int(first.step) == 3
-  resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  with warnings.catch_warnings(record=True) as caught:  # the restore path
+    warnings.simplefilter("always")
+    resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  _assert_no_deprecation_from_the_project(caught)
   assert int(resumed.step) == config.train.num_steps
   _assert_same_params(straight.params, resumed.params)
 

@@ -37,6 +37,9 @@ class GainedMeanScaleHyperprior(nn.Module):
   gain_init_rows: Sequence[float] | None = None
   quantization: str = "mixed"
   prior_channels: int = 0  # residual-prior features u from the synthesis (0 = none)
+  # Compute dtype of the transforms' convolutions (training option; None =
+  # float32). The gains, entropy models and likelihoods are always float32.
+  compute_dtype: str | None = None
 
   # Total downsampling of the hyper latent: g_a halves 4 times, h_a twice.
   stride: int = 64
@@ -44,10 +47,11 @@ class GainedMeanScaleHyperprior(nn.Module):
   def setup(self):
     if self.quantization not in QUANTIZATIONS:
       raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {QUANTIZATIONS}")
-    self.g_a = Analysis(self.n, self.m)
-    self.g_s = Synthesis(self.n, prior_channels=self.prior_channels)
-    self.h_a = HyperAnalysis(self.n)
-    self.h_s = HyperSynthesis(self.m)
+    dtype = None if self.compute_dtype in (None, "float32") else jnp.dtype(self.compute_dtype)
+    self.g_a = Analysis(self.n, self.m, dtype=dtype)
+    self.g_s = Synthesis(self.n, prior_channels=self.prior_channels, dtype=dtype)
+    self.h_a = HyperAnalysis(self.n, dtype=dtype)
+    self.h_s = HyperSynthesis(self.m, dtype=dtype)
 
     def table(channels, init_rows):
       return gain_lib.GainTable(self.levels, channels, init_rows,

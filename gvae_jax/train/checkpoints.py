@@ -8,6 +8,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from gvae_jax import config as config_lib
+from gvae_jax import fileio
 from gvae_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -17,12 +18,15 @@ class IncompatibleWorkdirError(UserError):
   pass
 
 
-def check_compatible(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_compatible(config: ml_collections.ConfigDict, workdir: Path, *,
+                     write: bool = True) -> None:
   """Refuses a workdir whose checkpoints belong to a different model.
 
   The first run writes config.json; a later run must agree on everything that
   fixes parameter shapes (the model section and the level lambdas). Other
-  settings (steps, logging, data) may change between runs.
+  settings (steps, logging, data) may change between runs. With several
+  processes only process 0 writes (`write`), atomically, so another process
+  never reads a half-written file.
   """
   path = workdir / CONFIG_FILE
   if path.exists():
@@ -35,7 +39,8 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: Path) -> None:
       raise IncompatibleWorkdirError(
           f"workdir {workdir} holds checkpoints of a different model configuration "
           f"({'; '.join(diffs)}). Use a new --workdir, or the config it was trained with.")
-  path.write_text(config_lib.to_json(config))
+  if write:
+    fileio.atomic_write_bytes(path, config_lib.to_json(config).encode(), overwrite=True)
 
 
 def _model_differences(saved, config) -> list[str]:
