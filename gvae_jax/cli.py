@@ -22,6 +22,7 @@ def _train(args, overrides):
   from gvae_jax.train import train
 
   config = config_lib.load_config(args.config, overrides)
+  _enable_compilation_cache()  # a restarted run reuses the compiled train step
   if args.coordinator_address:
     from gvae_jax.train import parallel
     # Multi-host (pods, or several local processes): every process runs this
@@ -278,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="experiments/configs/NAME.py[:arg]")
   p.add_argument("--workdir", required=True, help="checkpoints, logs and evaluations go here")
   p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
-  p.add_argument("--coordinator-address", help="multi-host: HOST:PORT of process 0")
+  p.add_argument("--coordinator-address", help="multi-host: HOST:PORT of process 0, or 'auto' "
+                 "(Cloud TPU VMs, SLURM: JAX finds the cluster)")
   p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
   p.add_argument("--process-id", type=int, help="multi-host: this process's index")
   p.set_defaults(run=_train, takes_overrides=True)

@@ -27,7 +27,13 @@ from PIL import Image
 from gvae_jax.train import checkpoints
 
 NUM_STEPS = 12
-TIMEOUT = 300
+TIMEOUT = 1500  # seconds per launch; a loaded 2-core machine compiles slowly
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """One XLA cache for every launch: the later runs reuse the compiled programs."""
+  return tmp_path_factory.mktemp("xla_cache")
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +61,13 @@ def _train_command(workdir, image_folder, *extra):
           "--config.train.log_every=4", *extra]
 
 
-def _launch(repo_root, workdir, image_folder, processes: int, devices: int, *extra):
+def _launch(repo_root, workdir, image_folder, processes: int, devices: int, *extra,
+            cache=None):
   """Starts the run's processes; returns [(Popen, log path)]."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if cache is not None:
+    env["GVAE_COMPILATION_CACHE"] = str(cache)
   env.pop("GVAE_TESTS_ISOLATED_CHILD", None)
   workdir.mkdir(parents=True, exist_ok=True)
   port = _free_port()
@@ -112,11 +121,13 @@ def _committed_steps(workdir) -> list[int]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_resume_after_sigkill(repo_root, image_folder, tmp_path):
+def test_two_processes_match_one_and_resume_after_sigkill(repo_root, image_folder, tmp_path,
+                                                          compilation_cache):
   # The two reference runs go side by side.
   two = _launch(repo_root, tmp_path / "two", image_folder, 2, 2,
-                f"--config.eval.folder={image_folder}")
-  one = _launch(repo_root, tmp_path / "one", image_folder, 1, 4, "--config.eval.folder=")
+                f"--config.eval.folder={image_folder}", cache=compilation_cache)
+  one = _launch(repo_root, tmp_path / "one", image_folder, 1, 4, "--config.eval.folder=",
+                cache=compilation_cache)
   _wait(two + one)
   two_params = _params(tmp_path / "two")
   _assert_close(_params(tmp_path / "one"), two_params)
@@ -128,7 +139,8 @@ def test_two_processes_match_one_and_resume_after_sigkill(repo_root, image_folde
   # Kill process 1 as soon as a checkpoint is committed; process 0 then
   # cannot finish alone and is killed too (a scheduler restarts the job).
   workdir = tmp_path / "killed"
-  procs = _launch(repo_root, workdir, image_folder, 2, 2, "--config.eval.folder=")
+  procs = _launch(repo_root, workdir, image_folder, 2, 2, "--config.eval.folder=",
+                  cache=compilation_cache)
   deadline = time.time() + TIMEOUT
   while time.time() < deadline and procs[1][0].poll() is None and not _committed_steps(workdir):
     time.sleep(0.02)
@@ -142,7 +154,8 @@ def test_two_processes_match_one_and_resume_after_sigkill(repo_root, image_folde
   steps = _committed_steps(workdir)
   assert steps and steps[-1] < NUM_STEPS, steps
 
-  _wait(_launch(repo_root, workdir, image_folder, 2, 2, "--config.eval.folder="))
+  _wait(_launch(repo_root, workdir, image_folder, 2, 2, "--config.eval.folder=",
+                cache=compilation_cache))
   resumed_log = (tmp_path / "killed.process0.log").read_text(errors="replace")
   assert _logged_steps(resumed_log)[-1] == NUM_STEPS
   _assert_close(_params(workdir), two_params)

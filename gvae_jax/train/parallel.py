@@ -25,8 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int,
-                           process_id: int) -> None:
+def initialize_distributed(coordinator_address: str, num_processes: int | None,
+                           process_id: int | None) -> None:
   """jax.distributed.initialize, with cross-process CPU collectives enabled.
 
   On CPU (tests, or a CPU cluster) the gradient all-reduce across processes
@@ -37,8 +37,11 @@ def initialize_distributed(coordinator_address: str, num_processes: int,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   except (AttributeError, ValueError):  # a JAX without the option: its default applies
     pass
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  if coordinator_address == "auto":  # Cloud TPU VMs, SLURM, ...: JAX finds the cluster
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
 
 
 def is_main_process() -> bool:
