@@ -10,8 +10,10 @@
 2. Input pipeline: images/s the tf.data pipeline (decode, upscale if needed,
    random crop, flip, batch) delivers with its thread pool limited to 1 host
    core (and to every core), at the given crop size, on a real image folder.
-   Divided into a step's consumption (global batch / step time, per device),
-   it says how many host cores each device needs.
+   Divided into a step's consumption (global batch / step time, per device;
+   a step timed at another crop is rescaled by its pixel count), it says how
+   many host cores each device needs. On an accelerator, put its measured
+   images/s per device over `pipeline_images_per_second_per_core`.
 
   python benchmarks/train_throughput.py --configs small paper --devices 1 2 \
       --batch 8 --crop 256 --out benchmarks/results/train_throughput.json
@@ -174,11 +176,15 @@ def main() -> None:
   per_core = next((r["images_per_second"] for r in pipeline if r["threads"] == 1), None)
   demand = []
   for row in results:
-    if row["crop"] != args.pipeline_crop or per_core is None:
-      continue
-    per_device = row["images_per_second"] / row["devices"]
+    if per_core is None:
+      break
+    # A step at another crop is rescaled by pixels (convolution cost ~ pixels).
+    pixel_ratio = (row["crop"] / args.pipeline_crop) ** 2
+    per_device = row["images_per_second"] / row["devices"] * pixel_ratio
     demand.append({"config": row["config"], "compute_dtype": row["compute_dtype"],
-                   "devices": row["devices"], "images_per_second_per_device": per_device,
+                   "devices": row["devices"], "step_crop": row["crop"],
+                   "pipeline_crop": args.pipeline_crop, "rescaled_by_pixels": pixel_ratio != 1,
+                   "images_per_second_per_device": per_device,
                    "host_cores_per_device": per_device / per_core})
   report = {"benchmark": "train_throughput", "machine": platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),

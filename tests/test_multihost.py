@@ -32,7 +32,11 @@ TIMEOUT = 1500  # seconds per launch; a loaded 2-core machine compiles slowly
 
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
-  """One XLA cache for every launch: the later runs reuse the compiled programs."""
+  """One XLA cache for every launch: the later runs reuse the compiled programs
+  ($GVAE_COMPILATION_CACHE if set, as for the CLI)."""
+  location = os.environ.get("GVAE_COMPILATION_CACHE", "")
+  if location.strip().lower() not in ("", "off", "0", "none"):
+    return Path(location)
   return tmp_path_factory.mktemp("xla_cache")
 
 

@@ -107,9 +107,26 @@ def warm_start(params, model_dir: str | Path):
 
 def restore_params(workdir: Path, step: int | None = None):
   """Parameters of a training workdir's newest (or given) checkpoint, as saved."""
-  mngr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute())
+  mngr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute(),
+                               item_handlers=ocp.StandardCheckpointHandler())
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise UserError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
-  restored = mngr.restore(step, args=ocp.args.StandardRestore())
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(_local_target(mngr, step)))
   return restored["params"], step
+
+
+def _local_target(mngr: ocp.CheckpointManager, step: int):
+  """The checkpoint's tree as arrays on this process's first device.
+
+  A checkpoint written on a mesh records its devices; restoring it anywhere
+  else (export on a laptop of a pod's run) needs a target saying where to put
+  the arrays.
+  """
+  import jax
+
+  metadata = mngr.item_metadata(step)
+  metadata = getattr(metadata, "tree", metadata)  # orbax >= 0.12 wraps the tree
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
