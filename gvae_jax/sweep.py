@@ -260,7 +260,11 @@ def _run_on_ray(runs, args, echo, train_overrides, resources, ray_address) -> li
     raise SweepError("--engine ray needs Ray: pip install 'gvae-jax[ray]'") from None
   started_here = not ray.is_initialized()
   if started_here:
-    ray.init(address=ray_address, include_dashboard=False, log_to_driver=True)
+    try:
+      ray.init(address=ray_address, include_dashboard=False, log_to_driver=True)
+    except Exception as e:  # Ray raises bare Exceptions for a cluster that is not there
+      where = ray_address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
+      raise SweepError(f"cannot start or reach Ray ({where}): {str(e).splitlines()[0]}") from e
   try:
     task = ray.remote(_run_one)
     refs = []
