@@ -182,3 +182,24 @@ def test_warm_start_copies_matching_lossy_parameters(repo_root, tmp_path):
   assert copied == len(jax.tree_util.tree_leaves(lossy_state.params))
   with pytest.raises(checkpoints.UserError, match="no exported model"):
     checkpoints.warm_start(state.params, tmp_path / "nothing")
+
+
+def test_bfloat16_option_computes_convolutions_in_bf16_with_float32_outputs(repo_root):
+  config = load_config(str(repo_root / "experiments/configs/tiny.py"))
+  model = build_model(config)
+  params = train.create_train_state(jax.random.PRNGKey(0), config, model).params
+  bf16 = train.with_compute_dtype(model, "bfloat16")
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  s = jnp.zeros((2,))
+  out32 = model.apply({"params": params}, x, s)
+  out16 = bf16.apply({"params": params}, x, s)  # the same float32 parameters
+  assert all(value.dtype == jnp.float32 for value in out16.values())
+  np.testing.assert_allclose(out16["x_tilde"], out32["x_tilde"], atol=0.05)
+  np.testing.assert_allclose(out16["bits_y"] + out16["bits_z"],
+                             out32["bits_y"] + out32["bits_z"], rtol=0.1)
+  jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x, s))(params))
+  assert "conv_general_dilated" in jaxpr and "bf16" in jaxpr
+  assert "bf16" not in str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, s))(params))
+  config.train.compute_dtype = "float16"
+  with pytest.raises(train.config_lib.ConfigError, match="compute_dtype"):
+    train.validate(config)
