@@ -44,6 +44,26 @@ def initialize_distributed(coordinator_address: str, num_processes: int | None,
                                num_processes=num_processes, process_id=process_id)
 
 
+def barrier(name: str, timeout_seconds: int = 3600) -> None:
+  """Waits until every process gets here (no-op with one process).
+
+  Uses the jax.distributed coordination service, not a device collective: on
+  CPU a collective's first use sets up gloo with a 30 s deadline, too short
+  when one process compiles (or prepares data, or evaluates) longer than the
+  others. So the processes meet here before each such first use.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the client has no public accessor
+
+  client = getattr(distributed.global_state, "client", None)
+  if client is not None and hasattr(client, "wait_at_barrier"):
+    client.wait_at_barrier(name, timeout_in_ms=timeout_seconds * 1000)
+  else:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
 

@@ -12,6 +12,7 @@ how many processes or devices share that batch (up to float summation order).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import time
@@ -224,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     logging.warning("warm start: %d parameter arrays from %s", copied, config.train.init_from)
   state = parallel.replicate(state, mesh)  # global arrays: one checkpoint from all processes
   step_rng = parallel.replicate(step_rng, mesh)
+  parallel.barrier("gvae_initialized")  # Orbax's first barrier is a device collective
   manager = checkpoints.manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
   start_step = int(parallel.to_host(state.step))
@@ -239,13 +241,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       data_lib.prepare(data_lib.get_builder(
           data_config.name, folder=data_config.get("folder"),
           data_dir=data_lib.tfds_data_dir(data_config.get("data_dir"))))
-    _sync("gvae_data_prepared")
+    parallel.barrier("gvae_data_prepared")
   dataset = data_lib.create_train_dataset(
       data_config, per_device_batch=config.train.per_device_batch,
       num_local_devices=jax.local_device_count(), seed=config.train.seed, start_step=start_step)
   batches = parallel.prefetch_to_mesh(data_lib.as_numpy_iterator(dataset), mesh)
 
-  train_step_fn = make_train_step(config, model, mesh)
+  # Compiled ahead of the loop, so the processes can meet once all have compiled.
+  first = next(batches)
+  train_step_fn = make_train_step(config, model, mesh).lower(state, first, step_rng).compile()
+  batches = itertools.chain([first], batches)
+  parallel.barrier("gvae_compiled")
   logger = SummaryLogger(workdir, enabled=is_main, progress=progress,
                          total=num_steps, initial=start_step)
   history: list[dict[str, Any]] = []
@@ -267,21 +273,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     if done % config.train.checkpoint_every == 0 or done == end_step:
       checkpoints.save(manager, done, state)  # every process: Orbax writes one checkpoint
     every = config.eval.every_steps
-    if config.eval.folder and every and done % every == 0 and done != num_steps and is_main:
-      _evaluate(config, model, parallel.to_host(state.params), workdir, done, logger, final=False)
+    if config.eval.folder and every and done % every == 0 and done != num_steps:
+      if is_main:
+        _evaluate(config, model, parallel.to_host(state.params), workdir, done, logger,
+                  final=False)
+      parallel.barrier(f"gvae_evaluated_{done}")  # the others wait here, not in a collective
   manager.wait_until_finished()
   host_state = parallel.to_host(state)
   if int(host_state.step) >= num_steps and config.eval.folder and is_main:
     _evaluate(config, model, host_state.params, workdir, int(host_state.step), logger, final=True)
   logger.close()
-  if jax.process_count() > 1:
-    _sync("gvae_train_done")  # no process leaves while process 0 still evaluates
+  parallel.barrier("gvae_train_done")  # no process leaves while process 0 still evaluates
   return host_state
-
-
-def _sync(name: str) -> None:
-  from jax.experimental import multihost_utils
-  multihost_utils.sync_global_devices(name)
 
 
 def _evaluate(config, model, params, workdir: Path, step: int, logger: SummaryLogger,
