@@ -155,8 +155,6 @@ def main() -> None:
     _child(args)
     return
 
-  import jax  # versions only; the measurements run in children
-
   results = []
   for name in args.configs:
     for devices in args.devices:
@@ -165,6 +163,7 @@ def main() -> None:
               f"{row['seconds_per_step_median']:.3f} s/step {row['images_per_second']:.2f} img/s "
               f"(compile {row['compile_seconds']:.1f} s)", flush=True)
         results.append(row)
+      _write(args, results, [], complete=False)  # partial results survive an interruption
   pipeline = []
   if args.pipeline_folder and Path(args.pipeline_folder).is_dir():
     pipeline = _run_child("pipeline", args)
@@ -186,15 +185,22 @@ def main() -> None:
                    "pipeline_crop": args.pipeline_crop, "rescaled_by_pixels": pixel_ratio != 1,
                    "images_per_second_per_device": per_device,
                    "host_cores_per_device": per_device / per_core})
-  report = {"benchmark": "train_throughput", "machine": platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(),
+  _write(args, results, pipeline, complete=True, per_core=per_core, demand=demand)
+  print(f"wrote {args.out}")
+
+
+def _write(args, results, pipeline, complete, per_core=None, demand=()) -> None:
+  import jax
+
+  report = {"benchmark": "train_throughput", "complete": complete,
+            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average_1min": os.getloadavg()[0], "python": platform.python_version(),
             "jax": jax.__version__, "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "results": results, "pipeline": pipeline,
             "pipeline_images_per_second_per_core": per_core,
-            "host_cores_per_device": demand}
+            "host_cores_per_device": list(demand)}
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(report, indent=2))
-  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
