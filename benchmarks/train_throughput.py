@@ -133,7 +133,8 @@ def _run_child(kind: str, args, devices: int = 1, config: str | None = None) -> 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", nargs="+", default=["small", "paper"])
+  parser.add_argument("--configs", nargs="*", default=["small", "paper"],
+                      help="configs to time the step of (none: only the pipeline)")
   parser.add_argument("--devices", nargs="+", type=int, default=[1, 2])
   parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
   parser.add_argument("--batch", type=int, default=8)
