@@ -6,7 +6,7 @@ All integers are little-endian. Format version 1:
   0         4     bytes   magic b"GVAE"
   4         1     u8      format version (1)
   5         1     u8      mode: 0 lossy, 1 residual (near-lossless)
-  6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC range coder)
+  6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
   24        8     f64     rate s (finite, >= 0)

@@ -3,7 +3,7 @@
 Given the base layer (the lossy codec's decoded image x_base, uint8, and the
 prior features u from the same jitted synthesis call, see
 gvae_jax.coding.codec), the residual r = x - x_base is quantised for the
-error bound tau (REFERENCE section 4):
+error bound tau (docs/decoding.md section 3):
 
   r_hat = sign(r) * b * floor((|r| + tau) / b),  b = 2 tau + 1,  |r - r_hat| <= tau
   q = r_hat / b  (the coded integers)
@@ -105,12 +105,14 @@ function on the same inputs. Values beyond max get count 2 and never occur.
 The cost over the ideal code length is about 2W / 2^16 of the probability of
 likely symbols (one level), plus about 2S / 2^16 for the fine level.
 
-Streams: one per (step, channel) with at least one coded pixel and a range
-wider than one value, and a second one (the fine symbols of the pixels that
-did not escape) right after it if the channel's window has two levels; in
-step order, R G B within a step.
+Coder calls: one per (step, channel) with at least one coded pixel and a
+range wider than one value, and a second one (the fine symbols of the pixels
+that did not escape) right after it if the channel's window has two levels;
+in step order, R G B within a step. They go through one coder session
+(gvae_jax.coding.coder): the TFC backend writes one stream per call, the
+constriction backend one stream for the whole layer.
 
-Determinism (REFERENCE section 7): the encoder runs the decoder's loop
+Determinism (docs/decoding.md section 5): the encoder runs the decoder's loop
 (`_code_steps`: same jitted functions, same shapes, same order, the same
 inputs); only the coder call differs. The encoder's first pass computes each
 step's mixture with the decoder's `_network` on a buffer that already holds
@@ -142,6 +144,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gvae_jax.coding import varint
 from gvae_jax.coding.coder import CodingError, EntropyCoder
 from gvae_jax.coding.container import FormatError
 from gvae_jax.entropy import logistic_mixture as lm
@@ -710,58 +713,24 @@ def _first_pass(exported, plan: StepPlan, u_flat: jax.Array, tau: int, r_hat: np
 
 # --- Side information. ---
 
-def _varints(values) -> bytes:
-  out = bytearray()
-  for value in values:
-    value = int(value)
-    while True:
-      byte = value & 0x7F
-      value >>= 7
-      out.append(byte | (0x80 if value else 0))
-      if not value:
-        break
-  return bytes(out)
-
-
-_MAX_VARINT_BYTES = 5
-
-
-def _read_varints(data: bytes) -> list[int]:
-  """Every varint of `data`, which must end with a complete one (FormatError)."""
-  values, value, shift, used = [], 0, 0, 0
-  for byte in data:
-    value |= (byte & 0x7F) << shift
-    shift += 7
-    used += 1
-    if used > _MAX_VARINT_BYTES:
-      raise FormatError("invalid residual side information: malformed number")
-    if byte < 0x80:
-      values.append(value)
-      value, shift, used = 0, 0, 0
-  if used:
-    raise FormatError("invalid residual side information: truncated number")
-  return values
-
-
-def _zigzag(v: int) -> int:
-  return 2 * v if v >= 0 else -2 * v - 1
-
-
-def _unzigzag(v: int) -> int:
-  return v >> 1 if v % 2 == 0 else -((v + 1) >> 1)
-
-
 _SIDE_FIELDS = 3  # per channel: min, range, window
 
 
-def parse_side_info(side: bytes, plan: StepPlan, tau: int, streams_size: int
+def parse_side_info(side: bytes, plan: StepPlan, tau: int, streams_size: int,
+                    one_stream: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int], np.ndarray]:
-  """(q_low, q_high, windows, stream lengths, escaped values), checked (FormatError)."""
-  values = _read_varints(side)
+  """(q_low, q_high, windows, stream lengths, escaped values), checked (FormatError).
+
+  one_stream: the coder puts every coder call into one stream (EntropyCoder.ONE_STREAM).
+  """
+  try:
+    values = varint.decode(side).tolist()
+  except varint.VarintError as e:
+    raise FormatError(f"invalid residual side information: {e}") from None
   if len(values) < _SIDE_FIELDS * CHANNELS:
     raise FormatError("invalid residual side information: symbol ranges missing")
   fields = np.asarray(values[:_SIDE_FIELDS * CHANNELS], object).reshape(CHANNELS, _SIDE_FIELDS)
-  q_low = np.asarray([_unzigzag(int(v)) for v in fields[:, 0]], np.int64)
+  q_low = varint.unzigzag(fields[:, 0].astype(np.int64))
   q_high = q_low + np.asarray(fields[:, 1], np.int64)
   windows = np.asarray(fields[:, 2], np.int64) * WINDOW_STEP
   limit = max_symbol(tau)
@@ -776,8 +745,9 @@ def parse_side_info(side: bytes, plan: StepPlan, tau: int, streams_size: int
       raise FormatError(f"invalid residual side information: window {window} for a range of "
                         f"{count} values")
   first = _SIDE_FIELDS * CHANNELS
-  expected = len(plan.steps) * sum(streams_per_channel(int(w))
-                                   for count, w in zip(counts, windows) if count > 1)
+  calls = len(plan.steps) * sum(streams_per_channel(int(w))
+                                for count, w in zip(counts, windows) if count > 1)
+  expected = min(calls, 1) if one_stream else calls
   lengths = values[first:first + expected]
   if len(lengths) != expected:
     raise FormatError(f"invalid residual side information: {len(lengths)} stream lengths, "
@@ -823,8 +793,8 @@ class _Encoding:
   """`_code_steps`' coder calls of the encoder: codes the known values."""
 
   def __init__(self, coder: EntropyCoder, plan: StepPlan, values: np.ndarray):
-    self.coder, self.plan, self.values = coder, plan, values  # values: q - min q [H * W, 3]
-    self.streams: list[bytes] = []
+    self.plan, self.values = plan, values  # values: q - min q [H * W, 3]
+    self.session = coder.cdf_encoder()
     self.escapes: list[np.ndarray] = []
     self._inside = np.zeros(0, np.int64)
 
@@ -833,35 +803,26 @@ class _Encoding:
     relative = values - starts
     inside = (relative >= 0) & (relative < window)
     symbols = np.where(inside, relative // group, -1)  # -1: not in the window, escaped
-    stream, _ = self.coder.encode_with_cdfs(symbols, rows, np.zeros(len(rows), np.int64),
-                                            PRECISION, validate=False)
-    self.streams.append(stream)
+    self.session.encode(symbols, rows, np.zeros(len(rows), np.int64), PRECISION)
     self.escapes.append(values[~inside])
     self._inside = values[inside]
     return symbols, values[~inside]
 
   def fine(self, number, channel, rows, starts, groups, group):
     symbols = self._inside - starts - group * groups
-    stream, _ = self.coder.encode_with_cdfs(symbols, rows, np.zeros(len(rows), np.int64),
-                                            PRECISION, validate=False)
-    self.streams.append(stream)
+    self.session.encode(symbols, rows, np.zeros(len(rows), np.int64), PRECISION)
     return symbols
 
 
 class _Decoding:
-  """`_code_steps`' coder calls of the decoder: decodes the next stream."""
+  """`_code_steps`' coder calls of the decoder: decodes them from the streams."""
 
   def __init__(self, coder: EntropyCoder, streams: bytes, lengths: list[int],
                escaped: np.ndarray):
-    self.coder, self.streams, self.escaped = coder, streams, escaped
-    self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    self.next = 0  # stream
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    self.session = coder.cdf_decoder([streams[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+    self.escaped = escaped
     self.used = 0  # escaped values
-
-  def _stream(self) -> bytes:
-    k = self.next
-    self.next += 1
-    return self.streams[self.offsets[k]:self.offsets[k + 1]]
 
   def coarse(self, number, channel, rows, starts, group, window):
     taken = []
@@ -874,8 +835,7 @@ class _Decoding:
       taken.append(self.escaped[self.used - n:self.used])
       return np.full(n, -1, np.int64)
 
-    symbols = self.coder.decode_with_cdfs(self._stream(), rows, np.zeros(len(rows), np.int64),
-                                          PRECISION, take, validate=False)
+    symbols = self.session.decode(rows, np.zeros(len(rows), np.int64), PRECISION, take)
     escaped = np.concatenate(taken) if taken else np.zeros(0, np.int64)
     return symbols.astype(np.int64), escaped
 
@@ -883,8 +843,7 @@ class _Decoding:
     def refuse(n):
       raise CodingError("a residual stream escapes where it cannot; file is corrupt")
 
-    symbols = self.coder.decode_with_cdfs(self._stream(), rows, np.zeros(len(rows), np.int64),
-                                          PRECISION, refuse, validate=False)
+    symbols = self.session.decode(rows, np.zeros(len(rows), np.int64), PRECISION, refuse)
     return symbols.astype(np.int64)
 
 
@@ -921,13 +880,12 @@ def encode(exported, coder: EntropyCoder, x: np.ndarray, x_base: np.ndarray,
                         mixtures)
   if not np.array_equal(decoded, flat):  # the loop's own bookkeeping
     raise AssertionError("residual encoder lost symbols")
-  lengths = tuple(len(s) for s in coding.streams)
-  side = _varints([v for c in range(CHANNELS)
-                   for v in (_zigzag(int(q_low[c])), int(counts[c] - 1),
-                             int(windows[c]) // WINDOW_STEP)] + list(lengths))
+  streams = coding.session.finish()
+  lengths = tuple(len(s) for s in streams)
+  fields = np.stack([varint.zigzag(q_low), counts - 1, windows // WINDOW_STEP], axis=1)
   escaped = np.concatenate([np.zeros(0, np.int64)] + coding.escapes)
-  side += _varints(escaped)
-  return ResidualLayer(side, b"".join(coding.streams), r_hat, q_low, q_high, windows, lengths,
+  side = varint.encode(np.concatenate([fields.ravel(), np.asarray(lengths, np.int64), escaped]))
+  return ResidualLayer(side, b"".join(streams), r_hat, q_low, q_high, windows, lengths,
                        int(escaped.size), bits)
 
 
@@ -938,10 +896,12 @@ def decode(exported, coder: EntropyCoder, side: bytes, streams: bytes, x_base: n
   check_inputs(exported, x_base, u_padded)
   height, width = x_base.shape[:2]
   plan = _plan(exported, height, width)
-  q_low, q_high, windows, lengths, escaped = parse_side_info(side, plan, tau, len(streams))
+  q_low, q_high, windows, lengths, escaped = parse_side_info(side, plan, tau, len(streams),
+                                                             coder.ONE_STREAM)
   coding = _Decoding(coder, streams, lengths, escaped)
   u_flat = u_padded.reshape(-1, u_padded.shape[-1])
   r_hat = _code_steps(exported, plan, u_flat, tau, q_low, q_high, windows, coding, profile)
+  coding.session.finish()
   if coding.used != len(escaped):
     raise FormatError(f"invalid residual side information: {len(escaped) - coding.used} "
                       "escaped values left over")

@@ -1,4 +1,4 @@
-"""Discretized logistic mixture for colour residuals (SNIC / DLPR, REFERENCE section 4).
+"""Discretized logistic mixture for colour residuals (SNIC / DLPR; docs/decoding.md).
 
 Values are residuals in grey levels. For an error bound tau the quantised
 residual r_hat is a multiple of b = 2*tau + 1 and its probability integrates
