@@ -272,7 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       history, timer = [], time.perf_counter()
     logger.advance(done)
     if done % config.train.checkpoint_every == 0 or done == end_step:
-      checkpoints.save(manager, done, state)  # every process: Orbax writes one checkpoint
+      # Every process saves (Orbax writes one checkpoint); they meet first, as
+      # the save's first collectives set up gloo with a 30 s deadline on CPU.
+      parallel.barrier(f"gvae_save_{done}")
+      checkpoints.save(manager, done, state)
     every = config.eval.every_steps
     if config.eval.folder and every and done % every == 0 and done != num_steps:
       if is_main:
