@@ -118,7 +118,7 @@ def measure(model, pixels, rate: float, repeats: int, coder_id: int) -> dict:
   y_sym = stage("quantize_y", lambda: codec.quantize_y(y, mean))
   _, scale = m.apply({"params": params}, z_sym.astype(jnp.float32), s,
                      method=m.hyper_synthesize)
-  lookup = jax.jit(codec.scale_to_row)
+  lookup = jax.jit(codec.y_table_row)
   bounds = jnp.asarray(model.y_index_bounds)
   stage("scale_to_row_alone", lambda: lookup(scale, bounds))
   z_np, y_np, index_np = stage(

@@ -176,7 +176,7 @@ def interleaved(model, pixels, base, u, tau: int, repeats: int, baseline) -> dic
 def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
   import numpy as np
 
-  from gvae_jax.coding import residual_codec
+  from gvae_jax.coding import residual_codec, residual_plan
   from gvae_jax.coding.coder import default_coder_id, get_coder
 
   coder = get_coder(default_coder_id())
@@ -234,7 +234,7 @@ def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
       "decode_symbols_per_second": profile.symbols / decode_seconds,
       "symbol_range": [int(h - l + 1) for l, h in zip(layer.q_low, layer.q_high)],
       "cdf_windows": [int(w) for w in layer.windows],
-      "cdf_group_sizes": [residual_codec.group_size(int(w)) if w else 0 for w in layer.windows],
+      "cdf_group_sizes": [residual_plan.group_size(int(w)) if w else 0 for w in layer.windows],
       "escapes": int(layer.escapes),
       "residual_bytes": residual_bytes,
       "residual_bpsp": 8.0 * residual_bytes / (3 * height * width),

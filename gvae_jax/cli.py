@@ -6,15 +6,20 @@ a path) and ends as one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from gvae_jax.errors import UserError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Before anything imports TensorFlow: level 3 also hides the three "Unable to
+# register cuDNN/cuFFT/cuBLAS factory" ERROR lines TF prints on a CPU-only
+# machine where jaxlib registered them first (stderr carries our messages only).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _train(args, overrides):
@@ -37,6 +42,8 @@ def _estimate(args, overrides):
   (estimated RD), or of an exported model (estimate vs real file sizes)."""
   from gvae_jax.eval import images as images_lib
 
+  if args.out:  # before the slow part: an existing or unwritable --out fails now
+    _check_output(args.out, args.force)
   if args.model is not None and overrides:
     raise UserError("--config overrides apply to --workdir only (an exported model is "
                     "evaluated as exported)")
@@ -57,7 +64,7 @@ def _estimate(args, overrides):
   report = estimate.estimate_rd(model, params, images, rates)
   report.update(step=step, folder=str(args.images), workdir=str(args.workdir))
   print(estimate.format_table(report))
-  _write_report(args.out, report)
+  _write_report(args.out, report, args.force)
 
 
 def _estimate_exported(args, rates):
@@ -72,15 +79,12 @@ def _estimate_exported(args, rates):
   images = images_lib.load_images(args.images, args.max_images)
   report = report_lib.real_vs_estimate(model, images, rates)
   print(report_lib.format_table(report))
-  _write_report(args.out, report)
+  _write_report(args.out, report, args.force)
 
 
-def _write_report(out: str | None, report: dict) -> None:
-  if out:
-    from gvae_jax import fileio
-
-    fileio.atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode(),
-                              overwrite=True)
+def _write_report(out: str | None, report: dict, force: bool) -> None:
+  if out:  # atomically; an existing file only with --force (checked before the work too)
+    _write_output(out, (json.dumps(report, indent=2) + "\n").encode(), force)
 
 
 def _export(args, overrides):
@@ -100,21 +104,44 @@ def _eval(args, overrides):
   harness.run_command(args)
 
 
-def _refuse_existing(path: str, force: bool) -> None:
-  if not force and os.path.lexists(path):
-    raise UserError(f"{path} already exists; pass --force to overwrite it")
+def _check_output(path: str, force: bool) -> None:
+  """Fails now, before any slow work, if `path` cannot be written (fileio.check_output_path)."""
+  from gvae_jax import fileio
 
-
-def _read_bytes(path: str) -> bytes:
   try:
-    with open(path, "rb") as f:
-      return f.read()
-  except FileNotFoundError:
-    raise UserError(f"{path}: no such file") from None
+    fileio.check_output_path(path, overwrite=force)
+  except FileExistsError:
+    raise UserError(f"{path} already exists; pass --force to overwrite it") from None
   except IsADirectoryError:
-    raise UserError(f"{path}: is a directory, not a .gvae file") from None
-  except OSError as e:
-    raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    raise UserError(f"{path} is a directory; give a file name") from None
+
+
+def _write_output(path: str, data, force: bool) -> None:
+  from gvae_jax import fileio
+
+  try:
+    fileio.atomic_write_bytes(path, data, overwrite=force)
+  except FileExistsError:
+    raise UserError(f"{path} already exists; pass --force to overwrite it") from None
+  except IsADirectoryError:
+    raise UserError(f"{path} is a directory; give a file name") from None
+
+
+def _memory_cap(args):
+  from gvae_jax.coding import memory
+
+  return memory.memory_cap(getattr(args, "max_memory", None))
+
+
+def _model_scale(model) -> float:
+  from gvae_jax.coding import memory
+
+  lossy = model.lossy_model
+  return memory.model_scale(lossy.n, lossy.m)
+
+
+def _warn(message: str) -> None:
+  print(f"gvae: warning: {message}", file=sys.stderr)
 
 
 def _enable_compilation_cache() -> None:
@@ -156,11 +183,25 @@ def _compress(args, overrides):
                     "base layer, or nothing to pick the rate of the smallest file")
   if tau is not None:
     tau = settings.check_tau(tau)  # the number, before anything slow; the model's kind later
-  _refuse_existing(args.output, args.force)
-  pixels, info = image_io.read_image(args.input)
+  _check_output(args.output, args.force)
+  from gvae_jax.coding import memory
+  mode = "lossy" if tau is None else "residual"
+  cap, source = _memory_cap(args)
+  # The largest image the cap allows (for the reference model size), checked on
+  # the file's header before a pixel is decoded; refined below for the model.
+  max_pixels, note = memory.MAX_CODEC_PIXELS, "the codec's limit"
+  if cap is not None:
+    fitting = max(0, (cap - memory.BASE_BYTES) // memory.PER_PIXEL[mode, "compress"])
+    if fitting < max_pixels:
+      max_pixels, note = fitting, f"what the memory cap of {cap / 2**30:.1f} GiB ({source}) allows"
+  pixels, info = image_io.read_image(args.input, max_pixels=max_pixels, limit_note=note)
+  for warning in info.warnings():
+    _warn(f"{args.input}: {warning}")
   from gvae_jax.coding import codec, export
   _enable_compilation_cache()
-  model = export.load_model(args.model)
+  model = export.load_model(args.model or _default_model(tau is not None))
+  memory.check(pixels.shape[0], pixels.shape[1], mode, "compress", cap, source,
+               _model_scale(model))
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
     pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
   from gvae_jax.coding.coder import CODER_NAMES, get_coder
@@ -168,24 +209,31 @@ def _compress(args, overrides):
   if coder is not None:
     get_coder(coder)  # a missing backend fails before the work
   if tau is not None:
-    data = codec.compress(model, pixels, args.rate, tau=tau, coder=coder)
+    data = codec.compress(model, pixels, args.rate, tau=tau, coder=coder, allow_stored=True)
   elif args.bpp is not None:
     data, _ = codec.compress_to_bpp(model, pixels, args.bpp, coder=coder)
   else:
-    data = codec.compress(model, pixels, args.rate, coder=coder)
-  try:
-    fileio.atomic_write_bytes(args.output, data, overwrite=args.force)
-  except FileExistsError:
-    raise UserError(f"{args.output} already exists; pass --force to overwrite it") from None
+    data = codec.compress(model, pixels, args.rate, coder=coder, allow_stored=True)
+  _write_output(args.output, data, args.force)
   header = codec.read_header(data)
   note = "" if not info.converted else f" ({info.describe()})"
   print(f"{args.output}: {len(data)} bytes, {codec.bits_per_pixel(data, header):.4f} bpp, "
         f"rate {header.rate:.6g}{_tau_note(header)}, {header.width}x{header.height}{note}")
 
 
+def _default_model(near_lossless: bool) -> str:
+  from gvae_jax.coding import defaults
+
+  path = defaults.default_model(near_lossless)
+  logging.info("no --model: using the shipped model %s", path)
+  return str(path)
+
+
 def _tau_note(header) -> str:
   from gvae_jax.coding.container import Mode
 
+  if header.mode == Mode.STORED:
+    return ", lossless (pixels stored: smaller than coding them)"
   if header.mode != Mode.RESIDUAL:
     return ""
   return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
@@ -209,19 +257,38 @@ def _write_png(path: str, pixels, overwrite: bool) -> None:
 
 
 def _decompress(args, overrides):
-  from gvae_jax.coding import container
+  from gvae_jax.coding import container, memory
 
-  _refuse_existing(args.output, args.force)
-  data = _read_bytes(args.input)
+  _check_output(args.output, args.force)
+  cap, source = _memory_cap(args)
+
+  def fits(header, size):  # on the header alone, before the body is read
+    mode = header.mode.name.lower()
+    memory.check(header.height, header.width, mode, "decompress", cap, source, 1.0, size)
+
+  data = container.read_file(args.input, check=fits)
   header, _ = container.unpack(data)  # a broken file fails before JAX even loads
+  model_dir = args.model
+  if model_dir is None:
+    from gvae_jax.coding import defaults
+    found = defaults.model_for_fingerprint(header.fingerprint)
+    if found is None:
+      raise UserError(f"{args.input} was not made by a shipped model (fingerprint "
+                      f"{header.fingerprint.hex()}); give the model that made it with --model")
+    model_dir = str(found)
   from gvae_jax.coding import codec, export
   _enable_compilation_cache()
-  model = export.load_model(args.model)
+  model = export.load_model(model_dir)
+  mode = header.mode.name.lower()
+  memory.check(header.height, header.width, mode, "decompress", cap, source,
+               _model_scale(model), len(data))
   pixels = codec.decompress(model, data)
   try:
     _write_png(args.output, pixels, overwrite=args.force)
   except FileExistsError:
     raise UserError(f"{args.output} already exists; pass --force to overwrite it") from None
+  except IsADirectoryError:
+    raise UserError(f"{args.output} is a directory; give a file name") from None
   kind = "grayscale" if header.channels == 1 else "RGB"
   print(f"{args.output}: {header.width}x{header.height} {kind} from {len(data)} bytes "
         f"({codec.bits_per_pixel(data, header):.4f} bpp, rate {header.rate:.6g}"
@@ -231,7 +298,7 @@ def _decompress(args, overrides):
 def _info(args, overrides):
   from gvae_jax.coding import container
 
-  data = _read_bytes(args.input)
+  data = container.read_file(args.input)
   header, sections = container.unpack(data)
   pixels = header.height * header.width
   rows = [
@@ -242,7 +309,9 @@ def _info(args, overrides):
       ("mode", header.mode.name.lower() + _tau_note(header)),
       ("rate s", f"{header.rate:.9g}"),
       ("tau", f"{header.tau} (every decoded value within tau of the original)"
-       if header.mode == container.Mode.RESIDUAL else f"{header.tau} (lossy: no bound)"),
+       if header.mode == container.Mode.RESIDUAL else
+       f"{header.tau} (stored pixels: lossless)" if header.mode == container.Mode.STORED
+       else f"{header.tau} (lossy: no bound)"),
       ("size", f"{header.width}x{header.height} (width x height)"),
       ("channels", header.channels),
       ("coder id", f"{header.coder_id} ({_coder_name(header.coder_id)})"),
@@ -264,6 +333,8 @@ def _coder_name(coder_id: int) -> str:
 def _section_names(header, count: int) -> list[str]:
   from gvae_jax.coding.container import Mode
 
+  if header.mode == Mode.STORED:
+    return ["pixels (zlib)"] if count == 1 else [""] * count
   names = ["z", "y"] + (["residual side info", "residual streams", "pixel check"]
                         if header.mode == Mode.RESIDUAL else [])
   return names if len(names) == count else [""] * count
@@ -302,6 +373,10 @@ def _rate_arg(text: str) -> float:
     raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+_MAX_MEMORY_HELP = ("refuse images whose estimated peak memory exceeds SIZE (16G, 800M, off; "
+                    "default $GVAE_MAX_MEMORY, else half the physical memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="gvae", description="gvae-jax: variable-rate learned image compression (train, export, "
@@ -330,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="rates s (default: every level, with --workdir also the config's "
                  "fractional rates)")
   p.add_argument("--max-images", type=int, default=0)
-  p.add_argument("--out", help="write the report as JSON here")
+  p.add_argument("--out", help="write the report as JSON here (atomically)")
+  p.add_argument("--force", action="store_true", help="overwrite an existing --out")
   p.set_defaults(run=_estimate, takes_overrides=True)
 
   p = sub.add_parser("export", help="export a workdir's checkpoint as a codec model directory")
@@ -366,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("compress", help="compress an image to a .gvae file")
   p.add_argument("input", help="image file (PNG, JPEG, ...; 8-bit RGB, grayscale or palette)")
   p.add_argument("output", help=".gvae file to write")
-  p.add_argument("--model", required=True, help="exported model directory")
+  p.add_argument("--model", help="exported model directory (default: the shipped model, "
+                 "lossy or, with --tau / --lossless, scalable)")
   target = p.add_mutually_exclusive_group()
   target.add_argument("--rate", type=_rate_arg,
                       help="rate s in [0, levels-1], continuous (with --tau: of the base layer)")
@@ -380,13 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
                  help="entropy coder backend (default: tfc where installed, the tfc profile; "
                       "constriction otherwise)")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  p.add_argument("--max-memory", metavar="SIZE", help=_MAX_MEMORY_HELP)
   p.set_defaults(run=_compress)
 
   p = sub.add_parser("decompress", help="decompress a .gvae file to PNG")
   p.add_argument("input", help=".gvae file")
   p.add_argument("output", help="PNG file to write")
-  p.add_argument("--model", required=True, help="the exported model that compressed it")
+  p.add_argument("--model", help="the exported model that compressed it (default: the "
+                 "shipped model whose fingerprint the file carries)")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  p.add_argument("--max-memory", metavar="SIZE", help=_MAX_MEMORY_HELP)
   p.set_defaults(run=_decompress)
 
   p = sub.add_parser("sweep", help="run an ablation sweep (train, export, eval) and collate it",
@@ -417,8 +497,70 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+_SUPERVISED_COMMANDS = ("compress", "decompress")
+_SUPERVISED_ENV = "GVAE_SUPERVISED"
+# What a C++ allocation failure prints before abort(): not for the user's terminal.
+_ABORT_LINES = ("terminate called after throwing an instance of 'std::bad_alloc'",
+                "what():  std::bad_alloc", "what(): std::bad_alloc")
+
+
+def _run_supervised(argv: list[str]) -> int:
+  """Runs the command in a child process and turns its death by OOM into one line.
+
+  XLA and TensorFlow allocate in C++: when an allocation fails there (a
+  memory limit, a full machine) they throw std::bad_alloc and abort the
+  process, which Python cannot catch; the kernel's OOM killer sends SIGKILL.
+  So compress / decompress run in a child (the same command with
+  GVAE_SUPERVISED=1); this parent only imports the standard library, passes
+  stdout through, filters the C++ abort lines from stderr, forwards SIGTERM
+  and SIGINT, and reports an abort or kill as `gvae: error: out of memory`.
+  """
+  import subprocess
+
+  env = {**os.environ, _SUPERVISED_ENV: "1"}
+  # Its own process group: a terminal's Ctrl-C reaches only this parent, which passes
+  # it on once (twice would interrupt the child's cleanup of its temporary file).
+  child = subprocess.Popen([sys.executable, "-m", "gvae_jax", *argv], env=env,
+                           stderr=subprocess.PIPE, text=True, errors="replace",
+                           process_group=0)
+
+  def forward(signum, frame):
+    child.send_signal(signum)
+
+  previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+  bad_alloc = False
+  try:
+    for line in child.stderr:
+      if line.strip() in _ABORT_LINES:
+        bad_alloc = True
+        continue
+      sys.stderr.write(line)
+      sys.stderr.flush()
+    code = child.wait()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  if code in (-signal.SIGABRT, -signal.SIGKILL, -signal.SIGSEGV, -signal.SIGBUS) and (
+      bad_alloc or code == -signal.SIGKILL):
+    print(f"gvae: error: {_OUT_OF_MEMORY}", file=sys.stderr)
+    return 3
+  if code == -signal.SIGTERM:
+    return 143
+  if code == -signal.SIGINT:
+    return 130
+  if code < 0:
+    print(f"gvae: error: the coder process died with signal {-code}", file=sys.stderr)
+    return 1
+  return code
+
+
 def main(argv: list[str] | None = None) -> int:
+  command_line = argv is None
   argv = sys.argv[1:] if argv is None else argv
+  if (command_line and not os.environ.get(_SUPERVISED_ENV)
+      and any(a in _SUPERVISED_COMMANDS for a in argv[:3])
+      and not any(a in ("-h", "--help") for a in argv)):
+    return _run_supervised(argv)
   parser = build_parser()
   args, rest = parser.parse_known_args(argv)
   overrides = [r for r in rest if r.startswith("--config.")]
@@ -427,8 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
+  previous_sigterm = _terminate_with_cleanup()
   try:
     args.run(args, overrides)
+  except _Terminated:
+    print("gvae: terminated", file=sys.stderr)
+    return 143
+  except MemoryError:
+    print(f"gvae: error: {_OUT_OF_MEMORY}", file=sys.stderr)
+    return 3
   except UserError as e:
     print(f"gvae: error: {e}", file=sys.stderr)
     return e.exit_code
@@ -438,7 +587,47 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("gvae: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # noqa: BLE001 - only out-of-memory errors become a message
+    if not _is_out_of_memory(e):
+      raise
+    print(f"gvae: error: {_OUT_OF_MEMORY}", file=sys.stderr)
+    return 3
+  finally:
+    if previous_sigterm is not None:
+      signal.signal(signal.SIGTERM, previous_sigterm)
   return 0
+
+
+_OUT_OF_MEMORY = ("out of memory: the image needs more memory than this machine or process "
+                  "has (see --max-memory; try a smaller image or free memory)")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+  """XLA's / TensorFlow's allocation failures, recognised without importing them."""
+  name = type(error).__name__
+  if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+    return True
+  text = str(error)[:2000]
+  # e.g. XlaRuntimeError "RESOURCE_EXHAUSTED: Out of memory ...", TF's
+  # ResourceExhaustedError, a shared library that cannot be mapped under ulimit -v.
+  return any(marker in text for marker in (
+      "RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "bad_alloc",
+      "Allocation failure", "failed to allocate", "failed to map segment",
+      "Cannot allocate memory"))
+
+
+class _Terminated(BaseException):
+  """SIGTERM, raised as an exception so that `finally` blocks remove temporary files."""
+
+
+def _terminate_with_cleanup():
+  def handler(signum, frame):
+    raise _Terminated()
+
+  try:
+    return signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread (main() called from a library)
+    return None
 
 
 if __name__ == "__main__":

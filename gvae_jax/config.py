@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.interpolation = "exponential"  # exponential | linear
   config.model.quantization = "mixed"  # mixed | noise
   config.model.prior_channels = 0  # residual-prior features u (scalable models)
+  # Entropy model of y: "symmetric" (Gaussian conditional) or "asymmetric"
+  # (G-VAE's two scales around the mean): gvae_jax/models/hyperprior.py
+  config.model.entropy_model = "symmetric"
   # Residual layer of scalable_gained_hyperprior (SNIC sizes; DLPR: 7x7, 256).
   config.model.residual = ml_collections.ConfigDict()
   config.model.residual.context_channels = 64
@@ -161,6 +164,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 # Residual keys added after models were exported, with the value their
 # absence means (the registry reads old configs with these defaults).
 RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT = {"correction": "separate"}
+# The same for keys of config.model itself.
+MODEL_KEYS_IMPLIED_WHEN_ABSENT = {"entropy_model": "symmetric"}
 
 
 def model_fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -172,6 +177,9 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> str:
   for key, implied in RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT.items():
     if residual.get(key, implied) == implied:
       residual.pop(key, None)
+  for key, implied in MODEL_KEYS_IMPLIED_WHEN_ABSENT.items():
+    if model.get(key, implied) == implied:
+      model.pop(key, None)
   relevant = {"model": model, "levels_lambdas": list(config.train.lambdas)}
   blob = json.dumps(relevant, sort_keys=True, default=list).encode()
   return hashlib.sha256(blob).hexdigest()[:16]

@@ -7,7 +7,20 @@ information away refused with an `ImageError`: alpha or transparency, more
 than 8 bits per sample, multi-frame files, other colour models. Pillow does
 the decoding; for PNG (Pillow's raw mode), PPM and TIFF the sample depth is
 checked as well because Pillow silently reduces 16-bit RGB in those formats
-to 8 bits.
+to 8 bits, and for BMP because Pillow reads a 32-bit BMP's alpha bytes as
+unused padding.
+
+Only regular files are read (fileio.open_regular_file: no devices, FIFOs).
+`max_pixels` is checked on the size in the file's header, before any pixel
+is decoded. Colour metadata:
+- EXIF orientation is APPLIED: the pixels are rotated / mirrored upright
+  (Pillow's exif_transpose), so the decoded PNG, which carries no EXIF,
+  shows what a viewer showed for the original; ImageInfo.exif_orientation
+  records the tag and the CLI reports the transposition. (A lossless file is
+  then lossless with respect to the upright image.)
+- An embedded ICC profile is DROPPED: the codec codes the numbers as they
+  are and the decoded PNG carries no profile, so viewers will show them as
+  sRGB. ImageInfo.icc_profile says there was one and the CLI warns.
 
 No TensorFlow or JAX here.
 """
@@ -20,11 +33,12 @@ import enum
 import io
 import os
 import re
+import struct
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gvae_jax.fileio import atomic_write_bytes
+from gvae_jax.fileio import UnsafePathError, atomic_write_bytes, open_regular_file
 
 _HEADER_BYTES = 4096  # enough for the PNG IHDR and a PPM header with comments
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -56,13 +70,38 @@ _CONVERSION_NOTES = {
 }
 
 
+_ORIENTATION_NOTES = {
+    2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom",
+    5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+    8: "rotated 90 degrees counter-clockwise"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
   source_mode: SourceMode
   format: str  # Pillow's format name: "PNG", "JPEG", ...
-  # EXIF orientation tag (1 = upright) or None. read_image does NOT rotate:
-  # other values mean viewers show the pixels rotated or mirrored.
+  # EXIF orientation tag (1 = upright) or None. read_image APPLIES it: the
+  # pixels returned are upright (rotated / mirrored as the tag says).
   exif_orientation: int | None = None
+  icc_profile: bool = False  # the file had an ICC profile; it was dropped
+
+  @property
+  def transposed(self) -> bool:
+    """True if read_image rotated or mirrored the stored pixels (EXIF orientation 2-8)."""
+    return self.exif_orientation is not None and 2 <= self.exif_orientation <= 8
+
+  def warnings(self) -> list[str]:
+    """What the CLI should tell the user about metadata the codec does not keep."""
+    notes = []
+    if self.transposed:
+      notes.append(f"EXIF orientation {self.exif_orientation} applied: the pixels were "
+                   f"{_ORIENTATION_NOTES[self.exif_orientation]} to show upright, and the "
+                   "decoded image is stored upright without EXIF")
+    if self.icc_profile:
+      notes.append("the image's ICC colour profile was dropped: the decoded PNG has none, so "
+                   "viewers show its values as sRGB (convert to sRGB first to keep the look: "
+                   "`magick IN -profile sRGB.icc OUT.png`)")
+    return notes
 
   @property
   def converted(self) -> bool:
@@ -88,6 +127,48 @@ def _pnm_header(header: bytes) -> tuple[int, int, int] | None:
   except ValueError:  # fewer than 3 tokens or not numbers: let Pillow report it
     return None
   return width, height, maxval
+
+
+def _png_size(header: bytes) -> tuple[int, int] | None:
+  """(width, height) from a PNG's IHDR chunk, if the header is a PNG's."""
+  if header.startswith(_PNG_SIGNATURE) and header[12:16] == b"IHDR" and len(header) >= 24:
+    return struct.unpack(">II", header[16:24])
+  return None
+
+
+def _bmp_header(header: bytes) -> tuple[int, int, int, int, int] | None:
+  """(pixel data offset, width, height, bits per pixel, compression) of a BMP, if one."""
+  if not header.startswith(b"BM") or len(header) < 34:
+    return None
+  offset, info_size = struct.unpack_from("<II", header, 10)
+  if info_size < 40:  # an OS/2 BITMAPCOREHEADER: no 32-bit pixels
+    return None
+  width, height, _, bits, compression = struct.unpack_from("<iiHHI", header, 18)
+  return offset, width, height, bits, compression
+
+
+def _bmp_alpha_bytes_used(file, header: bytes) -> bool:
+  """True if a 32-bit BI_RGB BMP has a non-zero fourth byte in any pixel.
+
+  Pillow reads that byte as padding (mode RGB), but writers (Pillow itself,
+  for RGBA) store alpha there; all-zero means there is none.
+  """
+  bmp = _bmp_header(header)
+  if bmp is None:
+    return False
+  offset, width, height, bits, compression = bmp
+  if bits != 32 or compression != 0 or width <= 0 or height == 0:
+    return False
+  file.seek(offset)
+  remaining = 4 * width * abs(height)
+  while remaining > 0:
+    chunk = file.read(min(remaining, 1 << 22) // 4 * 4 or 4)
+    if not chunk:
+      break
+    if np.frombuffer(chunk[:len(chunk) // 4 * 4], np.uint8)[3::4].any():
+      return True
+    remaining -= len(chunk)
+  return False
 
 
 def _check_header(path: str, header: bytes) -> None:
@@ -179,23 +260,47 @@ def _exif_orientation(image: Image.Image) -> int | None:
   return int(orientation) if isinstance(orientation, int) else None
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
-  """Reads an image file as uint8 RGB [H, W, 3], plus how it was stored.
+def _check_pixel_count(path: str, width: int, height: int, max_pixels: int | None,
+                       limit_note: str) -> None:
+  if max_pixels is not None and width * height > max_pixels:
+    raise ImageError(f"{path}: image of {width}x{height} pixels exceeds {limit_note or 'the limit'}"
+                     f" ({max_pixels} pixels); refused before decoding it")
+
+
+def _apply_orientation(path: str, image: Image.Image, orientation: int | None) -> Image.Image:
+  """The image rotated / mirrored upright as its EXIF orientation says (itself if upright)."""
+  if orientation is None or not 2 <= orientation <= 8:
+    return image
+  try:
+    return ImageOps.exif_transpose(image)
+  except Exception as error:
+    raise ImageError(f"{path}: cannot apply its EXIF orientation {orientation} ({error})") from error
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = None,
+               limit_note: str = "") -> tuple[np.ndarray, ImageInfo]:
+  """Reads an image file as uint8 RGB [H, W, 3], upright, plus how it was stored.
 
   Raises ImageError (with the path, the reason and a suggested fix) for a
-  missing, empty, truncated, corrupt or non-image file, a directory, and for
-  images that would lose information: alpha/transparency, more than 8 bits
-  per sample, floating point, multiple frames, CMYK and other colour models.
+  missing, empty, truncated, corrupt or non-image file, a directory or other
+  non-regular file, and for images that would lose information:
+  alpha/transparency (also in a 32-bit BMP), more than 8 bits per sample,
+  floating point, multiple frames, CMYK and other colour models. With
+  max_pixels, an image of more pixels is refused from its header, before its
+  pixels are decoded (limit_note says whose limit it is). EXIF orientation
+  is applied and an ICC profile dropped (module doc; ImageInfo records both).
   """
   path = os.fspath(path)
   try:
-    file = open(path, "rb")
+    file = open_regular_file(path, "image file")
   except FileNotFoundError:
     raise ImageError(f"{path}: no such file") from None
   except IsADirectoryError:
     raise ImageError(f"{path}: is a directory, not an image file") from None
   except PermissionError:
     raise ImageError(f"{path}: permission denied") from None
+  except UnsafePathError as error:
+    raise ImageError(str(error)) from None
   except OSError as error:
     raise ImageError(f"{path}: cannot open ({error.strerror or error})") from error
   with file:
@@ -203,6 +308,14 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
     if not header:
       raise ImageError(f"{path}: file is empty (0 bytes)")
     _check_header(path, header)
+    png = _png_size(header)
+    if png is not None:  # before Pillow: it refuses huge PNGs as "decompression bombs"
+      _check_pixel_count(path, png[0], png[1], max_pixels, limit_note)
+    if _bmp_alpha_bytes_used(file, header):
+      raise _refuse(path, "32-bit BMP with alpha (a fourth byte per pixel that is not all "
+                    "zero); the codec stores no transparency and would drop it",
+                    "remove it first, e.g. `magick IN -background white -alpha remove "
+                    "-alpha off OUT.png`")
     file.seek(0)
     try:
       image = Image.open(file)
@@ -213,6 +326,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
     except Exception as error:  # Pillow raises many types for bad bytes; all mean "corrupt"
       raise ImageError(f"{_describe_unreadable(path, header)} ({error})") from error
     with image:
+      _check_pixel_count(path, image.size[0], image.size[1], max_pixels, limit_note)
       source_mode = _check_opened(path, image)
       try:
         image.load()
@@ -220,14 +334,17 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageInfo]:
         raise ImageError(f"{path}: cannot decode the {image.format} data, the file is truncated "
                          f"or corrupt ({error})") from error
       _check_transparency(path, image)  # some formats only report it once decoded
+      orientation = _exif_orientation(image)
+      icc = bool(image.info.get("icc_profile"))
+      upright = _apply_orientation(path, image, orientation)
       if source_mode is SourceMode.RGB:
-        pixels = np.array(image, dtype=np.uint8)
+        pixels = np.array(upright, dtype=np.uint8)
       elif source_mode is SourceMode.PALETTE:
-        pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+        pixels = np.array(upright.convert("RGB"), dtype=np.uint8)
       else:  # grayscale or bilevel: exact replication, no luma weighting to undo
-        gray = np.array(image.convert("L"), dtype=np.uint8)
+        gray = np.array(upright.convert("L"), dtype=np.uint8)
         pixels = np.repeat(gray[:, :, None], 3, axis=2)
-      info = ImageInfo(source_mode, image.format or "unknown", _exif_orientation(image))
+      info = ImageInfo(source_mode, image.format or "unknown", orientation, icc)
   if pixels.ndim != 3 or pixels.shape[2] != 3:  # defensive: a Pillow plugin misreporting its mode
     raise ImageError(f"{path}: decoded to an unexpected shape {pixels.shape}")
   return pixels, info
@@ -253,5 +370,7 @@ def write_png(path: str | os.PathLike, pixels: np.ndarray, overwrite: bool = Fal
     atomic_write_bytes(path, encoded.getbuffer(), overwrite=overwrite)
   except FileExistsError:
     raise
+  except UnsafePathError as error:
+    raise ImageError(str(error)) from None
   except OSError as error:
     raise ImageError(f"{path}: cannot write ({error.strerror or error})") from error

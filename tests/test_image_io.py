@@ -123,12 +123,14 @@ def test_bilevel_becomes_black_and_white_rgb(tmp_path, rgb):
   np.testing.assert_array_equal(pixels[:, :, 1], np.where(rgb[:, :, 0] > 127, 255, 0))
 
 
-def test_exif_orientation_is_reported_not_applied(tmp_path, rgb):
+def test_exif_orientation_is_applied_and_reported(tmp_path, rgb):
   exif = Image.Exif()
-  exif[0x0112] = 6
-  path = _save(tmp_path, "o.jpg", Image.fromarray(rgb), exif=exif)
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+  path = _save(tmp_path, "o.png", Image.fromarray(rgb), exif=exif)
   pixels, info = read_image(path)
-  assert info.exif_orientation == 6 and pixels.shape == (7, 11, 3)
+  assert info.exif_orientation == 6 and info.transposed
+  np.testing.assert_array_equal(pixels, np.rot90(rgb, k=-1))
+  assert "rotated 90 degrees clockwise" in info.warnings()[0]
 
 
 # --- refusals -------------------------------------------------------------------------------

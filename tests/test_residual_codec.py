@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from codec_helpers import (GOLDEN_MODEL, assert_tables_match, exported_here, golden_coders,
                            make_image, tiny_scalable_config,
                            tiny_scalable_params)
-from gvae_jax.coding import codec, container, export, residual_codec
+from gvae_jax.coding import codec, container, export, residual_codec, residual_plan
 from gvae_jax.coding.coder import (CODER_NAMES, CodingError, check_cdf_rows, default_coder_id,
                                    get_coder)
 from gvae_jax.coding.container import FormatError, Mode
@@ -303,13 +303,13 @@ def test_step_plan_codes_each_pixel_once_after_its_context(height, width, order)
 
   mask = causal_mask(5, order)
   offsets = tuple(map(tuple, np.argwhere(mask) - 2))
-  plan = residual_codec.plan_steps(height, width, order, offsets)
+  plan = residual_plan.plan_steps(height, width, order, offsets)
   coded = np.concatenate([s.image_index for s in plan.steps])
   np.testing.assert_array_equal(np.sort(coded), np.arange(height * width))
   step_of_cell = np.full(plan.cells, -1)
   for number, step in enumerate(plan.steps):
     step_of_cell[step.cell_index] = number
-    assert step.bucket >= step.count and step.bucket == residual_codec.bucket_size(step.count)
+    assert step.bucket >= step.count and step.bucket == residual_plan.bucket_size(step.count)
   for number, step in enumerate(plan.steps):
     taps = plan.tap_index(step)
     # A tap reads a pixel of an earlier step, or a cell that is never written (zero).
@@ -324,7 +324,7 @@ def test_encoder_recomputing_its_mixtures_writes_the_same_file(model, monkeypatc
   mixtures instead of keeping them; same numbers, same bytes."""
   pixels = synthetic("mixed", 30, 50, 4)
   kept = codec.encode(model, pixels, 0.5, 0)
-  assert any(residual_codec.group_size(int(w)) > 1 for w in kept.residual.windows)
+  assert any(residual_plan.group_size(int(w)) > 1 for w in kept.residual.windows)
   monkeypatch.setattr(residual_codec, "_KEEP_MIXTURES_BYTES", 0)
   recomputed = codec.encode(model, pixels, 0.5, 0)
   assert recomputed.data == kept.data

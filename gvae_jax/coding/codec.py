@@ -16,7 +16,9 @@ of 64 and coded as one batch of 1:
            y_sym = round(y' - mean)
            bytes: z_sym with the z table (row = channel),
                   y_sym with the y table (row = y_row: the table scale
-                  nearest to the predicted scale in the log domain)
+                  nearest to the predicted scale in the log domain; for
+                  an asymmetric model left_row * 64 + right_row, the
+                  rows of its two scales)
   decoder: z_sym <- bytes; mean, y_row = hyper(z_sym, s)
            y_sym <- bytes; x = synthesize(y_sym + mean, s), cropped, clipped,
            rounded to uint8
@@ -59,6 +61,13 @@ replicated into R, G and B, coded as RGB, and the header records channels=1;
 decompress then returns [H, W], the average of the three decoded channels
 rounded to the nearest integer. Palette images are coded as RGB (channels=3)
 and decode to RGB.
+
+Degenerate sizes: with allow_stored (the CLI), `compress` returns a STORED
+file (container mode 2: the pixels deflated with zlib, lossless) instead
+when that is smaller and the padding to 64 is at least 16x the image (1-4
+pixels high or wide, or tiny), where the networks' cost is dominated by
+padding: a 1x768 image costs 63 bpp coded and at most raw + a 51-byte
+header stored. Decoding STORED files inflates at most the header's pixels.
 """
 from __future__ import annotations
 
@@ -77,6 +86,7 @@ from gvae_jax.coding.coder import CodingError, EntropyCoder, default_coder_id, g
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
 from gvae_jax.coding.settings import RateError, TauError, check_rate, check_tau  # noqa: F401
+from gvae_jax.entropy import asymmetric_gaussian
 from gvae_jax.errors import UserError
 from gvae_jax.ops import pad_to_multiple
 
@@ -121,12 +131,21 @@ def scale_to_row(scale: jax.Array, bounds: jax.Array) -> jax.Array:
   return jnp.clip(row, 0, bounds.shape[0]).astype(jnp.int32)
 
 
+def y_table_row(scale, bounds: jax.Array) -> jax.Array:
+  """y table row for `scale` as hyper_synthesize returns it: the scale's row, or
+  for an asymmetric model (a (left, right) pair) the row of the pair of rows."""
+  if isinstance(scale, tuple):
+    left, right = (scale_to_row(v, bounds) for v in scale)
+    return asymmetric_gaussian.pair_rows(left, right, bounds.shape[0] + 1)
+  return scale_to_row(scale, bounds)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def hyper(model, params, z_sym, s, y_index_bounds):
   """z_sym -> (mean, y table row). The encoder and the decoder both call this."""
   mean, scale = model.apply({"params": params}, z_sym.astype(jnp.float32), s,
                             method=model.hyper_synthesize)
-  return mean, scale_to_row(scale, y_index_bounds)
+  return mean, y_table_row(scale, y_index_bounds)
 
 
 @jax.jit
@@ -386,10 +405,61 @@ def _check_header_for_model(model: ExportedModel, header: Header,
   return s
 
 
+# --- Stored files (mode STORED): the pixels themselves, for degenerate sizes. ---
+
+def _stored_file(model: ExportedModel, rgb: np.ndarray, channels: int) -> bytes:
+  """A lossless STORED file: the pixels (1 or 3 channels) deflated, one section."""
+  samples = rgb[:, :, :1] if channels == 1 else rgb
+  header = Header(fingerprint=model.fingerprint, mode=Mode.STORED, rate=0.0, tau=0,
+                  height=rgb.shape[0], width=rgb.shape[1], channels=channels,
+                  coder_id=default_coder_id())  # no entropy coding; any valid id
+  return container.pack(header, [zlib.compress(np.ascontiguousarray(samples).tobytes(), 9)])
+
+
+DEGENERATE_PADDING = 16  # padded area >= 16x the image: e.g. at most 4 pixels high
+
+
+def _at_most_stored(model: ExportedModel, pixels, data: bytes) -> bytes:
+  """`data`, or the STORED file if that is smaller (it is lossless, so it honours any
+  rate or tau), for degenerate sizes only: images whose padding to a multiple of 64
+  is at least DEGENERATE_PADDING times their area (1-4 pixels high or wide, tiny)."""
+  rgb, channels = as_rgb(pixels)
+  height, width = rgb.shape[:2]
+  stride = int(model.lossy_model.stride)
+  padded = (-(-height // stride) * stride) * (-(-width // stride) * stride)
+  if padded < DEGENERATE_PADDING * height * width:
+    return data
+  stored = _stored_file(model, rgb, channels)
+  return stored if len(stored) < len(data) else data
+
+
+def _decode_stored(model: ExportedModel, header: Header, sections: list[bytes]) -> Decoded:
+  if header.fingerprint != model.fingerprint:
+    raise ModelMismatchError(
+        f"this file was made by a different model (fingerprint {header.fingerprint.hex()}, "
+        f"the loaded model is {model.fingerprint.hex()})")
+  if header.channels not in (1, 3) or len(sections) != 1:
+    raise FormatError("invalid stored file: expected 1 or 3 channels and one section")
+  expected = header.height * header.width * header.channels
+  inflater = zlib.decompressobj()
+  try:  # bounded: never inflates more than the header's pixel count (+1 to see excess)
+    raw = inflater.decompress(sections[0], expected + 1)
+  except zlib.error as e:
+    raise FormatError(f"invalid stored file: {e}") from None
+  if len(raw) != expected or not inflater.eof or inflater.unused_data:
+    raise FormatError("invalid stored file: the pixel data does not match the header's size")
+  pixels = np.frombuffer(raw, np.uint8).reshape(header.height, header.width, header.channels)
+  pixels = pixels[:, :, 0].copy() if header.channels == 1 else pixels.copy()
+  empty = np.zeros((0,), np.int32)
+  return Decoded(pixels, header, empty, empty, empty)
+
+
 def decode(model: ExportedModel, data: bytes,
            profile: residual_codec.Profile | None = None) -> Decoded:
   """Decompresses .gvae bytes made with `model`; a UserError for any bad input."""
   header, sections = container.unpack(data)
+  if header.mode == Mode.STORED:
+    return _decode_stored(model, header, sections)
   s_value = _check_header_for_model(model, header, sections)
   coder = get_coder(header.coder_id)
   s = jnp.full((1,), s_value, jnp.float32)
@@ -494,7 +564,7 @@ def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int, refinements: i
 # --- The public API. ---
 
 def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
-             coder: int | None = None) -> bytes:
+             coder: int | None = None, allow_stored: bool = False) -> bytes:
   """uint8 [H, W, 3] (or [H, W] grayscale) -> .gvae bytes.
 
   Lossy at rate s in [0, levels-1]; with tau (an int >= 0; 0 is lossless) a
@@ -502,20 +572,24 @@ def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
   the base layer at `rate`, or, if rate is None, at choose_rate's rate (whose
   coded lossy layer is reused, not coded again).
   coder: entropy coder id, None for the default (`encode`).
+  allow_stored (the CLI sets it): for a degenerate size, a STORED file
+  instead when that is smaller (module doc).
   """
+  finish = (lambda data: _at_most_stored(model, pixels, data)) if allow_stored else (
+      lambda data: data)
   if tau is None:
     if rate is None:
       raise RateError("a lossy file needs a rate")
-    return encode(model, pixels, rate, coder=coder).data
+    return finish(encode(model, pixels, rate, coder=coder).data)
   tau = check_tau(tau, model)
   backend = _backend(coder)
   if rate is not None:
     s_value = check_rate(rate, model.levels)
     rgb, channels = _checked_rgb(model, pixels)
-    return _encode(model, rgb, channels, s_value, tau, backend).data
+    return finish(_encode(model, rgb, channels, s_value, tau, backend).data)
   rgb, channels = _checked_rgb(model, pixels)
   rate, lossy = _choose_rate(model, rgb, tau, 4, backend)
-  return _encode(model, rgb, channels, lossy.s_value, tau, backend, lossy=lossy).data
+  return finish(_encode(model, rgb, channels, lossy.s_value, tau, backend, lossy=lossy).data)
 
 
 def decompress(model: ExportedModel, data: bytes) -> np.ndarray:

@@ -5,7 +5,8 @@ All integers are little-endian. Format version 1:
   offset    size  type    field
   0         4     bytes   magic b"GVAE"
   4         1     u8      format version (1)
-  5         1     u8      mode: 0 lossy, 1 residual (near-lossless)
+  5         1     u8      mode: 0 lossy, 1 residual (near-lossless),
+                          2 stored (the pixels, zlib-deflated; lossless)
   6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
@@ -22,6 +23,13 @@ All integers are little-endian. Format version 1:
 `unpack` raises FormatError for any malformed input and never anything else
 (for bytes-like input); it runs in time linear in the input and never trusts
 a length before comparing it with the bytes actually present.
+
+`read_header_from_file` / `read_file` read a path in a streaming way: only
+a regular file is opened (no devices or FIFOs: `gvae info /dev/zero` fails at
+once), then at most the 47 + 4 * 64 header bytes are read and checked
+(magic, version, header fields, and the file size the section table implies
+against the size on disk) before the rest is read, so a wrong, truncated or
+padded file costs no more memory than its header.
 """
 from __future__ import annotations
 
@@ -54,6 +62,11 @@ class FormatError(UserError):
 class Mode(enum.IntEnum):
   LOSSY = 0
   RESIDUAL = 1  # near-lossless: lossy layer plus a residual within +-tau
+  # The pixels themselves (one zlib section), for images the networks would
+  # code in more bits than that, e.g. 1 pixel high (padding to 64 rows costs
+  # 64x). Added to format version 1 without a version bump: files of modes
+  # 0 and 1 are unchanged, and older readers refuse mode 2 as unknown.
+  STORED = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +90,12 @@ def _header_problem(header: Header) -> str | None:
   """Why `header` cannot be written or trusted, or None."""
   if not isinstance(header.fingerprint, bytes) or len(header.fingerprint) != FINGERPRINT_SIZE:
     return f"fingerprint must be {FINGERPRINT_SIZE} bytes"
-  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL):
+  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.STORED):
     return f"unknown mode {header.mode}"
   if not 0 <= header.tau <= 0xFFFF:
     return f"tau {header.tau} not in [0, 65535]"
-  if header.mode == Mode.LOSSY and header.tau != 0:
-    return "tau must be 0 in lossy mode"
+  if header.mode in (Mode.LOSSY, Mode.STORED) and header.tau != 0:
+    return f"tau must be 0 in {header.mode.name.lower()} mode"
   if not (math.isfinite(header.rate) and header.rate >= 0):
     return f"rate {header.rate} must be finite and >= 0"
   if not (1 <= header.height <= 0xFFFFFFFF and 1 <= header.width <= 0xFFFFFFFF):
@@ -119,23 +132,109 @@ def pack(header: Header, sections: Sequence[bytes]) -> bytes:
   return b"".join([head, _U32.pack(crc)] + sections)
 
 
-def unpack(data: bytes) -> tuple[Header, list[bytes]]:
-  """Header and sections of .gvae bytes; FormatError for anything malformed."""
-  if not isinstance(data, (bytes, bytearray, memoryview)):
-    raise TypeError(f"expected bytes, got {type(data).__name__}")
-  view = memoryview(data).cast("B")
-  size = len(view)
+def _check_prefix(view: memoryview, size: int) -> None:
+  """Magic and version of the first bytes of a file of `size` bytes."""
   if size == 0:
     raise FormatError("empty file")
-  if bytes(view[:4]) != MAGIC[:min(size, 4)]:
+  if bytes(view[:4]) != MAGIC[:min(size, 4, len(view))]:
     raise FormatError("not a .gvae file (bad magic)")
   if size >= 5 and view[4] != FORMAT_VERSION:
     raise FormatError(f"unsupported format version {view[4]} "
                       f"(this reader supports {FORMAT_VERSION})")
   if size < _FIXED.size:
     raise FormatError(f"truncated file: expected at least {_FIXED.size} bytes, got {size}")
-  (_, _, mode, coder_id, channels, fingerprint, rate, tau, height, width,
-   count) = _FIXED.unpack_from(view)
+
+
+def _header_of(fields) -> Header:
+  (_, _, mode, coder_id, channels, fingerprint, rate, tau, height, width, _) = fields
+  if mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.STORED):
+    raise FormatError(f"invalid header: unknown mode {mode}")
+  return Header(fingerprint=bytes(fingerprint), mode=Mode(mode), rate=rate, tau=tau,
+                height=height, width=width, channels=channels, coder_id=coder_id)
+
+
+MAX_HEADER_BYTES = _FIXED.size + 4 * MAX_SECTIONS + 4
+
+
+def read_header_from_file(file, size: int) -> tuple[Header, int]:
+  """(header, expected file size) from an open binary file of `size` bytes at offset 0.
+
+  Reads at most MAX_HEADER_BYTES. FormatError for a bad magic, version,
+  header field or section table, or a size on disk other than the table's
+  (truncated or trailing data). The CRC is not checked (that needs the
+  whole file: `unpack` does it).
+  """
+  prefix = file.read(min(size, _FIXED.size))
+  _check_prefix(memoryview(prefix), size)
+  fields = _FIXED.unpack_from(prefix)
+  count = fields[-1]
+  if count > MAX_SECTIONS:
+    raise FormatError(f"corrupt header: {count} sections exceed the limit of {MAX_SECTIONS}")
+  table_end = _FIXED.size + 4 * count
+  if size < table_end + 4:
+    raise FormatError(f"truncated file: expected at least {table_end + 4} bytes, got {size}")
+  table = file.read(4 * count)
+  lengths = struct.unpack(f"<{count}I", table)
+  expected = table_end + 4 + sum(lengths)
+  if size < expected:
+    raise FormatError(f"truncated file: expected {expected} bytes, got {size}")
+  if size > expected:
+    raise FormatError(f"trailing data: expected {expected} bytes, got {size}")
+  header = _header_of(fields)
+  problem = _header_problem(header)
+  if problem:
+    raise FormatError(f"invalid header: {problem}")
+  return header, expected
+
+
+def open_file(path):
+  """(open binary file, its size) for a .gvae path: regular files only (UserError)."""
+  import os
+
+  from gvae_jax import fileio
+
+  try:
+    file = fileio.open_regular_file(path, ".gvae file")
+  except FileNotFoundError:
+    raise UserError(f"{path}: no such file") from None
+  except IsADirectoryError:
+    raise UserError(f"{path}: is a directory, not a .gvae file") from None
+  except OSError as e:
+    raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+  return file, os.fstat(file.fileno()).st_size
+
+
+def read_file(path, check=None) -> bytes:
+  """The bytes of the .gvae file at `path`, read only after its header checks out.
+
+  check(header, size), if given, runs after the header checks and before the
+  body is read (e.g. a memory limit). The bytes still need `unpack` (CRC).
+  """
+  file, size = open_file(path)
+  with file:
+    try:
+      header, expected = read_header_from_file(file, size)
+    except FormatError as e:
+      raise FormatError(f"{path}: {e}") from None
+    if check is not None:
+      check(header, expected)
+    file.seek(0)
+    data = file.read(expected + 1)
+  if len(data) != expected:  # the file changed while we read it
+    raise FormatError(f"{path}: file changed while being read ({len(data)} bytes, "
+                      f"expected {expected})")
+  return data
+
+
+def unpack(data: bytes) -> tuple[Header, list[bytes]]:
+  """Header and sections of .gvae bytes; FormatError for anything malformed."""
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"expected bytes, got {type(data).__name__}")
+  view = memoryview(data).cast("B")
+  size = len(view)
+  _check_prefix(view, size)
+  fields = _FIXED.unpack_from(view)
+  count = fields[-1]
   if count > MAX_SECTIONS:
     raise FormatError(f"corrupt header: {count} sections exceed the limit of {MAX_SECTIONS}")
   table_end = _FIXED.size + 4 * count
@@ -152,10 +251,7 @@ def unpack(data: bytes) -> tuple[Header, list[bytes]]:
   if crc != stored_crc:
     raise FormatError("checksum mismatch: file is corrupt")
 
-  if mode not in (Mode.LOSSY, Mode.RESIDUAL):
-    raise FormatError(f"invalid header: unknown mode {mode}")
-  header = Header(fingerprint=bytes(fingerprint), mode=Mode(mode), rate=rate, tau=tau,
-                  height=height, width=width, channels=channels, coder_id=coder_id)
+  header = _header_of(fields)
   problem = _header_problem(header)
   if problem:  # checksum fine: a broken writer or a crafted file
     raise FormatError(f"invalid header: {problem}")

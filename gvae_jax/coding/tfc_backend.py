@@ -45,7 +45,7 @@ _INT32 = np.iinfo(np.int32)
 @functools.cache
 def _tf():
   """(tensorflow, tfc ops), imported once; TF must not grab GPUs JAX uses."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # 3 hides the CUDA-registration lines
   import tensorflow as tf
   try:
     tf.config.set_visible_devices([], "GPU")

@@ -6,7 +6,7 @@ touches TF: otherwise TF would grab GPU/TPU memory that JAX needs.
 """
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ logging quiet
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # 3: also the CUDA-registration ERROR lines
 
 import tensorflow as tf  # noqa: E402
 

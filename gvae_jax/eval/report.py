@@ -29,7 +29,7 @@ import numpy as np
 
 from gvae_jax.coding import codec, container
 from gvae_jax.coding.export import ExportedModel
-from gvae_jax.entropy import gaussian
+from gvae_jax.entropy import asymmetric_gaussian, gaussian
 from gvae_jax.eval import estimate as estimate_lib
 
 
@@ -38,6 +38,15 @@ def _scales(model, params, z_sym, s):
   _, scale = model.apply({"params": params}, z_sym.astype(jnp.float32), s,
                          method=model.hyper_synthesize)
   return scale
+
+
+def _ceil_rows(scale, y_scales: np.ndarray) -> np.ndarray:
+  """y table rows with the smallest table scale >= each predicted scale (both
+  scales of an asymmetric model's (left, right) pair)."""
+  if isinstance(scale, tuple):
+    left, right = (gaussian.scale_to_index(np.asarray(v), y_scales) for v in scale)
+    return np.asarray(asymmetric_gaussian.pair_rows(left, right, len(y_scales)))
+  return np.asarray(gaussian.scale_to_index(np.asarray(scale), y_scales))
 
 
 def measure(model: ExportedModel, pixels: np.ndarray, rate: float) -> dict:
@@ -51,10 +60,8 @@ def measure(model: ExportedModel, pixels: np.ndarray, rate: float) -> dict:
                               encoded.z_symbols.shape)
   table_z = model.z_table.bits(encoded.z_symbols, z_indexes)
   table_y = model.y_table.bits(encoded.y_symbols, encoded.y_indexes)
-  scale = np.asarray(_scales(model.lossy_model, model.lossy_params,
-                             jnp.asarray(encoded.z_symbols), s))
-  table_y_ceil = model.y_table.bits(encoded.y_symbols,
-                                    np.asarray(gaussian.scale_to_index(scale, model.y_scales)))
+  scale = _scales(model.lossy_model, model.lossy_params, jnp.asarray(encoded.z_symbols), s)
+  table_y_ceil = model.y_table.bits(encoded.y_symbols, _ceil_rows(scale, model.y_scales))
   payload_bytes = sum(len(section) for section in sections)
   estimate = est_y + est_z
   pixels_count = header.height * header.width

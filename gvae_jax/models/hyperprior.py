@@ -4,6 +4,11 @@ x -> g_a -> y;  y' = y * g(s);  z = h_a(y') * hg(s);  z_hat = Q(z)
 -> h_s(z_hat * hg'(s)) = (mu, sigma);  y_hat = Q(y' - mu) + mu
 -> x_tilde = g_s(y_hat * g'(s))
 
+Entropy model of y' (config `entropy_model`):
+- "symmetric" (default): the Gaussian conditional N(mu, sigma^2).
+- "asymmetric" (G-VAE): h_s predicts (mu, sigma_left, sigma_right), the two
+  scales of the asymmetric Gaussian (gvae_jax.entropy.asymmetric_gaussian).
+
 Quantisation in training (config `quantization`):
 - "mixed" (default, Minnen & Singh 2020): additive uniform noise for the rate
   terms, straight-through rounding (around mu for y) for what the synthesis
@@ -20,11 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from gvae_jax import gain as gain_lib
-from gvae_jax.entropy import DeepFactorized, gaussian
+from gvae_jax.entropy import DeepFactorized, asymmetric_gaussian, gaussian
 from gvae_jax.models.transforms import Analysis, HyperAnalysis, HyperSynthesis, Synthesis
 from gvae_jax.ops import crop, lower_bound, pad_to_multiple, round_st
 
 QUANTIZATIONS = ("mixed", "noise")
+ENTROPY_MODELS = ("symmetric", "asymmetric")
 LIKELIHOOD_BOUND = 1e-9
 
 
@@ -37,6 +43,7 @@ class GainedMeanScaleHyperprior(nn.Module):
   gain_init_rows: Sequence[float] | None = None
   quantization: str = "mixed"
   prior_channels: int = 0  # residual-prior features u from the synthesis (0 = none)
+  entropy_model: str = "symmetric"  # or "asymmetric" (module doc)
   # Compute dtype of the transforms' convolutions (training option; None =
   # float32). The gains, entropy models and likelihoods are always float32.
   compute_dtype: str | None = None
@@ -47,11 +54,14 @@ class GainedMeanScaleHyperprior(nn.Module):
   def setup(self):
     if self.quantization not in QUANTIZATIONS:
       raise ValueError(f"unknown quantization {self.quantization!r}; choose one of {QUANTIZATIONS}")
+    if self.entropy_model not in ENTROPY_MODELS:
+      raise ValueError(f"unknown entropy_model {self.entropy_model!r}; "
+                       f"choose one of {ENTROPY_MODELS}")
     dtype = None if self.compute_dtype in (None, "float32") else jnp.dtype(self.compute_dtype)
     self.g_a = Analysis(self.n, self.m, dtype=dtype)
     self.g_s = Synthesis(self.n, prior_channels=self.prior_channels, dtype=dtype)
     self.h_a = HyperAnalysis(self.n, dtype=dtype)
-    self.h_s = HyperSynthesis(self.m, dtype=dtype)
+    self.h_s = HyperSynthesis(self.m, scales=2 if self.is_asymmetric else 1, dtype=dtype)
 
     def table(channels, init_rows):
       return gain_lib.GainTable(self.levels, channels, init_rows,
@@ -75,11 +85,24 @@ class GainedMeanScaleHyperprior(nn.Module):
     z = self.h_a(y) * self.hyper_gain(s)
     return y, z
 
-  def hyper_synthesize(self, z_hat: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Quantised z -> (mean, scale) of the Gaussian conditional for y'."""
-    mean, raw_scale = self.h_s(z_hat * self.inverse_hyper_gain(s))
-    scale = lower_bound(jnp.exp(raw_scale), gaussian.SCALE_MIN)
-    return mean, scale
+  @property
+  def is_asymmetric(self) -> bool:
+    return self.entropy_model == "asymmetric"
+
+  def hyper_synthesize(self, z_hat: jax.Array, s: jax.Array):
+    """Quantised z -> (mean, scale) of the Gaussian conditional for y'.
+
+    Asymmetric model: (mean, (left scale, right scale)).
+    """
+    mean, *raw_scales = self.h_s(z_hat * self.inverse_hyper_gain(s))
+    scales = tuple(lower_bound(jnp.exp(raw), gaussian.SCALE_MIN) for raw in raw_scales)
+    return mean, (scales if self.is_asymmetric else scales[0])
+
+  def y_likelihood(self, values: jax.Array, scale) -> jax.Array:
+    """Bin likelihoods of v = y' - mean under `scale` as hyper_synthesize returns it."""
+    if self.is_asymmetric:
+      return asymmetric_gaussian.likelihood(values, *scale)
+    return gaussian.likelihood(values, scale)
 
   def synthesize(self, y_hat: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Quantised y' -> (reconstruction in ~[0, 1], residual-prior features or None)."""
@@ -117,7 +140,7 @@ class GainedMeanScaleHyperprior(nn.Module):
     else:
       y_hat = jnp.round(y - mean) + mean
       y_rate_input = y_hat
-    y_lik = lower_bound(gaussian.likelihood(y_rate_input - mean, scale), LIKELIHOOD_BOUND)
+    y_lik = lower_bound(self.y_likelihood(y_rate_input - mean, scale), LIKELIHOOD_BOUND)
 
     x_tilde, u = self.synthesize(y_hat, s)
     bits = lambda lik: -jnp.sum(jnp.log2(lik), axis=(1, 2, 3))

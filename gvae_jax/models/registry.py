@@ -6,7 +6,7 @@ from typing import Any, Callable
 import flax.linen as nn
 
 from gvae_jax import gain as gain_lib
-from gvae_jax.config import RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT
+from gvae_jax.config import MODEL_KEYS_IMPLIED_WHEN_ABSENT, RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT
 from gvae_jax.models.hyperprior import GainedMeanScaleHyperprior
 from gvae_jax.models.residual import ResidualModel
 from gvae_jax.models.scalable import ScalableHyperprior
@@ -52,7 +52,8 @@ def _gained_hyperprior(config, prior_channels: int | None = None) -> GainedMeanS
       interpolation=m.interpolation,
       gain_init_rows=rows,
       quantization=m.quantization,
-      prior_channels=m.get("prior_channels", 0) if prior_channels is None else prior_channels)
+      prior_channels=m.get("prior_channels", 0) if prior_channels is None else prior_channels,
+      entropy_model=m.get("entropy_model", MODEL_KEYS_IMPLIED_WHEN_ABSENT["entropy_model"]))
 
 
 @register("scalable_gained_hyperprior")

@@ -103,15 +103,19 @@ class HyperAnalysis(nn.Module):
 
 
 class HyperSynthesis(nn.Module):
-  """h_s: z_hat -> raw (mean, scale) parameters for y, each [.., M]."""
+  """h_s: z_hat -> raw (mean, scale) parameters for y, each [.., M].
+
+  With scales=2 (the asymmetric Gaussian) it returns (mean, left scale, right
+  scale): the last convolution has 3M outputs instead of 2M.
+  """
 
   m: int
+  scales: int = 1
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, z: jax.Array) -> tuple[jax.Array, ...]:
     h = nn.leaky_relu(_deconv(self.m, 5, 2, "deconv_0", self.dtype)(z))
     h = nn.leaky_relu(_deconv(self.m * 3 // 2, 5, 2, "deconv_1", self.dtype)(h))
-    out = _float32(_conv(2 * self.m, 3, 1, "conv_2", self.dtype)(h))
-    mean, raw_scale = out[..., : self.m], out[..., self.m:]
-    return mean, raw_scale
+    out = _float32(_conv((1 + self.scales) * self.m, 3, 1, "conv_2", self.dtype)(h))
+    return tuple(out[..., k * self.m:(k + 1) * self.m] for k in range(1 + self.scales))

@@ -232,8 +232,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   start_step = int(parallel.to_host(state.step))
   num_steps = config.train.num_steps
   end_step = num_steps if stop_after_steps is None else min(num_steps, start_step + stop_after_steps)
-  if start_step:
-    logging.info("resuming from step %d", start_step)
+  if start_step and is_main:  # said on stdout: a re-run must never resume silently
+    print(f"{workdir}: already complete at step {start_step} of {num_steps} (raise "
+          "--config.train.num_steps to train further)" if start_step >= num_steps else
+          f"{workdir}: resuming from the checkpoint at step {start_step} of {num_steps}",
+          flush=True)
 
   data_config = _data_config(config, workdir)
   if jax.process_count() > 1:

@@ -1,0 +1,39 @@
+"""The models shipped inside the package, used when `gvae compress` gets no --model.
+
+gvae_jax/default_models/ holds two exported models (package data, so an
+installed wheel has them; 17 MB together):
+
+  lossy/     experiments/models/small: the best shipped lossy model
+             (0.31-1.36 bpp on Kodak), for --rate / --bpp
+  scalable/  experiments/models/small_nearlossless_delta: the best shipped
+             scalable model, for --tau / --lossless (its lossy layer is
+             weaker than `small`, so lossy files use `small`)
+
+`gvae decompress` without --model picks the shipped model whose fingerprint
+the file carries. Reads only the manifests here: no JAX.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "default_models"
+LOSSY_MODEL = DEFAULT_MODELS_DIR / "lossy"
+SCALABLE_MODEL = DEFAULT_MODELS_DIR / "scalable"
+
+
+def default_model(near_lossless: bool) -> Path:
+  """The shipped model for a lossy (False) or near-lossless / lossless (True) file."""
+  return SCALABLE_MODEL if near_lossless else LOSSY_MODEL
+
+
+def model_for_fingerprint(fingerprint: bytes) -> Path | None:
+  """The shipped model whose manifest has this fingerprint, or None."""
+  for directory in (LOSSY_MODEL, SCALABLE_MODEL):
+    try:
+      manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+      continue
+    if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint.hex():
+      return directory
+  return None
