@@ -27,12 +27,13 @@ def _train(args, overrides):
   from gvae_jax.train import train
 
   config = config_lib.load_config(args.config, overrides)
+  _enable_compilation_cache()  # a restarted run reuses the compiled train step
   if args.coordinator_address:
-    import jax
+    from gvae_jax.train import parallel
     # Multi-host (pods, or several local processes): every process runs this
     # same command with its own --process-id.
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes,
+                                    args.process_id)
   train.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
 
 
@@ -347,7 +348,9 @@ def _sweep(args, overrides):
   if not args.collate_only:
     statuses = sweep_lib.run_sweep(sweep, out, jobs=args.jobs, images=args.images,
                                    max_images=args.max_images, only=args.only or (),
-                                   dry_run=args.dry_run, train_overrides=overrides)
+                                   dry_run=args.dry_run, train_overrides=overrides,
+                                   engine=args.engine, resources=_resource_args(args),
+                                   ray_address=args.ray_address)
     if args.dry_run:
       return
   summary = sweep_lib.collate(sweep, out)
@@ -356,6 +359,11 @@ def _sweep(args, overrides):
   failed = [] if args.collate_only else [s["name"] for s in statuses if s.get("failed")]
   if failed:
     raise sweep_lib.SweepError(f"runs failed: {', '.join(failed)} (see their logs in {out})")
+
+
+def _resource_args(args) -> dict:
+  return {key: value for key, value in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus))
+          if value is not None}
 
 
 def _rate_arg(text: str) -> float:
@@ -381,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--config", required=True, help="experiments/configs/NAME.py[:arg]")
   p.add_argument("--workdir", required=True, help="checkpoints, logs and evaluations go here")
   p.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
-  p.add_argument("--coordinator-address", help="multi-host: HOST:PORT of process 0")
+  p.add_argument("--coordinator-address", help="multi-host: HOST:PORT of process 0, or 'auto' "
+                 "(Cloud TPU VMs, SLURM: JAX finds the cluster)")
   p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
   p.add_argument("--process-id", type=int, help="multi-host: this process's index")
   p.set_defaults(run=_train, takes_overrides=True)
@@ -471,6 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--only", nargs="+", help="run only these run names")
   p.add_argument("--dry-run", action="store_true", help="print the commands of unfinished stages")
   p.add_argument("--collate-only", action="store_true", help="only collate finished runs")
+  p.add_argument("--engine", choices=("local", "ray"), default="local",
+                 help="local: --jobs runs at a time on this machine (default); ray: one Ray "
+                 "task per run on a Ray cluster (pip install 'gvae-jax[ray]')")
+  p.add_argument("--num-cpus", type=float, help="ray: CPUs per run unless the sweep file says "
+                 "(default 1)")
+  p.add_argument("--num-gpus", type=float, help="ray: GPUs per run unless the sweep file says "
+                 "(default 0)")
+  p.add_argument("--ray-address", help="ray: cluster address (default $RAY_ADDRESS, else a new "
+                 "local cluster)")
   p.set_defaults(run=_sweep, takes_overrides=True)
 
   p = sub.add_parser("info", help="print the header of a .gvae file (no model needed)")

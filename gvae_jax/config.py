@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 5000
   config.train.keep_checkpoints = 3
   config.train.init_from = ""  # exported model dir to warm-start matching parameters from
+  # "bfloat16": the transforms' convolutions compute in bf16 (parameters,
+  # entropy models and losses stay float32); training only, codecs are float32.
+  config.train.compute_dtype = "float32"
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "folder"  # 'folder' (any local image folder) or a TFDS name, e.g. 'clic'
@@ -79,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.crop_size = 256
   config.data.shuffle_buffer = 1024
   config.data.downscale = 1
+  # Multi-process: "elements" (every process walks one seeded stream and keeps
+  # its rows of each global batch) or "files" (each reads its own files).
+  config.data.process_sharding = "elements"
 
   config.eval = ml_collections.ConfigDict()
   config.eval.folder = ""  # empty = no evaluation

@@ -11,6 +11,15 @@ can go N at a time, and a killed sweep resumes: training resumes from its
 checkpoints, and finished stages (an exported model, an eval results.json)
 are skipped. `collate` reads every run's results.json into one table, with
 BD-rates of each curve against the sweep's reference curve.
+
+Engines: "local" (default) runs `jobs` runs at a time in threads on this
+machine; "ray" submits each run as one Ray task with its resource request
+(num_cpus, num_gpus: the run's, else the sweep's, else the CLI default), so a
+Ray cluster schedules the runs over its machines; Ray gives a task's GPUs to
+its stage subprocesses through CUDA_VISIBLE_DEVICES. The task runs the same
+stages (the same `_run_one`), so resuming and collation are identical; on a
+cluster the output folder must be on storage every node sees, and every node
+needs the same checkout and environment.
 """
 from __future__ import annotations
 
@@ -60,6 +69,8 @@ class Run:
   taus: Sequence[int] | None = None
   group: str | None = None
   tau_rate: float | None = None
+  # Ray engine: this run's resource request, e.g. {"num_cpus": 8, "num_gpus": 1}.
+  resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +81,11 @@ class Sweep:
   reference: str | None = None  # a run name or group: BD-rates are against its curve
   images: str = str(REPO.parent / "shared" / "data" / "kodak")
   max_images: int = 0  # 0 = all
+  resources: Mapping[str, float] = dataclasses.field(default_factory=dict)  # runs' default
+
+
+ENGINES = ("local", "ray")
+RESOURCE_KEYS = ("num_cpus", "num_gpus")
 
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
@@ -91,7 +107,23 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
   for run in sweep.runs:
     if (run.config is None) == (run.model is None):
       raise SweepError(f"{path}: run {run.name!r} needs exactly one of config= and model=")
+  for owner, resources in [("the sweep", sweep.resources)] + [
+      (f"run {run.name!r}", run.resources) for run in sweep.runs]:
+    _check_resources(resources, f"{path}: {owner}")
   return sweep
+
+
+def _check_resources(resources: Mapping[str, float], where: str) -> None:
+  for key, value in resources.items():
+    if key not in RESOURCE_KEYS:
+      raise SweepError(f"{where}: unknown resource {key!r}; use {', '.join(RESOURCE_KEYS)}")
+    if not isinstance(value, (int, float)) or value < 0:
+      raise SweepError(f"{where}: resource {key} must be a number >= 0, got {value!r}")
+
+
+def run_resources(run: Run, sweep: Sweep, default: Mapping[str, float] = ()) -> dict:
+  """A run's Ray resource request: its own, over the sweep's, over `default` (the CLI's)."""
+  return {"num_cpus": 1, **dict(default), **dict(sweep.resources), **dict(run.resources)}
 
 
 def _resolve(path: str) -> str:
@@ -185,13 +217,18 @@ def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
 
 def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str | None = None,
               max_images: int | None = None, only: Sequence[str] = (), dry_run: bool = False,
-              echo=print, train_overrides: Sequence[str] = ()) -> list[dict]:
-  """Runs every unfinished stage of every run, `jobs` runs at a time.
+              echo=print, train_overrides: Sequence[str] = (), engine: str = "local",
+              resources: Mapping[str, float] = (), ray_address: str | None = None) -> list[dict]:
+  """Runs every unfinished stage of every run: `jobs` runs at a time with the
+  local engine, or as Ray tasks (each with its resource request) with "ray".
 
   Use a new `out` folder when changing train_overrides: finished stages are
   recognised by their outputs, not by the settings that made them.
   """
-  out = Path(out)
+  if engine not in ENGINES:
+    raise SweepError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+  _check_resources(dict(resources), "--num-cpus/--num-gpus")
+  out = Path(out).absolute()  # Ray tasks may run in another working directory
   images = images or sweep.images
   if not dry_run and not Path(images).is_dir():
     raise SweepError(f"image folder not found: {images} (pass --images)")
@@ -202,10 +239,43 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str |
   runs = [run for run in sweep.runs if not only or run.name in only]
   if not dry_run:
     out.mkdir(parents=True, exist_ok=True)
+  args = (sweep, out, str(Path(images).absolute()), max_images, dry_run)
+  if engine == "ray":
+    return _run_on_ray(runs, args, echo, train_overrides, resources, ray_address)
   with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-    futures = [pool.submit(_run_one, run, sweep, out, images, max_images, dry_run, echo,
-                           train_overrides) for run in runs]
+    futures = [pool.submit(_run_one, run, *args, echo, train_overrides) for run in runs]
     return [f.result() for f in futures]
+
+
+def _run_on_ray(runs, args, echo, train_overrides, resources, ray_address) -> list[dict]:
+  """One Ray task per run (`_run_one`, as the local engine), with its resources.
+
+  Connects to the cluster at `ray_address` (or $RAY_ADDRESS); without either,
+  starts a local one on this machine. The tasks' own messages reach this
+  terminal through Ray's worker-log forwarding.
+  """
+  try:
+    import ray
+  except ImportError:
+    raise SweepError("--engine ray needs Ray: pip install 'gvae-jax[ray]'") from None
+  started_here = not ray.is_initialized()
+  if started_here:
+    try:
+      ray.init(address=ray_address, include_dashboard=False, log_to_driver=True)
+    except Exception as e:  # Ray raises bare Exceptions for a cluster that is not there
+      where = ray_address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
+      raise SweepError(f"cannot start or reach Ray ({where}): {str(e).splitlines()[0]}") from e
+  try:
+    task = ray.remote(_run_one)
+    refs = []
+    for run in runs:
+      request = run_resources(run, args[0], resources)
+      echo(f"[{run.name}] submitted to Ray ({', '.join(f'{k}={v}' for k, v in request.items())})")
+      refs.append(task.options(**request).remote(run, *args, print, tuple(train_overrides)))
+    return ray.get(refs)
+  finally:
+    if started_here:
+      ray.shutdown()
 
 
 # --- Collation ---------------------------------------------------------------

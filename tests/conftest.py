@@ -1,6 +1,6 @@
 import os
 
-# Tests run on the CPU with two fake devices, so pmap code paths are exercised.
+# Tests run on the CPU with two fake devices, so the data-parallel (mesh) code paths are exercised.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

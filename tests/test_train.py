@@ -1,9 +1,12 @@
-"""End-to-end: the tiny config trains on 2 fake CPU devices, checkpoints and resumes."""
+"""End-to-end: the tiny config trains on 2 fake CPU devices, checkpoints and resumes.
+
+Multi-process training is in test_multihost.py."""
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -55,12 +58,24 @@ def _eval_loss(config, params, image_folder):
   return total
 
 
+def _assert_no_deprecation_from_the_project(caught):
+  """No DeprecationWarning attributed to gvae_jax code (JAX, Flax, Optax and
+  Orbax attribute theirs to the caller); third-party internals may warn."""
+  ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+          if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+          and f"{os.sep}gvae_jax{os.sep}" in w.filename]
+  assert not ours, ours
+
+
 @pytest.mark.isolated
 def test_loss_drops_and_checkpoints_are_written(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=20, checkpoint_every=10)
   initial = train.create_train_state(
       jax.random.split(jax.random.PRNGKey(config.train.seed))[0], config, build_model(config))
-  state = train.train_and_evaluate(config, tmp_path, progress=False)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    state = train.train_and_evaluate(config, tmp_path, progress=False)
+  _assert_no_deprecation_from_the_project(caught)
   assert int(state.step) == 20
   assert _eval_loss(config, state.params, image_folder) < 0.8 * _eval_loss(
       config, initial.params, image_folder)
@@ -81,7 +96,10 @@ def test_interrupted_run_resumes_to_the_same_parameters(repo_root, image_folder,
   first = train.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3,
                                    progress=False)
   assert int(first.step) == 3
-  resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  with warnings.catch_warnings(record=True) as caught:  # the restore path
+    warnings.simplefilter("always")
+    resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  _assert_no_deprecation_from_the_project(caught)
   assert int(resumed.step) == config.train.num_steps
   _assert_same_params(straight.params, resumed.params)
 
@@ -164,3 +182,24 @@ def test_warm_start_copies_matching_lossy_parameters(repo_root, tmp_path):
   assert copied == len(jax.tree_util.tree_leaves(lossy_state.params))
   with pytest.raises(checkpoints.UserError, match="no exported model"):
     checkpoints.warm_start(state.params, tmp_path / "nothing")
+
+
+def test_bfloat16_option_computes_convolutions_in_bf16_with_float32_outputs(repo_root):
+  config = load_config(str(repo_root / "experiments/configs/tiny.py"))
+  model = build_model(config)
+  params = train.create_train_state(jax.random.PRNGKey(0), config, model).params
+  bf16 = train.with_compute_dtype(model, "bfloat16")
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  s = jnp.zeros((2,))
+  out32 = model.apply({"params": params}, x, s)
+  out16 = bf16.apply({"params": params}, x, s)  # the same float32 parameters
+  assert all(value.dtype == jnp.float32 for value in out16.values())
+  np.testing.assert_allclose(out16["x_tilde"], out32["x_tilde"], atol=0.05)
+  np.testing.assert_allclose(out16["bits_y"] + out16["bits_z"],
+                             out32["bits_y"] + out32["bits_z"], rtol=0.1)
+  jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x, s))(params))
+  assert "conv_general_dilated" in jaxpr and "bf16" in jaxpr
+  assert "bf16" not in str(jax.make_jaxpr(lambda p: model.apply({"params": p}, x, s))(params))
+  config.train.compute_dtype = "float16"
+  with pytest.raises(train.config_lib.ConfigError, match="compute_dtype"):
+    train.validate(config)

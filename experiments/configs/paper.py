@@ -1,7 +1,7 @@
 """Paper setting: Minnen 2018 mean-scale backbone (N=192, M=320) with G-VAE gain units.
 
 8 levels with the lambda list of Cui et al. 2021; 256x256 crops, batch 8 per
-device. For a pod: raise per_device_batch or rely on the device count.
+device. For GPU hosts and TPU slices: pod.py (bf16, scaled batch and learning rate).
 Training data: the sibling ../shared/data/train folder, or any image folder
 (--config.data.folder=...), or a TFDS dataset (--config.data.name=clic).
 """

@@ -1,10 +1,10 @@
-"""The training input pipeline: TFDS records -> random crops, batched per device.
+"""The training input pipeline: TFDS records -> random crops, this process's rows of each batch.
 
 The stream is a pure function of (seed, step): the shuffle is seeded, every
-random crop/flip uses stateless ops seeded by (seed, process, element index),
-and resuming at step k skips exactly k host batches of still-encoded images.
-So the batches of a run started with `start_step=k` equal batches k, k+1, ...
-of a run started at 0.
+random crop/flip uses stateless ops seeded by (seed, element index) (and the
+process, with process_sharding="files"), and resuming at step k skips exactly
+k batches of still-encoded images. So the batches of a run started with
+`start_step=k` equal batches k, k+1, ... of a run started at 0.
 
 Images whose shorter side is below the crop size (after the optional
 downscale) are upscaled, keeping their aspect ratio, until it equals the crop
@@ -53,13 +53,20 @@ def prepare(builder: tfds.core.DatasetBuilder) -> None:
     builder.download_and_prepare()
 
 
-def _read_encoded_images(builder, split: str, image_key: str) -> tf.data.Dataset:
-  """This host's share of `split`, as still-encoded image bytes in a fixed order."""
+PROCESS_SHARDINGS = ("elements", "files")
+
+
+def _read_encoded_images(builder, split: str, image_key: str,
+                         process_files: tuple[int, int] | None) -> tf.data.Dataset:
+  """`split` (or, with process_files = (index, count), this process's even
+  share of its files, as tfds.split_for_jax_process) as still-encoded image
+  bytes in a fixed order."""
   if image_key not in builder.info.features.keys():
     raise DataError(f"dataset {builder.name!r} has no feature {image_key!r}; "
                     f"features: {sorted(builder.info.features.keys())}")
   ds = builder.as_dataset(
-      split=tfds.split_for_jax_process(split),
+      split=(split if process_files is None
+             else tfds.even_splits(split, n=process_files[1], drop_remainder=False)[process_files[0]]),
       shuffle_files=False,  # the seeded shuffle below is the only randomness
       decoders={image_key: tfds.decode.SkipDecoding()},  # skipping/resuming stays cheap
   )
@@ -108,12 +115,24 @@ def _make_preprocess(crop_size: int, downscale: int, seed: int, process_index: i
 
 
 def create_train_dataset(config_data: Any, *, per_device_batch: int, num_local_devices: int,
-                         seed: int, start_step: int = 0) -> tf.data.Dataset:
-  """Endless {'image': float32 [devices, per_device_batch, crop, crop, 3] in [0, 1]}.
+                         seed: int, start_step: int = 0, process_index: int | None = None,
+                         process_count: int | None = None) -> tf.data.Dataset:
+  """Endless {'image': float32 [local_batch, crop, crop, 3] in [0, 1]}: this
+  process's rows of each global batch (local_batch = per_device_batch x
+  num_local_devices; the global batch is local_batch x process_count).
 
   config_data fields: name ('folder' or a TFDS name), folder, data_dir (cache
   dir; TFDS files go to <data_dir>/tfds), crop_size, shuffle_buffer, downscale
-  (1 = none), split; optional image_key (default 'image').
+  (1 = none), split; optional image_key (default 'image') and
+  process_sharding:
+  - "elements" (default): every process walks the same seeded, shuffled
+    stream of still-encoded images and decodes and crops only its own rows of
+    each global batch. The global batch is then the same for any number of
+    processes (a 2-host run reproduces a 1-host run); each host reads every
+    file's bytes but decodes only its share.
+  - "files": each process reads only its own files (tfds.split_for_jax_process)
+    with its own shuffle; least I/O for very large datasets, but the batches
+    depend on the process count.
   """
   crop_size = int(config_data.crop_size)
   downscale = int(getattr(config_data, "downscale", 1) or 1)
@@ -121,21 +140,36 @@ def create_train_dataset(config_data: Any, *, per_device_batch: int, num_local_d
     raise DataError(f"crop_size ({crop_size}) and downscale ({downscale}) must be >= 1")
   image_key = getattr(config_data, "image_key", None) or "image"
   split = getattr(config_data, "split", None) or "train"
+  sharding = getattr(config_data, "process_sharding", None) or "elements"
+  if sharding not in PROCESS_SHARDINGS:
+    raise DataError(f"config.data.process_sharding is {sharding!r}; choose one of "
+                    f"{PROCESS_SHARDINGS}")
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  by_files = sharding == "files"
 
   builder = get_builder(config_data.name, folder=getattr(config_data, "folder", None),
                         data_dir=tfds_data_dir(getattr(config_data, "data_dir", None)))
   prepare(builder)
-  host_batch = per_device_batch * num_local_devices
+  local_batch = per_device_batch * num_local_devices
 
-  ds = _read_encoded_images(builder, split, image_key)
+  ds = _read_encoded_images(builder, split, image_key,
+                            (process_index, process_count) if by_files else None)
   ds = ds.repeat().shuffle(int(config_data.shuffle_buffer), seed=seed)
   ds = ds.enumerate()  # element index in the endless shuffled stream: seeds its crop
-  ds = ds.skip(start_step * host_batch)
-  ds = ds.map(_make_preprocess(crop_size, downscale, seed, jax.process_index()),
+  if by_files:
+    ds = ds.skip(start_step * local_batch)
+    crop_seed_process = process_index
+  else:
+    global_batch = local_batch * process_count
+    ds = ds.skip(start_step * global_batch)
+    if process_count > 1:  # keep this process's rows of every global batch
+      ds = ds.filter(lambda index, _: (index % global_batch) // local_batch == process_index)
+    crop_seed_process = 0  # crops depend on the global index only
+  ds = ds.map(_make_preprocess(crop_size, downscale, seed, crop_seed_process),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(host_batch, drop_remainder=True)
-  batch_shape = [num_local_devices, per_device_batch, crop_size, crop_size, 3]
-  ds = ds.map(lambda images: {"image": tf.reshape(images, batch_shape)})
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.map(lambda images: {"image": images})
 
   options = tf.data.Options()
   options.deterministic = True  # parallel ops keep their input order

@@ -44,6 +44,9 @@ class GainedMeanScaleHyperprior(nn.Module):
   quantization: str = "mixed"
   prior_channels: int = 0  # residual-prior features u from the synthesis (0 = none)
   entropy_model: str = "symmetric"  # or "asymmetric" (module doc)
+  # Compute dtype of the transforms' convolutions (training option; None =
+  # float32). The gains, entropy models and likelihoods are always float32.
+  compute_dtype: str | None = None
 
   # Total downsampling of the hyper latent: g_a halves 4 times, h_a twice.
   stride: int = 64
@@ -54,10 +57,11 @@ class GainedMeanScaleHyperprior(nn.Module):
     if self.entropy_model not in ENTROPY_MODELS:
       raise ValueError(f"unknown entropy_model {self.entropy_model!r}; "
                        f"choose one of {ENTROPY_MODELS}")
-    self.g_a = Analysis(self.n, self.m)
-    self.g_s = Synthesis(self.n, prior_channels=self.prior_channels)
-    self.h_a = HyperAnalysis(self.n)
-    self.h_s = HyperSynthesis(self.m, scales=2 if self.is_asymmetric else 1)
+    dtype = None if self.compute_dtype in (None, "float32") else jnp.dtype(self.compute_dtype)
+    self.g_a = Analysis(self.n, self.m, dtype=dtype)
+    self.g_s = Synthesis(self.n, prior_channels=self.prior_channels, dtype=dtype)
+    self.h_a = HyperAnalysis(self.n, dtype=dtype)
+    self.h_s = HyperSynthesis(self.m, scales=2 if self.is_asymmetric else 1, dtype=dtype)
 
     def table(channels, init_rows):
       return gain_lib.GainTable(self.levels, channels, init_rows,

@@ -1,1 +1,1 @@
-"""Training: train state, pmapped step, loop, checkpoints, periodic evaluation."""
+"""Training: train state, data-parallel step over a device mesh, loop, checkpoints, periodic evaluation."""

@@ -25,6 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from gvae_jax import config as config_lib
+from gvae_jax import fileio
 from gvae_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -42,12 +43,15 @@ def _load_config_json(path: Path) -> ml_collections.ConfigDict:
     raise IncompatibleWorkdirError(f"{path} is not a readable config ({e})") from e
 
 
-def check_compatible(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_compatible(config: ml_collections.ConfigDict, workdir: Path, *,
+                     write: bool = True) -> None:
   """Refuses a workdir whose checkpoints belong to a different model.
 
   The first run writes config.json; a later run must agree on everything that
   fixes parameter shapes (the model section and the level lambdas). Other
-  settings (steps, logging, data) may change between runs.
+  settings (steps, logging, data) may change between runs. With several
+  processes only process 0 writes (`write`), atomically, so another process
+  never reads a half-written file.
   """
   path = workdir / CONFIG_FILE
   if path.exists():
@@ -57,7 +61,8 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: Path) -> None:
       raise IncompatibleWorkdirError(
           f"workdir {workdir} holds checkpoints of a different model configuration "
           f"({'; '.join(diffs)}). Use a new --workdir, or the config it was trained with.")
-  path.write_text(config_lib.to_json(config))
+  if write:
+    fileio.atomic_write_bytes(path, config_lib.to_json(config).encode(), overwrite=True)
 
 
 def _model_differences(saved, config) -> list[str]:
@@ -154,11 +159,11 @@ def restore_params(workdir: Path, step: int | None = None):
   previous_level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
   try:
-    mngr = ocp.CheckpointManager(directory)
+    mngr = ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no checkpoint in {directory}")
-    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(_local_target(mngr, step)))
     return restored["params"], step
   except UserError:
     raise
@@ -167,6 +172,24 @@ def restore_params(workdir: Path, step: int | None = None):
                     f"from {workdir}: {type(e).__name__}: {str(e)[:300]}") from e
   finally:
     absl_logger.setLevel(previous_level)
+
+
+def _local_target(mngr: ocp.CheckpointManager, step: int):
+  """The checkpoint's tree as arrays on this process's first device.
+
+  A checkpoint written on a mesh records its devices; restoring it anywhere
+  else (export on a laptop of a pod's run) needs a target saying where to put
+  the arrays.
+  """
+  import jax
+
+  metadata = mngr.item_metadata(step)
+  metadata = getattr(metadata, "tree", metadata)  # orbax >= 0.12 wraps the tree
+  if metadata is None:
+    raise FileNotFoundError(f"checkpoint {step} has no readable metadata")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
 
 
 def load_workdir(workdir: str | os.PathLike, overrides: Sequence[str] = ()):

@@ -1,12 +1,18 @@
-"""Training: create_train_state, a pmapped train_step, and train_and_evaluate.
+"""Training: create_train_state, a data-parallel train_step, and train_and_evaluate.
 
 Layout follows the Flax examples (examples/imagenet). The loss is
 R + lambda_s * D with the rate level s drawn per example, so one batch mixes
 levels and every gain row is trained at every step.
+
+The step is one `jax.jit` over the global batch on a device mesh (see
+gvae_jax/train/parallel.py): batch sharded on 'data', state replicated and
+donated. It is written for the global batch, so its result does not depend on
+how many processes or devices share that batch (up to float summation order).
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import time
@@ -19,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import jax_utils
 from flax.training import train_state
 
 from gvae_jax import config as config_lib
@@ -30,9 +35,11 @@ from gvae_jax.models.scalable import ScalableHyperprior
 from gvae_jax.eval import estimate as evaluate_lib
 from gvae_jax.eval import images as images_lib
 from gvae_jax.train import checkpoints
+from gvae_jax.train import parallel
 from gvae_jax.train.summary import SummaryLogger
 
 DISTORTIONS = ("mse", "ms-ssim")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class TrainState(train_state.TrainState):
@@ -49,6 +56,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise config_lib.ConfigError(
         f"config.train.lambdas has {len(t.lambdas)} values but config.model.levels is "
         f"{config.model.levels}")
+  if t.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+    raise config_lib.ConfigError(
+        f"config.train.compute_dtype is {t.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
   if t.distortion == "ms-ssim" and config.data.crop_size < 176:
     raise config_lib.ConfigError(
         "MS-SSIM needs crops of at least 176 pixels (5 scales, 11x11 window); "
@@ -112,11 +122,20 @@ def per_example_losses(model, params, x, level, lambdas, distortion, rng):
   return bpp + residual_bits / num_pixels + lambdas[level] * dist, rates, mse
 
 
+def with_compute_dtype(model: flax.linen.Module, compute_dtype: str) -> flax.linen.Module:
+  """The model with its transforms computing in `compute_dtype` (same parameters)."""
+  if compute_dtype == "float32":
+    return model
+  if isinstance(model, ScalableHyperprior):
+    return model.clone(lossy=model.lossy.clone(compute_dtype=compute_dtype))
+  return model.clone(compute_dtype=compute_dtype)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                model, levels: int, lambdas: tuple[float, ...], distortion: str):
-  """One optimisation step on one device's shard; call through jax.pmap(axis_name='batch')."""
+  """One optimisation step on the global batch; compile with make_train_step."""
   x = batch["image"]
-  rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index("batch"))
+  rng = jax.random.fold_in(rng, state.step)
   level_rng, noise_rng = jax.random.split(rng)
   level = jax.random.randint(level_rng, (x.shape[0],), 0, levels)
   lam = jnp.asarray(lambdas, jnp.float32)
@@ -126,20 +145,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     return jnp.mean(loss), (rates, mse)
 
   (loss, (rates, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = jax.lax.pmean(grads, "batch")
   new_state = state.apply_gradients(grads=grads)
 
-  # Per-level sums (psum'd), so the host can average each level exactly.
+  # Per-level sums, so the host can average each level exactly over many steps.
   onehot = jax.nn.one_hot(level, levels)
   psnr = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
   sums = {"count": onehot.sum(0), "psnr": onehot.T @ psnr, "mse": onehot.T @ mse}
   sums.update({name: onehot.T @ value for name, value in rates.items()})
-  step_metrics = {
-      "loss": jax.lax.pmean(loss, "batch"),
-      "grad_norm": optax.tree.norm(grads),
-      "per_level": jax.lax.psum(sums, "batch"),
-  }
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "per_level": sums}
   return new_state, step_metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, model, mesh):
+  """train_step jitted over `mesh`: (state, global batch, rng) -> (state, metrics).
+
+  The state's buffers are donated (updated in place on the devices); the
+  metrics come back replicated and are only read by the host at logging.
+  """
+  step = functools.partial(
+      train_step, model=with_compute_dtype(model, config.train.get("compute_dtype", "float32")),
+      levels=config.model.levels, lambdas=tuple(config.train.lambdas),
+      distortion=config.train.distortion)
+  replicated = parallel.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
 def summarize_step_metrics(history: list[dict[str, Any]], levels: int) -> dict[str, float]:
@@ -173,14 +202,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
   `stop_after_steps` ends this invocation early (as if killed) without
   changing the schedule; a later call resumes from the last checkpoint.
+  With several processes (jax.distributed), every process calls this with the
+  same config and workdir; process 0 alone logs and evaluates. Returns the
+  state as host (numpy) arrays.
   """
   from gvae_jax import data as data_lib  # imports TensorFlow: keep it off the model path
 
   validate(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints.check_compatible(config, workdir)
-  is_main = jax.process_index() == 0
+  is_main = parallel.is_main_process()
+  checkpoints.check_compatible(config, workdir, write=is_main)
+  mesh = parallel.make_mesh()
 
   model = build_model(config)
   rng = jax.random.PRNGKey(config.train.seed)
@@ -191,9 +224,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
                           opt_state=state.tx.init(params))
     logging.warning("warm start: %d parameter arrays from %s", copied, config.train.init_from)
+  state = parallel.replicate(state, mesh)  # global arrays: one checkpoint from all processes
+  step_rng = parallel.replicate(step_rng, mesh)
+  parallel.barrier("gvae_initialized")  # Orbax's first barrier is a device collective
   manager = checkpoints.manager(workdir, config)
   state = checkpoints.restore_latest(manager, state)
-  start_step = int(state.step)
+  start_step = int(parallel.to_host(state.step))
   num_steps = config.train.num_steps
   end_step = num_steps if stop_after_steps is None else min(num_steps, start_step + stop_after_steps)
   if start_step and is_main:  # said on stdout: a re-run must never resume silently
@@ -202,30 +238,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
           f"{workdir}: resuming from the checkpoint at step {start_step} of {num_steps}",
           flush=True)
 
-  devices = jax.local_devices()
+  data_config = _data_config(config, workdir)
+  if jax.process_count() > 1:
+    # Process 0 prepares the TFDS files once; the others wait, then read them.
+    if is_main:
+      data_lib.prepare(data_lib.get_builder(
+          data_config.name, folder=data_config.get("folder"),
+          data_dir=data_lib.tfds_data_dir(data_config.get("data_dir"))))
+    parallel.barrier("gvae_data_prepared")
   dataset = data_lib.create_train_dataset(
-      _data_config(config, workdir), per_device_batch=config.train.per_device_batch,
-      num_local_devices=len(devices), seed=config.train.seed, start_step=start_step)
-  batches = data_lib.as_numpy_iterator(dataset)
+      data_config, per_device_batch=config.train.per_device_batch,
+      num_local_devices=jax.local_device_count(), seed=config.train.seed, start_step=start_step)
+  batches = parallel.prefetch_to_mesh(data_lib.as_numpy_iterator(dataset), mesh)
 
-  p_train_step = jax.pmap(
-      functools.partial(train_step, model=model, levels=config.model.levels,
-                        lambdas=tuple(config.train.lambdas), distortion=config.train.distortion),
-      axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
-  p_state = jax_utils.replicate(state)
+  # Compiled ahead of the loop, so the processes can meet once all have compiled.
+  first = next(batches)
+  train_step_fn = make_train_step(config, model, mesh).lower(state, first, step_rng).compile()
+  batches = itertools.chain([first], batches)
+  parallel.barrier("gvae_compiled")
   logger = SummaryLogger(workdir, enabled=is_main, progress=progress,
                          total=num_steps, initial=start_step)
   history: list[dict[str, Any]] = []
-  step = start_step
   timer = time.perf_counter()
   for step in range(start_step, end_step):
-    batch = next(batches)
-    p_state, step_metrics = p_train_step(p_state, batch, step_rng)
+    # Nothing here waits for the devices except logging (device_get) and checkpoints.
+    state, step_metrics = train_step_fn(state, next(batches), step_rng)
     history.append(step_metrics)
     done = step + 1
     if done % config.train.log_every == 0 or done == end_step:
-      history = [jax.tree_util.tree_map(lambda a: np.asarray(a[0]), h)
-                 for h in jax.device_get(history)]
+      history = [parallel.to_host(h) for h in history]
       scalars = summarize_step_metrics(history, config.model.levels)
       elapsed = time.perf_counter() - timer
       scalars["steps_per_second"] = len(history) / max(elapsed, 1e-9)
@@ -234,18 +275,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
       history, timer = [], time.perf_counter()
     logger.advance(done)
     if done % config.train.checkpoint_every == 0 or done == end_step:
-      state = jax_utils.unreplicate(p_state)
+      # Every process saves (Orbax writes one checkpoint); they meet first, as
+      # the save's first collectives set up gloo with a 30 s deadline on CPU.
+      parallel.barrier(f"gvae_save_{done}")
       checkpoints.save(manager, done, state)
     every = config.eval.every_steps
     if config.eval.folder and every and done % every == 0 and done != num_steps:
-      state = jax_utils.unreplicate(p_state)
-      _evaluate(config, model, state.params, workdir, done, logger, final=False)
+      if is_main:
+        _evaluate(config, model, parallel.to_host(state.params), workdir, done, logger,
+                  final=False)
+      parallel.barrier(f"gvae_evaluated_{done}")  # the others wait here, not in a collective
   manager.wait_until_finished()
-  state = jax_utils.unreplicate(p_state)
-  if int(state.step) >= num_steps and config.eval.folder and is_main:
-    _evaluate(config, model, state.params, workdir, int(state.step), logger, final=True)
+  host_state = parallel.to_host(state)
+  if int(host_state.step) >= num_steps and config.eval.folder and is_main:
+    _evaluate(config, model, host_state.params, workdir, int(host_state.step), logger, final=True)
   logger.close()
-  return state
+  parallel.barrier("gvae_train_done")  # no process leaves while process 0 still evaluates
+  return host_state
 
 
 def _evaluate(config, model, params, workdir: Path, step: int, logger: SummaryLogger,

@@ -96,7 +96,7 @@ def test_batches_have_device_shape_dtype_and_range(prepared):
   ds = create_train_dataset(_config(folder, cache_dir), per_device_batch=3,
                             num_local_devices=1, seed=0)
   for images in _take(ds, 4):  # 12 > 7 images: crosses an epoch boundary
-    assert images.shape == (1, 3, CROP, CROP, 3) and images.dtype == np.float32
+    assert images.shape == (3, CROP, CROP, 3) and images.dtype == np.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
 
 
@@ -105,7 +105,7 @@ def test_two_local_devices_and_downscale(prepared):
   ds = create_train_dataset(_config(folder, cache_dir, downscale=2), per_device_batch=2,
                             num_local_devices=2, seed=1)
   (images,) = _take(ds, 1)
-  assert images.shape == (2, 2, CROP, CROP, 3)
+  assert images.shape == (4, CROP, CROP, 3)  # this process's rows: 2 devices x 2
   assert images.min() >= 0.0 and images.max() <= 1.0
 
 
@@ -119,6 +119,32 @@ def test_resume_equals_continuing_the_stream(prepared):
     np.testing.assert_array_equal(actual, expected)
   other_seed = _take(create_train_dataset(config, start_step=0, **{**kwargs, "seed": 8}), 1)
   assert not np.array_equal(other_seed[0], from_start[0])
+
+
+def test_processes_split_each_global_batch_into_their_rows(prepared):
+  """process_sharding="elements": 2 processes x 2 rows are the 4 rows of 1 process."""
+  folder, cache_dir = prepared
+  config = _config(folder, cache_dir)
+  kwargs = dict(per_device_batch=1, num_local_devices=2, seed=3)
+  one = _take(create_train_dataset(config, **{**kwargs, "num_local_devices": 4}, start_step=1), 3)
+  parts = [_take(create_train_dataset(config, **kwargs, start_step=1, process_index=p,
+                                      process_count=2), 3) for p in (0, 1)]
+  for step in range(3):
+    np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), one[step])
+
+
+def test_file_sharding_gives_each_process_its_own_files(prepared):
+  folder, cache_dir = prepared
+  config = _config(folder, cache_dir)
+  config.process_sharding = "files"
+  kwargs = dict(per_device_batch=2, num_local_devices=1, seed=3, process_count=2)
+  first = _take(create_train_dataset(config, process_index=0, **kwargs), 1)[0]
+  second = _take(create_train_dataset(config, process_index=1, **kwargs), 1)[0]
+  assert first.shape == second.shape == (2, CROP, CROP, 3)
+  assert not np.array_equal(first, second)
+  config.process_sharding = "hosts"
+  with pytest.raises(DataError, match="process_sharding"):
+    create_train_dataset(config, process_index=0, **kwargs)
 
 
 def test_config_name_follows_folder_path_and_content(tmp_path):
