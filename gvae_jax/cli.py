@@ -66,6 +66,15 @@ def _export(args, overrides):
         f"{exported.levels} levels) to {args.out}: fingerprint {exported.fingerprint.hex()}")
 
 
+def _attach_flat(args, overrides):
+  from gvae_jax.coding import export, flat_head
+
+  out = flat_head.attach_flat_head(args.model, args.flat_head, args.out, force=args.force)
+  model = export.load_model(out)
+  print(f"{out}: {model.name} with flat head (step {model.flat.manifest.get('step')}): "
+        f"fingerprint {model.fingerprint.hex()}")
+
+
 def _eval(args, overrides):
   """Rate-distortion on real files, with anchors (gvae_jax/eval/harness.py)."""
   from gvae_jax.eval import harness
@@ -128,6 +137,8 @@ def _compress(args, overrides):
   if tau is not None and args.bpp is not None:
     raise UserError("--bpp is for lossy files; with --tau / --lossless give --rate for the "
                     "base layer, or nothing to pick the rate of the smallest file")
+  if tau is None and args.base != "auto":
+    raise UserError("--base is for near-lossless and lossless files (--tau / --lossless)")
   _refuse_existing(args.output, args.force)
   pixels, info = image_io.read_image(args.input)
   from gvae_jax.coding import codec, export
@@ -138,7 +149,8 @@ def _compress(args, overrides):
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
     pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
   if tau is not None:
-    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model))
+    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model),
+                          base=args.base)
   elif args.bpp is not None:
     data, _ = codec.compress_to_bpp(model, pixels, args.bpp)
   else:
@@ -156,9 +168,17 @@ def _compress(args, overrides):
 def _tau_note(header) -> str:
   from gvae_jax.coding.container import Mode
 
-  if header.mode != Mode.RESIDUAL:
+  if header.mode not in (Mode.RESIDUAL, Mode.FLAT_RESIDUAL):
     return ""
   return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
+
+
+def _base_note(header) -> str:
+  from gvae_jax.coding.container import Mode
+
+  return {Mode.LOSSY: "none (lossy file)",
+          Mode.RESIDUAL: f"lossy layer at rate s {header.rate:.9g}",
+          Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)"}[header.mode]
 
 
 def _write_png(path: str, pixels, overwrite: bool) -> None:
@@ -208,11 +228,12 @@ def _info(args, overrides):
       ("file", args.input),
       ("bytes", len(data)),
       ("bpp", f"{8.0 * len(data) / pixels:.4f}"),
-      ("format version", container.FORMAT_VERSION),
+      ("format version", data[4]),
       ("mode", header.mode.name.lower() + _tau_note(header)),
+      ("base", _base_note(header)),
       ("rate s", f"{header.rate:.9g}"),
       ("tau", f"{header.tau} (every decoded value within tau of the original)"
-       if header.mode == container.Mode.RESIDUAL else f"{header.tau} (lossy: no bound)"),
+       if header.mode in container.RESIDUAL_MODES else f"{header.tau} (lossy: no bound)"),
       ("size", f"{header.width}x{header.height} (width x height)"),
       ("channels", header.channels),
       ("coder id", header.coder_id),
@@ -228,8 +249,11 @@ def _info(args, overrides):
 def _section_names(header, count: int) -> list[str]:
   from gvae_jax.coding.container import Mode
 
-  names = ["z", "y"] + (["residual side info", "residual streams", "pixel check"]
-                        if header.mode == Mode.RESIDUAL else [])
+  residual = ["residual side info", "residual streams", "pixel check"]
+  if header.mode == Mode.FLAT_RESIDUAL:
+    names = residual
+  else:
+    names = ["z", "y"] + (residual if header.mode == Mode.RESIDUAL else [])
   return names if len(names) == count else [""] * count
 
 
@@ -327,8 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
                  ">= 0) of the original; needs a scalable model. Without --rate the base rate "
                  "of the smallest file is chosen")
   p.add_argument("--lossless", action="store_true", help="lossless: the same as --tau 0")
+  p.add_argument("--base", choices=("auto", "flat", "lossy"), default="auto",
+                 help="with --tau / --lossless: the base layer; auto (default) takes the "
+                 "smaller file of the lossy layer and, if the model has a flat head, the "
+                 "flat base")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
   p.set_defaults(run=_compress)
+
+  p = sub.add_parser("attach-flat", help="copy a scalable model with a flat-base residual "
+                     "head attached (near-lossless / lossless files without a lossy layer)")
+  p.add_argument("--model", required=True, help="exported scalable model directory")
+  p.add_argument("--flat-head", required=True, help="flat head directory (written by "
+                 "python -m gvae_jax.train.flat_residual)")
+  p.add_argument("--out", required=True, help="model directory to create")
+  p.add_argument("--force", action="store_true", help="replace an existing exported model")
+  p.set_defaults(run=_attach_flat)
 
   p = sub.add_parser("decompress", help="decompress a .gvae file to PNG")
   p.add_argument("input", help=".gvae file")

@@ -42,6 +42,13 @@ The fingerprint (16 bytes of a SHA-256) covers the parameter bytes, every
 table array and the config's model fingerprint; `.gvae` files carry it, so a
 file is never decoded with another model's numbers, and `load_model` checks it
 against the files on disk.
+
+A scalable model directory may also hold a `flat_head/` subdirectory (a
+flat-base residual head, gvae_jax.coding.flat_head; made with
+`flat_head.attach_flat_head`): the model then codes residual files on a flat
+base as well, and its fingerprint is that of the directory without the head
+combined with the head's (`with_flat_fingerprint`), so no file of either
+model decodes with the other.
 """
 from __future__ import annotations
 
@@ -103,6 +110,7 @@ class ExportedModel:
   y_index_bounds: np.ndarray  # float32 [rows - 1]: row = count of bounds < scale
   fingerprint: bytes
   manifest: dict
+  flat: Any = None  # gvae_jax.coding.flat_head.FlatHead: residual files on a flat base too
 
   @property
   def levels(self) -> int:
@@ -435,6 +443,12 @@ def _read_config(path: Path) -> ml_collections.ConfigDict:
     raise ExportError(f"cannot read config {path}: {e}") from e
 
 
+def with_flat_fingerprint(fingerprint: bytes, head_fingerprint: bytes) -> bytes:
+  """The fingerprint of a scalable model with a flat head attached (module doc)."""
+  digest = hashlib.sha256(b"gvae-exported-model+flat-head/1\0" + fingerprint + head_fingerprint)
+  return container.model_fingerprint(digest.digest())
+
+
 def load_model(model_dir: str | os.PathLike) -> ExportedModel:
   """Loads an exported model directory, checking its fingerprint (ExportError)."""
   model_dir = Path(model_dir)
@@ -482,5 +496,16 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     raise ExportError(f"{model_dir}: files do not match the manifest's fingerprint "
                       "(modified or corrupt); export the model again")
   params = jax.tree_util.tree_map(jnp.asarray, params)
+  flat = None
+  if (model_dir / "flat_head").exists():
+    from gvae_jax.coding import flat_head
+
+    if not is_scalable(model):
+      raise ExportError(f"{model_dir}: a flat head needs a scalable model")
+    try:
+      flat = flat_head.load_flat_head(model_dir / flat_head.FLAT_HEAD_DIR)
+    except flat_head.FlatHeadError as e:
+      raise ExportError(str(e)) from e
+    fingerprint = with_flat_fingerprint(fingerprint, flat.fingerprint)
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
-                       fingerprint, manifest)
+                       fingerprint, manifest, flat)

@@ -119,6 +119,31 @@ def write_flat_head(config: ml_collections.ConfigDict, params, out_dir: str | os
   return out_dir
 
 
+def build_flat_head(config: ml_collections.ConfigDict, params, manifest: dict | None = None
+                    ) -> FlatHead:
+  """An in-memory FlatHead, its parameters through the bytes `write_flat_head` stores."""
+  model = _build(config)
+  params_bytes = params_to_bytes(params)
+  restored = jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(params_bytes))
+  head = FlatHead(config, model, restored, fingerprint_of(params_bytes, config),
+                  dict(manifest or {}))
+  _check_params(head)
+  return head
+
+
+def attach(exported, head: FlatHead):
+  """`exported` (a scalable ExportedModel) with `head` as its flat head, in memory."""
+  from gvae_jax.coding import export
+
+  if not exported.is_scalable:
+    raise FlatHeadError("a flat head needs a scalable model")
+  if exported.flat is not None:
+    raise FlatHeadError("the model already has a flat head")
+  return dataclasses.replace(
+      exported, flat=head,
+      fingerprint=export.with_flat_fingerprint(exported.fingerprint, head.fingerprint))
+
+
 def load_flat_head(head_dir: str | os.PathLike) -> FlatHead:
   """Loads and checks a flat head directory (FlatHeadError)."""
   head_dir = Path(head_dir)
@@ -171,7 +196,7 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
   load_flat_head(head_dir)  # checks it
   if out_dir.exists():
     if not force:
-      raise FlatHeadError(f"{out_dir} already exists; pass force to replace it")
+      raise FlatHeadError(f"{out_dir} already exists; pass --force to replace it")
     if not (out_dir / export.MANIFEST_FILE).is_file():
       raise FlatHeadError(f"{out_dir} exists and is not an exported model; not replacing it")
     shutil.rmtree(out_dir)

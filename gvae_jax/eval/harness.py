@@ -92,7 +92,7 @@ CSV_COLUMNS = ("codec", "mode", "setting_name", "setting", "rate", "tau", "image
                "width", "bytes", "bpp", "bpsp", "psnr", "mse", "ms_ssim", "max_error", "tau_ok",
                "encode_seconds", "decode_seconds", "choose_rate_seconds", "estimated_bits",
                "estimated_bpp", "estimated_bpsp", "estimate_lossy_bits",
-               "estimate_residual_bits", "lossy_bits", "residual_bits", "error")
+               "estimate_residual_bits", "lossy_bits", "residual_bits", "base", "error")
 
 
 class EvalError(UserError):
@@ -339,25 +339,33 @@ def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate) -> di
   mode = LOSSLESS if tau == 0 else NEAR_LOSSLESS
   row = _base_row(MODEL_CODEC, mode, "tau", tau, name, height, width)
   start = time.perf_counter()
-  rate = codec.choose_rate(model, rgb, tau) if tau_rate is None else tau_rate
-  chosen_at = time.perf_counter()
-  encoded = codec.encode(model, rgb, rate, tau)
+  if model.flat is None:
+    rate = codec.choose_rate(model, rgb, tau) if tau_rate is None else tau_rate
+    chosen_at = time.perf_counter()
+    encoded = codec.encode(model, rgb, rate, tau)
+  else:  # the base (flat or lossy layer) is chosen inside, with the rate
+    encoded = codec.encode_residual(model, rgb, tau, tau_rate)
+    chosen_at = None
   encoded_at = time.perf_counter()
+  flat = encoded.header.mode == container.Mode.FLAT_RESIDUAL
+  row["base"] = "flat" if flat else "lossy"
   decoded = codec.decompress(model, encoded.data)
   row.update(rate=float(encoded.header.rate), tau=tau, encode_seconds=encoded_at - start,
              decode_seconds=time.perf_counter() - encoded_at,
-             choose_rate_seconds=(chosen_at - start) if tau_rate is None else None)
+             choose_rate_seconds=(chosen_at - start) if chosen_at and tau_rate is None
+             else None)
   _sizes(row, len(encoded.data))
   row.update(_distortion(rgb, decoded, with_ms_ssim=tau > 0))
   if tau == 0:
     row["ms_ssim"] = 1.0 if row["max_error"] == 0 else row["ms_ssim"]
   row["tau_ok"] = row["max_error"] <= tau
   _, sections = container.unpack(encoded.data)
-  lossy_estimate = _lossy_estimate_bits(model, rgb, encoded.header.rate)
+  lossy_estimate = 0.0 if flat else _lossy_estimate_bits(model, rgb, encoded.header.rate)
   residual_estimate = float(np.sum(encoded.residual.estimated_bits))
   estimate = lossy_estimate + residual_estimate
-  row.update(lossy_bits=8.0 * (len(sections[0]) + len(sections[1])),
-             residual_bits=8.0 * sum(len(section) for section in sections[2:]),
+  lossy_sections = 0 if flat else 2
+  row.update(lossy_bits=8.0 * sum(len(section) for section in sections[:lossy_sections]),
+             residual_bits=8.0 * sum(len(section) for section in sections[lossy_sections:]),
              estimate_lossy_bits=lossy_estimate, estimate_residual_bits=residual_estimate,
              estimated_bits=estimate, estimated_bpp=estimate / (height * width),
              estimated_bpsp=estimate / (3 * height * width))
