@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "(default: 0..5 for scalable models, none for lossy-only ones)")
   p.add_argument("--tau-rate", type=_rate_arg, metavar="S", help="base rate of every "
                  "near-lossless file (default: chosen per image, as gvae compress --tau)")
+  p.add_argument("--base", choices=("auto", "flat", "lossy"), default="auto",
+                 help="base of the near-lossless files (as gvae compress --base)")
   p.add_argument("--anchors", nargs="*", metavar="NAME", help="also run classical codecs on "
                  "the same images: all of them, or the named ones (e.g. png jpeg-420)")
   p.add_argument("--max-images", type=int, help="evaluate the first N images only")

@@ -354,21 +354,25 @@ class _FlatView:
 _FLAT_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _flat_view(model: ExportedModel) -> _FlatView:
-  view = _FLAT_VIEWS.get(model)
+def _flat_view(model) -> _FlatView:
+  """The view of a model's flat head (an ExportedModel with one, or a FlatHead)."""
+  head = getattr(model, "flat", None) or model
+  view = _FLAT_VIEWS.get(head)
   if view is None:
-    view = _FlatView(model.flat.model, model.flat.params)
-    _FLAT_VIEWS[model] = view
+    view = _FlatView(head.model, head.params)
+    _FLAT_VIEWS[head] = view
   return view
 
 
-def _flat_base(model: ExportedModel, height: int, width: int):
-  """(x_base uint8 [H, W, 3] of 128, u [1, Hp, Wp, T]: tap availability flags)."""
+def _flat_base(model, height: int, width: int):
+  """(x_base uint8 [H, W, 3] of 128, u [1, Hp, Wp, T]: tap availability flags) for
+  a model with a flat head (or a FlatHead)."""
   patch = residual_codec.PATCH
   assert patch == flat_base.PATCH
   hp, wp = -(-height // patch) * patch, -(-width // patch) * patch
-  head = model.flat.model
-  if model.flat.border_flags:
+  flat = getattr(model, "flat", None) or model
+  head = flat.model
+  if flat.border_flags:
     offsets = flat_base.tap_offsets(head.kernel_size, head.order)
     u = flat_base.tap_availability(height, width, offsets, hp, wp)[None]
   else:
@@ -402,10 +406,16 @@ def encode_flat(model: ExportedModel, pixels, tau,
                  base)
 
 
-def estimate_flat_size(model: ExportedModel, pixels, tau) -> float:
-  """Estimated bytes of the flat-base file: the flat head's bits (one pass)."""
-  tau = check_tau(tau, model)
-  _require_flat(model)
+def estimate_flat_size(model, pixels, tau) -> float:
+  """Estimated bytes of the flat-base file: the flat head's bits (one pass).
+
+  model: an ExportedModel with a flat head, or a FlatHead on its own.
+  """
+  if isinstance(model, ExportedModel):
+    tau = check_tau(tau, model)
+    _require_flat(model)
+  else:
+    tau = check_tau(tau)
   rgb, _ = _as_rgb(pixels)
   base, u = _flat_base(model, *rgb.shape[:2])
   bits = residual_codec.estimate_bits(_flat_view(model), rgb, base, u, tau)

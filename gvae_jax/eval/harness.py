@@ -332,19 +332,20 @@ def _model_lossy(model, name: str, rgb: np.ndarray, rate: float) -> dict:
   return row
 
 
-def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate) -> dict:
+def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate,
+                    base: str = "auto") -> dict:
   from gvae_jax.coding import codec, container
 
   height, width = rgb.shape[:2]
   mode = LOSSLESS if tau == 0 else NEAR_LOSSLESS
   row = _base_row(MODEL_CODEC, mode, "tau", tau, name, height, width)
   start = time.perf_counter()
-  if model.flat is None:
+  if model.flat is None and base == "auto":
     rate = codec.choose_rate(model, rgb, tau) if tau_rate is None else tau_rate
     chosen_at = time.perf_counter()
     encoded = codec.encode(model, rgb, rate, tau)
   else:  # the base (flat or lossy layer) is chosen inside, with the rate
-    encoded = codec.encode_residual(model, rgb, tau, tau_rate)
+    encoded = codec.encode_residual(model, rgb, tau, tau_rate, base)
     chosen_at = None
   encoded_at = time.perf_counter()
   flat = encoded.header.mode == container.Mode.FLAT_RESIDUAL
@@ -391,7 +392,7 @@ def _anchor_row(anchor, name: str, rgb: np.ndarray, setting) -> dict:
 
 
 def _warm_up(model, rgb: np.ndarray, rates: Sequence[float], taus: Sequence[int],
-             tau_rate) -> None:
+             tau_rate, base: str = "auto") -> None:
   """Untimed coding of one image so that compilation is not timed (module doc)."""
   from gvae_jax.coding import codec
 
@@ -401,7 +402,10 @@ def _warm_up(model, rgb: np.ndarray, rates: Sequence[float], taus: Sequence[int]
   # Lossless and near-lossless use different heads (separately compiled): one of each.
   positive = [t for t in taus if t > 0]
   for tau in ([0] if 0 in taus else []) + positive[:1]:
-    codec.decompress(model, codec.compress(model, rgb, rate, tau=tau))
+    if base == "flat":
+      codec.decompress(model, codec.compress(model, rgb, tau=tau, base="flat"))
+    else:
+      codec.decompress(model, codec.compress(model, rgb, rate, tau=tau, base=base))
 
 
 # --- The evaluation ---------------------------------------------------------------
@@ -467,7 +471,7 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
              taus: Sequence[int] | None = None, anchors=False,
              overrides: Mapping[str, Any] | Sequence[str] | None = None, *,
              tau_rate: float | None = None, max_images: int = 0, progress: bool | None = False,
-             warmup: bool = True, command: str | None = None) -> dict:
+             warmup: bool = True, command: str | None = None, base: str = "auto") -> dict:
   """Evaluates a model (an exported model directory or ExportedModel) on real files.
 
   images: a folder, or a list of image paths or (name, uint8 [H, W, 3]) pairs.
@@ -477,6 +481,8 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
   anchors: False, True (all) or names / Anchor objects (select_anchors).
   overrides: {"model.interpolation": "linear"} or ["key=value", ...].
   tau_rate: the base rate of every residual file (None: choose per image).
+  base: the residual files' base (codec.encode_residual): "auto" (the
+    smaller; the lossy layer for a model without a flat head), "flat", "lossy".
   Returns the results dict (module doc; write it with write_outputs).
   Images image_io refuses are skipped with the reason; EvalError if none
   could be read.
@@ -534,13 +540,14 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
       if warmup and (height, width) not in warmed:
         warmed.add((height, width))
         try:
-          _warm_up(model, rgb, rates, taus, tau_rate)
+          _warm_up(model, rgb, rates, taus, tau_rate, base)
         except Exception:  # noqa: BLE001 - the timed run below records the failure
           pass
       jobs = [(MODEL_CODEC, LOSSY, "rate", r, functools.partial(_model_lossy, model, name, rgb, r))
               for r in rates]
       jobs += [(MODEL_CODEC, LOSSLESS if t == 0 else NEAR_LOSSLESS, "tau", t,
-                functools.partial(_model_residual, model, name, rgb, t, tau_rate)) for t in taus]
+                functools.partial(_model_residual, model, name, rgb, t, tau_rate, base))
+               for t in taus]
       for anchor in anchor_list:
         for setting in (anchor.settings or (None,)):
           jobs.append((anchor.name, anchor.kind, anchor.setting_name, setting,
@@ -589,7 +596,8 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
       "overrides": override_values,
       "images": {"folder": folder, "evaluated": image_info, "skipped": skipped_images,
                  "max_images": max_images or None},
-      "settings": {"rates": rates, "taus": taus, "tau_rate": tau_rate, "warmup": warmup,
+      "settings": {"rates": rates, "taus": taus, "tau_rate": tau_rate, "base": base,
+                   "warmup": warmup,
                    "anchors": [a.name for a in anchor_list]},
       "anchors": {"run": {a.name: {"kind": a.kind, "description": a.description,
                                    "setting_name": a.setting_name,
@@ -650,6 +658,8 @@ def compute_means(rows: Sequence[dict]) -> list[dict]:
           estimate_residual_bits=_mean(r.get("estimate_residual_bits") for r in ok),
           lossy_bits=_mean(r.get("lossy_bits") for r in ok),
           residual_bits=_mean(r.get("residual_bits") for r in ok))
+      if any(r.get("base") for r in ok):
+        mean["flat_base_files"] = sum(r.get("base") == "flat" for r in ok)
       if mean["estimated_bits"]:
         mean["file_vs_estimate_percent"] = 100.0 * (
             8.0 * mean["bytes"] / mean["estimated_bits"] - 1.0)
@@ -811,7 +821,7 @@ def format_summary(results: dict) -> str:
               "allowed error per sample; JPEG-LS is NEAR=tau (tau 0: lossless with HP1).", ""]
     lines += _table(
         ["tau", "bpsp", "JPEG-LS bpsp", "vs JPEG-LS", "est. bpsp", "file vs est.", "max error",
-         "bound held", "PSNR (dB)", "base rate s", "enc s", "dec s"],
+         "bound held", "PSNR (dB)", "base rate s", "flat base", "enc s", "dec s"],
         [[_fmt(m["setting"]), _fmt(m["bpsp"]), _fmt(jpegls.get(m["setting"], {}).get("bpsp")),
           _pct(100.0 * (m["bpsp"] / jpegls[m["setting"]]["bpsp"] - 1.0)
                if m["setting"] in jpegls else None),
@@ -819,6 +829,7 @@ def format_summary(results: dict) -> str:
           _fmt(m["max_error"]), _fmt(m.get("tau_ok")), _fmt(m["psnr"], 3),
           _fmt(m.get("rate"), 3) + ("" if results["settings"]["tau_rate"] is not None
                                     else " (chosen, mean)"),
+          (f"{m['flat_base_files']} of {m['images']}" if "flat_base_files" in m else "-"),
           _fmt(m["encode_seconds"], 3), _fmt(m["decode_seconds"], 3)] for m in residual])
 
   model_rows = [m for m in means if m["codec"] == MODEL_CODEC and m.get("estimated_bits")]
@@ -953,7 +964,8 @@ def command_line(args) -> str:
                        ("--anchors", args.anchors), ("--override", args.override)):
     if values is not None:
       command += [flag, *map(text, values)]
-  for flag, value in (("--tau-rate", args.tau_rate), ("--max-images", args.max_images)):
+  for flag, value in (("--tau-rate", args.tau_rate), ("--max-images", args.max_images),
+                      ("--base", None if args.base == "auto" else args.base)):
     if value is not None:
       command += [flag, text(value)]
   command += [flag for flag, on in (("--no-progress", args.no_progress),
@@ -967,7 +979,7 @@ def run_command(args) -> dict:
   results = evaluate(args.model, args.images, rates=args.rates, taus=args.taus,
                      anchors=anchors, overrides=args.override, tau_rate=args.tau_rate,
                      max_images=args.max_images or 0, progress=not args.no_progress,
-                     warmup=not args.no_warmup, command=command_line(args))
+                     warmup=not args.no_warmup, command=command_line(args), base=args.base)
   write_outputs(results, args.out)
   print(format_summary(results))
   print(f"wrote {args.out}/{{{RESULTS_JSON},{RESULTS_CSV},{SUMMARY_MD},psnr_bpp.png,"

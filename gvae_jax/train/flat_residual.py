@@ -102,17 +102,25 @@ def load_training_pixels(folder: str | Path, jpeg_downscale: int) -> tuple[np.nd
 
 def sample_pixels(key, data: dict, count: int, offsets: jax.Array, tau: jax.Array,
                   border_flags: bool):
-  """(taps [n, T, 3], flags u [n, T or 0], target [n, 3]): residuals r_hat for tau [n]."""
+  """(taps [n, T, 3], flags u [n, T or 0], target [n, 3]) of `count` random pixels:
+  residuals r_hat for tau [n] (module doc)."""
   k_pixel, k_i, k_j = jax.random.split(key, 3)
-  total = data["pixels"].shape[0]
-  g = jax.random.randint(k_pixel, (count,), 0, total)
+  g = jax.random.randint(k_pixel, (count,), 0, data["pixels"].shape[0])
+  i = jax.random.randint(k_i, (count,), 0, PATCH)
+  j = jax.random.randint(k_j, (count,), 0, PATCH)
+  return gather_taps(data, g, i, j, offsets, tau, border_flags)
+
+
+def gather_taps(data: dict, g: jax.Array, i: jax.Array, j: jax.Array, offsets: jax.Array,
+                tau: jax.Array, border_flags: bool):
+  """sample_pixels' arrays for given pixels: g [n] indexes into data["pixels"], (i, j)
+  [n] their places in their coding patches."""
+  count = g.shape[0]
   image = jnp.searchsorted(data["starts"], g, side="right") - 1
   start = data["starts"][image]
   height, width = data["heights"][image], data["widths"][image]
   local = g - start
   y, x = local // width, local % width
-  i = jax.random.randint(k_i, (count,), 0, PATCH)
-  j = jax.random.randint(k_j, (count,), 0, PATCH)
   di, dj = offsets[None, :, 0], offsets[None, :, 1]
   ny, nx = y[:, None] + di, x[:, None] + dj
   flags = ((ny >= 0) & (ny < height[:, None]) & (nx >= 0) & (nx < width[:, None])
@@ -127,6 +135,13 @@ def sample_pixels(key, data: dict, count: int, offsets: jax.Array, tau: jax.Arra
                                 tau[:, None].astype(jnp.float32))
   u = flags.astype(jnp.float32) if border_flags else jnp.zeros((count, 0), jnp.float32)
   return taps, u, target
+
+
+def device_data(pixels: np.ndarray, starts: np.ndarray, shapes: np.ndarray) -> dict:
+  """The training images as the jitted step reads them."""
+  return {"pixels": jnp.asarray(pixels), "starts": jnp.asarray(starts, jnp.int32),
+          "heights": jnp.asarray(shapes[:, 0], jnp.int32),
+          "widths": jnp.asarray(shapes[:, 1], jnp.int32)}
 
 
 def _bounds(tau: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -263,9 +278,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
                                                        config.data.jpeg_downscale)
   logging.warning("training data: %d images (%d JPEG-sourced, shrunk %dx), %d pixels",
                   len(starts), jpegs, config.data.jpeg_downscale, pixels.shape[0])
-  data = {"pixels": jnp.asarray(pixels), "starts": jnp.asarray(starts, jnp.int32),
-          "heights": jnp.asarray(shapes[:, 0], jnp.int32),
-          "widths": jnp.asarray(shapes[:, 1], jnp.int32)}
+  data = device_data(pixels, starts, shapes)
   train_step = make_train_step(config, model)
   export_dir = Path(t.export_dir) if t.export_dir else None
   last_checkpoint = last_export = time.monotonic()

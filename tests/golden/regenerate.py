@@ -2,7 +2,8 @@
 
     python tests/golden/regenerate.py                  # models, hashes and residual files
     python tests/golden/regenerate.py --hashes-only    # keep the models
-    python tests/golden/regenerate.py --residual-only  # only the residual model and files
+    python tests/golden/regenerate.py --residual-only  # only the residual models and files
+    python tests/golden/regenerate.py --flat-only      # only the flat-base model and files
 
 Only do this for an intended change of the file format, the exported model
 format or the coding numerics, and say so in the commit: tests/test_codec.py
@@ -20,6 +21,11 @@ tiny_scalable_model; residual_hashes.json holds the sha256 of each case's
 .gvae file and of its decoded pixels, and residual/ the .gvae files
 themselves (a few KB each), so a decoder change is caught on the committed
 bytes too, not only on what today's encoder writes.
+
+Flat base (mode FLAT_RESIDUAL, format version 2): tiny_flat_model is the
+tiny scalable model with the tiny flat head (`tiny_flat_config()`,
+`tiny_flat_params()`) as its flat_head/; flat_hashes.json and flat/ hold the
+files coded with base="flat", as for the residual cases.
 """
 from __future__ import annotations
 
@@ -37,13 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from codec_helpers import (GOLDEN_DIR, GOLDEN_HASHES, GOLDEN_MODEL, make_image,  # noqa: E402
-                           tiny_config, tiny_params, tiny_scalable_config,
-                           tiny_scalable_params)
-from gvae_jax.coding import codec, export  # noqa: E402
+                           tiny_config, tiny_flat_config, tiny_flat_params, tiny_params,
+                           tiny_scalable_config, tiny_scalable_params)
+from gvae_jax.coding import codec, export, flat_head  # noqa: E402
 
 GOLDEN_SCALABLE_MODEL = GOLDEN_DIR / "tiny_scalable_model"
 RESIDUAL_HASHES = GOLDEN_DIR / "residual_hashes.json"
 RESIDUAL_FILES = GOLDEN_DIR / "residual"
+GOLDEN_FLAT_MODEL = GOLDEN_DIR / "tiny_flat_model"
+FLAT_HASHES = GOLDEN_DIR / "flat_hashes.json"
+FLAT_FILES = GOLDEN_DIR / "flat"
 
 # (name, height, width, seed, rate, grayscale)
 CASES = (
@@ -63,6 +72,14 @@ RESIDUAL_CASES = (
     ("near_17x65_t3", 17, 65, 7, 1.0, 3, False),
     ("gray_20x12_t3", 20, 12, 8, 0.5, 3, True),
     ("near_16x16_t10", 16, 16, 9, 0.0, 10, False),
+)
+
+# Flat-base files: (name, height, width, seed, tau, grayscale), coded with base="flat".
+FLAT_CASES = (
+    ("flat_lossless_24x40_t0", 24, 40, 5, 0, False),
+    ("flat_near_33x70_t1", 33, 70, 6, 1, False),  # two patches side by side
+    ("flat_near_17x20_t5", 17, 20, 7, 5, False),
+    ("flat_gray_20x12_t2", 20, 12, 8, 2, True),
 )
 
 
@@ -94,6 +111,34 @@ def compute_residual_hashes(model: export.ExportedModel) -> dict:
   return hashes
 
 
+def compute_flat_hashes(model: export.ExportedModel) -> dict:
+  """The flat cases' hashes; writes their .gvae files to FLAT_FILES."""
+  hashes = {}
+  for name, height, width, seed, tau, grayscale in FLAT_CASES:
+    data = codec.compress(model, case_image(height, width, seed, grayscale), tau=tau, base="flat")
+    pixels = codec.decompress(model, data)
+    hashes[name] = {"gvae_sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                    "decoded_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
+    FLAT_FILES.mkdir(exist_ok=True)
+    (FLAT_FILES / f"{name}.gvae").write_bytes(data)
+  return hashes
+
+
+def write_flat_model() -> None:
+  """GOLDEN_FLAT_MODEL: the golden scalable model with the tiny flat head."""
+  import shutil
+  import tempfile
+
+  config = tiny_flat_config()
+  config.data.folder = ""
+  config.train.export_dir = ""
+  with tempfile.TemporaryDirectory() as temp:
+    head = flat_head.write_flat_head(config, tiny_flat_params(config), Path(temp) / "head")
+    if GOLDEN_FLAT_MODEL.exists():
+      shutil.rmtree(GOLDEN_FLAT_MODEL)
+    flat_head.attach_flat_head(GOLDEN_SCALABLE_MODEL, head, GOLDEN_FLAT_MODEL)
+
+
 # CPU features that change XLA's float32 kernels (vector width, FMA), hence
 # the residual probabilities: files written with one signature may fail their
 # pixel check with another (README, Portability).
@@ -123,7 +168,22 @@ def main():
                       help="keep the committed models, recompute the hashes (and residual files)")
   parser.add_argument("--residual-only", action="store_true",
                       help="leave the lossy golden model and hashes alone")
+  parser.add_argument("--flat-only", action="store_true",
+                      help="only the flat-base golden model, files and hashes")
   args = parser.parse_args()
+  if not args.flat_only:
+    regenerate_lossy_and_residual(args)
+  if not args.hashes_only:
+    write_flat_model()
+  flat = export.load_model(GOLDEN_FLAT_MODEL)
+  hashes = {"model_fingerprint": flat.fingerprint.hex(), "platform": platform_signature(),
+            "cases": compute_flat_hashes(flat)}
+  FLAT_HASHES.write_text(json.dumps(hashes, indent=2) + "\n")
+  print(f"wrote {FLAT_HASHES} and {FLAT_FILES}/ ({len(FLAT_CASES)} cases, "
+        f"model {flat.fingerprint.hex()})")
+
+
+def regenerate_lossy_and_residual(args):
   if not args.residual_only:
     if not args.hashes_only:
       config = tiny_config()
