@@ -927,6 +927,49 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, plots: bool = True)
   return written
 
 
+def load_results(path: str | os.PathLike) -> dict:
+  """A results.json read back (exact files' PSNR, stored as null, is inf again)."""
+  results = json.loads(Path(path).read_text())
+  for row in results["rows"]:
+    if row.get("psnr") is None and row.get("mse") == 0:
+      row["psnr"] = math.inf
+  return results
+
+
+def merge_results(parts: Sequence[dict], command: str | None = None) -> dict:
+  """One results dict from runs of the same model and settings on disjoint images
+  (e.g. several processes on a shared machine); means and BD-rates recomputed.
+
+  EvalError if the parts differ in model, settings or anchors, or share an image.
+  """
+  if not parts:
+    raise EvalError("nothing to merge")
+  first = parts[0]
+  for part in parts[1:]:
+    for key in ("model", "settings", "overrides"):
+      if part[key] != first[key]:
+        raise EvalError(f"cannot merge: the runs differ in {key}")
+  names = [i["image"] for part in parts for i in part["images"]["evaluated"]]
+  if len(names) != len(set(names)):
+    raise EvalError("cannot merge: the runs share images")
+  rows = [row for part in parts for row in part["rows"]]
+  means = compute_means(rows)
+  merged = dict(first)
+  merged.update(
+      timestamp=min(part["timestamp"] for part in parts),
+      seconds=max(part["seconds"] for part in parts),
+      command=command or " + ".join(part["command"] for part in parts),
+      images={"folder": first["images"]["folder"],
+              "evaluated": [i for part in parts for i in part["images"]["evaluated"]],
+              "skipped": [i for part in parts for i in part["images"]["skipped"]],
+              "max_images": None},
+      means=means, bd_rates=bd_rates(means),
+      failures=[f for part in parts for f in part["failures"]],
+      notes=list(dict.fromkeys(n for part in parts for n in part["notes"])),
+      rows=rows, merged_from=[part["command"] for part in parts])
+  return merged
+
+
 def check_failures(results: dict) -> None:
   """EvalError (non-zero exit) if any file failed or broke its tau bound."""
   failures = results["failures"]
