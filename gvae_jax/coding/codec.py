@@ -59,9 +59,11 @@ Choosing the base (`encode_residual`, base="auto"): the encoder estimates
 both files (the flat one: the flat head's one-pass bits; the lossy-base one:
 choose_rate's smallest estimate, or the estimate at the given rate) and
 codes the smaller; when the two estimates are within BOTH_MARGIN of each
-other it codes both and keeps the smaller real file (ties: flat). So a file
-is the smaller of the two whenever the estimates are off by less than the
-margin (they are within about 1 %).
+other, or the image has at most BOTH_PIXELS pixels, it codes both and keeps
+the smaller real file (ties: flat). So a file is the smaller of the two
+whenever the estimates are off by less than the margin (on Kodak-sized
+images they are within about 1 %; on small images the side information,
+which they leave out, can be several %, hence the second rule).
 
 Colour: the codec codes 8-bit RGB. A grayscale (or bilevel) image is passed
 as a 2-D [H, W] array (or by the CLI from a grayscale file): its value is
@@ -104,6 +106,9 @@ FLAT_SIDE_INFO_SECTION, FLAT_STREAMS_SECTION, FLAT_CHECK_SECTION = 0, 1, 2
 NUM_FLAT_SECTIONS = 3
 BASES = ("auto", "flat", "lossy")
 BOTH_MARGIN = 0.03  # base="auto" codes both bases when their estimates are this close
+# ... and always for images up to this many pixels, where coding is cheap and the
+# side information (not in the estimates) is a large part of the file.
+BOTH_PIXELS = 256 * 256
 _CHECK = struct.Struct("<I")
 _SYMBOL_LIMIT = 2**30  # symbols are clamped here before the int32 cast
 
@@ -444,7 +449,9 @@ def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "a
   else:
     rgb, _ = _as_rgb(pixels)
     lossy_size = _estimated_size(model, rgb, rate, tau)
-  if abs(flat_size - lossy_size) <= BOTH_MARGIN * min(flat_size, lossy_size):
+  rgb, _ = _as_rgb(pixels)
+  small = rgb.shape[0] * rgb.shape[1] <= BOTH_PIXELS
+  if small or abs(flat_size - lossy_size) <= BOTH_MARGIN * min(flat_size, lossy_size):
     flat = encode_flat(model, pixels, tau, profile)
     lossy = encode(model, pixels, rate, tau, profile)
     return flat if len(flat.data) <= len(lossy.data) else lossy
