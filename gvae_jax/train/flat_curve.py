@@ -58,17 +58,46 @@ def plot(rows: list[dict], taus: list[int], out: str | Path) -> None:
   fig.savefig(out, dpi=120)
 
 
+def plot_training_log(workdir: str | Path, out: str | Path) -> None:
+  """The run's own curve (curve.jsonl: bpsp of the sampled training pixels per log
+  interval, per tau) against training time."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [json.loads(line) for line in (Path(workdir) / "curve.jsonl").read_text().splitlines()]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  minutes = [r["train_seconds"] / 60.0 for r in rows]
+  for tau in range(0, 6):
+    key = f"bpsp_tau{tau}"
+    if key in rows[-1]:
+      ax.plot(minutes, [r.get(key) for r in rows], label=f"tau {tau}")
+  ax.set_xlabel("training time (CPU-shared minutes)")
+  ax.set_ylabel("bpsp, sampled training pixels")
+  ax.set_ylim(0.5, 5.0)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gvae_jax.train.flat_curve",
                                    description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--images", required=True, help="folder of evaluation images")
+  parser.add_argument("--images", help="folder of evaluation images")
+  parser.add_argument("--train-log-plot", help="only plot the run's curve.jsonl to this PNG")
   parser.add_argument("--max-images", type=int, default=0)
   parser.add_argument("--taus", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
   parser.add_argument("--every", type=int, default=1, help="every k-th export (newest kept)")
-  parser.add_argument("--out", required=True, help="JSON file to write")
+  parser.add_argument("--out", help="JSON file to write")
   parser.add_argument("--plot", help="PNG file to write")
   args = parser.parse_args(argv)
+  if args.train_log_plot:
+    plot_training_log(args.workdir, args.train_log_plot)
+    return 0
+  if not args.images:
+    parser.error("--images is required")
   try:
     from gvae_jax import image_io
     from gvae_jax.eval.harness import list_images
