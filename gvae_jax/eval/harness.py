@@ -958,7 +958,7 @@ def merge_results(parts: Sequence[dict], command: str | None = None) -> dict:
   merged.update(
       timestamp=min(part["timestamp"] for part in parts),
       seconds=max(part["seconds"] for part in parts),
-      command=command or " + ".join(part["command"] for part in parts),
+      command=command or " + ".join(dict.fromkeys(part["command"] for part in parts)),
       images={"folder": first["images"]["folder"],
               "evaluated": [i for part in parts for i in part["images"]["evaluated"]],
               "skipped": [i for part in parts for i in part["images"]["skipped"]],
