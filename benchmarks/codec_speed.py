@@ -7,8 +7,8 @@ reported on its own), each stage of gvae_jax.coding.codec:
             -> table index lookup inside the same jitted function), y
             quantisation, synthesis (g_s, clip, round)
   tables:   the scale -> table row lookup alone (searchsorted on the bounds)
-  coding:   TFC range encode / decode of z and y (one op call each), including
-            the escape sections
+  coding:   range encode / decode of z and y with the profile's coder (or
+            --coder), including the escape sections
   transfer: device -> host copies of the integers the coder needs
 
 plus end-to-end compress() / decompress() calls. The image is Kodak kodim01
@@ -83,18 +83,18 @@ def timed(fn, repeats: int):
   return first, statistics.median(times), result
 
 
-def measure(model, pixels, rate: float, repeats: int) -> dict:
+def measure(model, pixels, rate: float, repeats: int, coder_id: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from gvae_jax.coding import codec
-  from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
+  from gvae_jax.coding.coder import get_coder
   from gvae_jax.ops import pad_to_multiple
 
   m, params = model.lossy_model, model.lossy_params  # the model itself unless scalable
-  coder = get_coder(TFC_RANGE_CODER_ID)
-  start = time.perf_counter()  # TensorFlow import and op loading: once per process
+  coder = get_coder(coder_id)
+  start = time.perf_counter()  # the coder's start-up (TFC: TensorFlow import), once per process
   coder.encode(np.zeros(4, np.int32), np.zeros(4, np.int32), model.y_table)
   tf_start_seconds = time.perf_counter() - start
 
@@ -112,10 +112,10 @@ def measure(model, pixels, rate: float, repeats: int) -> dict:
       compile_seconds[name] = max(0.0, first - median)
     return result
 
-  y, z_sym = stage("analysis", lambda: codec._analyze(m, params, x_padded, s))
-  mean, y_index = stage("hyper_synthesis", lambda: codec._hyper(m, params, z_sym, s,
+  y, z_sym = stage("analysis", lambda: codec.analyze(m, params, x_padded, s))
+  mean, y_index = stage("hyper_synthesis", lambda: codec.hyper(m, params, z_sym, s,
                                                                 model.y_index_bounds))
-  y_sym = stage("quantize_y", lambda: codec._quantize_y(y, mean))
+  y_sym = stage("quantize_y", lambda: codec.quantize_y(y, mean))
   _, scale = m.apply({"params": params}, z_sym.astype(jnp.float32), s,
                      method=m.hyper_synthesize)
   lookup = jax.jit(codec.scale_to_row)
@@ -124,18 +124,19 @@ def measure(model, pixels, rate: float, repeats: int) -> dict:
   z_np, y_np, index_np = stage(
       "device_to_host", lambda: (np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)),
       jitted=False)
-  z_indexes = codec._z_indexes(z_np.shape)
+  z_indexes = codec.z_indexes(z_np.shape)
   z_bytes = stage("encode_z", lambda: coder.encode(z_np, z_indexes, model.z_table), False)
   y_bytes = stage("encode_y", lambda: coder.encode(y_np, index_np, model.y_table), False)
   stage("decode_z", lambda: coder.decode(z_bytes, z_indexes, model.z_table), False)
   stage("decode_y", lambda: coder.decode(y_bytes, index_np, model.y_table), False)
-  stage("synthesis", lambda: codec._synthesize_image(model, y_sym, mean, s, height, width)[0])
+  stage("synthesis", lambda: codec.synthesize_image(model, y_sym, mean, s, height, width)[0])
 
   # End to end, after everything above compiled.
-  _, compress_seconds, data = timed(lambda: codec.compress(model, pixels, rate), repeats)
+  _, compress_seconds, data = timed(lambda: codec.compress(model, pixels, rate, coder=coder_id),
+                                   repeats)
   _, decompress_seconds, decoded = timed(lambda: codec.decompress(model, data), repeats)
   assert np.array_equal(decoded,
-                        codec._synthesize_image(model, y_sym, mean, s, height, width)[0])
+                        codec.synthesize_image(model, y_sym, mean, s, height, width)[0])
 
   network_encode = stages["analysis"] + stages["hyper_synthesis"] + stages["quantize_y"]
   network_decode = stages["hyper_synthesis"] + stages["synthesis"]
@@ -155,7 +156,7 @@ def measure(model, pixels, rate: float, repeats: int) -> dict:
       "stage_seconds": stages,
       "compile_seconds": compile_seconds,
       "compile_seconds_total": sum(compile_seconds.values()),
-      "tensorflow_start_seconds": tf_start_seconds,
+      "coder_start_seconds": tf_start_seconds, "coder": coder.name,
   }
 
 
@@ -169,12 +170,16 @@ def main() -> None:
                       help="rate s (default: the middle of each model's range)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--paper-repeats", type=int, default=1, help="paper is slow")
+  parser.add_argument("--coder", choices=["constriction", "tfc"],
+                      help="entropy coder (default: the profile's, gvae_jax.coding.coder)")
   parser.add_argument("--out", default=str(REPO / "benchmarks/results/codec_speed.json"))
   args = parser.parse_args()
 
   import jax
 
   from gvae_jax.coding import export
+  from gvae_jax.coding.coder import CODER_NAMES, default_coder_id
+  coder_id = CODER_NAMES[args.coder] if args.coder else default_coder_id()
 
   pixels, image_name = load_image(Path(args.image))
   results = []
@@ -187,7 +192,7 @@ def main() -> None:
     setup_seconds = time.perf_counter() - start
     rate = args.rate if args.rate is not None else (model.levels - 1) / 2
     repeats = args.paper_repeats if name == "paper" else args.repeats
-    row = measure(model, pixels, rate, repeats)
+    row = measure(model, pixels, rate, repeats, coder_id)
     row.update(config=name, params_from=source, model_setup_seconds=setup_seconds,
                n=int(model.config.model.n), m=int(model.config.model.m),
                levels=model.levels, step=model.manifest.get("step"), repeats=repeats)

@@ -22,7 +22,7 @@ compiles (reported on its own as compile_seconds):
     network    gathering a step's context taps and running the heads (JAX)
     stats      encoder: the first pass's bits and escapes per window (JAX)
     cdf        integer CDF rows (coarse and fine) and their copy to the host (JAX)
-    coder      TFC range_encode / range_decode calls
+    coder      entropy coder calls (the profile's backend, gvae_jax.coding.coder)
     python     the rest of the loop (bookkeeping, dispatch, array writes)
   compiled     executables per jitted function after the run (each bucket
                size, window and head compiles once per process)
@@ -31,8 +31,8 @@ compiles (reported on its own as compile_seconds):
                same process (medians of `--repeats` rounds), with the
                speedups: on a shared machine, whose speed drifts by 2x or
                more within minutes, the fair before/after. Both use today's
-               coder backend (tfc_backend.py), so the baseline's coder calls
-               are already the faster ones.
+               coder backend (the profile's), so the baseline's coder calls
+               are already today's.
 
 The model is experiments/configs/small_nearlossless.py with random init
 (flax init at seed 0) unless --model names an exported scalable model (e.g.
@@ -121,16 +121,9 @@ def random_init_model(lossy_from: str | None, residual_log_scale: float | None):
 
 def base_layer(model, pixels, rate: float):
   """(x_base uint8 [H, W, 3], padded prior u) exactly as the codec computes them."""
-  import jax.numpy as jnp
-  import numpy as np
-
   from gvae_jax.coding import codec
 
-  s_value = codec.check_rate(rate, model.levels)
-  (_, y_np, _, mean), _ = codec._encode_lossy(model, pixels, s_value)
-  s = jnp.full((1,), s_value, jnp.float32)
-  return codec._synthesize_image(model, y_np, mean, s, pixels.shape[0], pixels.shape[1],
-                                 with_prior=True)
+  return codec.base_layer(model, pixels, rate)
 
 
 def load_baseline(ref: str):
@@ -154,9 +147,9 @@ def load_baseline(ref: str):
 def interleaved(model, pixels, base, u, tau: int, repeats: int, baseline) -> dict:
   """Medians of the current and the baseline coder timed in turns (module doc)."""
   from gvae_jax.coding import residual_codec
-  from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
+  from gvae_jax.coding.coder import default_coder_id, get_coder
 
-  coder = get_coder(TFC_RANGE_CODER_ID)
+  coder = get_coder(default_coder_id())
   modules = {"current": residual_codec, "baseline": baseline}
   layers = {name: m.encode(model, coder, pixels, base, u, tau) for name, m in modules.items()}
   for name, m in modules.items():  # warm up (compiles) before timing
@@ -183,10 +176,10 @@ def interleaved(model, pixels, base, u, tau: int, repeats: int, baseline) -> dic
 def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
   import numpy as np
 
-  from gvae_jax.coding import residual_codec
-  from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, get_coder
+  from gvae_jax.coding import residual_codec, residual_plan
+  from gvae_jax.coding.coder import default_coder_id, get_coder
 
-  coder = get_coder(TFC_RANGE_CODER_ID)
+  coder = get_coder(default_coder_id())
   encode = lambda profile=None: residual_codec.encode(model, coder, pixels, base, u, tau, profile)
   decode = lambda layer, profile=None: residual_codec.decode(
       model, coder, layer.side_info, layer.streams, base, u, tau, profile)
@@ -241,7 +234,7 @@ def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
       "decode_symbols_per_second": profile.symbols / decode_seconds,
       "symbol_range": [int(h - l + 1) for l, h in zip(layer.q_low, layer.q_high)],
       "cdf_windows": [int(w) for w in layer.windows],
-      "cdf_group_sizes": [residual_codec.group_size(int(w)) if w else 0 for w in layer.windows],
+      "cdf_group_sizes": [residual_plan.group_size(int(w)) if w else 0 for w in layer.windows],
       "escapes": int(layer.escapes),
       "residual_bytes": residual_bytes,
       "residual_bpsp": 8.0 * residual_bytes / (3 * height * width),
@@ -334,6 +327,7 @@ def main() -> None:
   import jax
 
   from gvae_jax.coding import export
+  from gvae_jax.coding.coder import default_coder_id, get_coder
 
   pixels, image_name = load_image(Path(args.image))
   runs = {}
@@ -360,6 +354,7 @@ def main() -> None:
       "machine": platform.machine(), "cpus": os.cpu_count(),
       "cpus_used": len(os.sched_getaffinity(0)),
       "python": platform.python_version(), "jax": jax.__version__,
+      "coder": get_coder(default_coder_id()).name,
       "note": ("residual layer only (the base layer is computed once, outside the times); "
                "seconds are medians of warm calls; compile_seconds is the first call's extra; "
                "the machine is a shared 2-vCPU VM: other jobs and the host's steal time move "

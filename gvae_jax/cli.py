@@ -32,36 +32,60 @@ def _train(args, overrides):
 
 
 def _estimate(args, overrides):
-  """Estimated RD of a training workdir's newest checkpoint on an image folder."""
-  from gvae_jax import config as config_lib
-  from gvae_jax.models import build_model
-  from gvae_jax.train import checkpoints
-  from gvae_jax.train import evaluate as evaluate_lib
+  """The model's estimates on an image folder: of a workdir's newest checkpoint
+  (estimated RD), or of an exported model (estimate vs real file sizes)."""
+  from gvae_jax.eval import images as images_lib
 
-  workdir = Path(args.workdir)
-  config_path = workdir / checkpoints.CONFIG_FILE
-  if not config_path.exists():
-    raise UserError(f"{workdir} is not a training workdir (no {checkpoints.CONFIG_FILE})")
-  import ml_collections
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  config_lib.apply_overrides(config, overrides)
-  model = build_model(config)
-  params, step = checkpoints.restore_params(workdir)
-  images = evaluate_lib.load_folder(args.images, args.max_images)
-  fractional = config.eval.fractional_rates if args.rates is None else []
-  rates = (evaluate_lib.default_rates(config.model.levels, fractional)
-           if args.rates is None else [float(r) for r in args.rates])
-  report = evaluate_lib.estimate_rd(model, params, images, rates)
-  report.update(step=step, folder=str(args.images), workdir=str(workdir))
-  print(evaluate_lib.format_table(report))
-  if args.out:
-    Path(args.out).write_text(json.dumps(report, indent=2))
+  if args.model is not None and overrides:
+    raise UserError("--config overrides apply to --workdir only (an exported model is "
+                    "evaluated as exported)")
+  rates = list(args.rates) if args.rates is not None else None
+  images_lib.list_images(args.images, args.max_images)  # fail before the slow imports
+  if args.model is not None:
+    return _estimate_exported(args, rates)
+  from gvae_jax.coding import settings
+  from gvae_jax.eval import estimate
+  from gvae_jax.train import checkpoints
+
+  config, model, params, step = checkpoints.load_workdir(args.workdir, overrides)
+  levels = int(config.model.levels)
+  if rates is None:
+    rates = estimate.default_rates(levels, config.eval.fractional_rates)
+  rates = [float(settings.check_rate(r, levels)) for r in rates]
+  images = images_lib.load_images(args.images, args.max_images)
+  report = estimate.estimate_rd(model, params, images, rates)
+  report.update(step=step, folder=str(args.images), workdir=str(args.workdir))
+  print(estimate.format_table(report))
+  _write_report(args.out, report)
+
+
+def _estimate_exported(args, rates):
+  from gvae_jax.coding import export, settings
+  from gvae_jax.eval import images as images_lib
+  from gvae_jax.eval import report as report_lib
+
+  model = export.load_model(args.model)
+  rates = [float(i) for i in range(model.levels)] if rates is None else rates
+  for rate in rates:
+    settings.check_rate(rate, model.levels)
+  images = images_lib.load_images(args.images, args.max_images)
+  report = report_lib.real_vs_estimate(model, images, rates)
+  print(report_lib.format_table(report))
+  _write_report(args.out, report)
+
+
+def _write_report(out: str | None, report: dict) -> None:
+  if out:
+    from gvae_jax import fileio
+
+    fileio.atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode(),
+                              overwrite=True)
 
 
 def _export(args, overrides):
-  from gvae_jax.coding import export
+  from gvae_jax.train import checkpoints
 
-  exported = export.export_model(args.workdir, args.out, step=args.step, force=args.force)
+  exported = checkpoints.export_workdir(args.workdir, args.out, step=args.step, force=args.force)
   print(f"exported {exported.name} (step {exported.manifest['step']}, "
         f"{exported.levels} levels) to {args.out}: fingerprint {exported.fingerprint.hex()}")
 
@@ -126,6 +150,7 @@ def _enable_compilation_cache() -> None:
 
 def _compress(args, overrides):
   from gvae_jax import fileio, image_io
+  from gvae_jax.coding import settings
 
   # Cheap checks first: JAX (and later TensorFlow) take seconds to import.
   tau = 0 if args.lossless else args.tau
@@ -137,24 +162,27 @@ def _compress(args, overrides):
   if tau is not None and args.bpp is not None:
     raise UserError("--bpp is for lossy files; with --tau / --lossless give --rate for the "
                     "base layer, or nothing to pick the rate of the smallest file")
+  if tau is not None:
+    tau = settings.check_tau(tau)  # the number, before anything slow; the model's kind later
   if tau is None and args.base != "auto":
     raise UserError("--base is for near-lossless and lossless files (--tau / --lossless)")
   _refuse_existing(args.output, args.force)
   pixels, info = image_io.read_image(args.input)
   from gvae_jax.coding import codec, export
-  if tau is not None:
-    tau = codec.check_tau(tau)  # before loading the model: a bad tau fails fast
   _enable_compilation_cache()
   model = export.load_model(args.model)
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
     pixels = pixels[:, :, 0]  # coded as RGB, decoded back to grayscale (codec doc)
+  from gvae_jax.coding.coder import CODER_NAMES, get_coder
+  coder = None if args.coder is None else CODER_NAMES[args.coder]
+  if coder is not None:
+    get_coder(coder)  # a missing backend fails before the work
   if tau is not None:
-    data = codec.compress(model, pixels, args.rate, tau=codec.check_tau(tau, model),
-                          base=args.base)
+    data = codec.compress(model, pixels, args.rate, tau=tau, coder=coder, base=args.base)
   elif args.bpp is not None:
-    data, _ = codec.compress_to_bpp(model, pixels, args.bpp)
+    data, _ = codec.compress_to_bpp(model, pixels, args.bpp, coder=coder)
   else:
-    data = codec.compress(model, pixels, args.rate)
+    data = codec.compress(model, pixels, args.rate, coder=coder)
   try:
     fileio.atomic_write_bytes(args.output, data, overwrite=args.force)
   except FileExistsError:
@@ -236,7 +264,7 @@ def _info(args, overrides):
        if header.mode in container.RESIDUAL_MODES else f"{header.tau} (lossy: no bound)"),
       ("size", f"{header.width}x{header.height} (width x height)"),
       ("channels", header.channels),
-      ("coder id", header.coder_id),
+      ("coder id", f"{header.coder_id} ({_coder_name(header.coder_id)})"),
       ("model fingerprint", header.fingerprint.hex()),
       ("sections", ", ".join(
           f"{name} {len(s)} bytes" if name else f"{len(s)} bytes"
@@ -244,6 +272,12 @@ def _info(args, overrides):
   ]
   for key, value in rows:
     print(f"{key + ':':<19}{value}")
+
+
+def _coder_name(coder_id: int) -> str:
+  from gvae_jax.coding.coder import CODER_NAMES
+  names = {v: k for k, v in CODER_NAMES.items()}
+  return names.get(coder_id, "unknown")
 
 
 def _section_names(header, count: int) -> list[str]:
@@ -300,10 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--process-id", type=int, help="multi-host: this process's index")
   p.set_defaults(run=_train, takes_overrides=True)
 
-  p = sub.add_parser("estimate", help="estimated bpp/PSNR/MS-SSIM of a workdir's model")
-  p.add_argument("--workdir", required=True)
+  p = sub.add_parser("estimate", help="the model's bit estimates: estimated bpp/PSNR/MS-SSIM of "
+                     "a workdir's checkpoint, or estimated vs real bits of an exported model")
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--workdir", help="training workdir: estimated rate-distortion")
+  source.add_argument("--model", help="exported model: real file sizes against the estimates")
   p.add_argument("--images", required=True, help="folder of images, e.g. kodak")
-  p.add_argument("--rates", nargs="+", help="rates s (default: every level + config fractional rates)")
+  p.add_argument("--rates", nargs="+", type=_rate_arg, metavar="S",
+                 help="rates s (default: every level, with --workdir also the config's "
+                 "fractional rates)")
   p.add_argument("--max-images", type=int, default=0)
   p.add_argument("--out", help="write the report as JSON here")
   p.set_defaults(run=_estimate, takes_overrides=True)
@@ -353,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                  ">= 0) of the original; needs a scalable model. Without --rate the base rate "
                  "of the smallest file is chosen")
   p.add_argument("--lossless", action="store_true", help="lossless: the same as --tau 0")
+  p.add_argument("--coder", choices=("constriction", "tfc"),
+                 help="entropy coder backend (default: tfc where installed, the tfc profile; "
+                      "constriction otherwise)")
   p.add_argument("--base", choices=("auto", "flat", "lossy"), default="auto",
                  help="with --tau / --lossless: the base layer; auto (default) takes the "
                  "smaller file of the lossy layer and, if the model has a flat head, the "

@@ -2,11 +2,11 @@
 
 Config files (experiments/configs/*.py) define get_config() and start from
 `base_config()`, as in the Flax examples. Any field can be overridden on the
-command line with --config.section.key=value; an unknown key is an error.
+command line with --config.section.key=value (parsed by ml_collections'
+config_flags); an unknown key is an error.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.util
 import json
@@ -17,7 +17,7 @@ import ml_collections
 
 from gvae_jax.errors import UserError
 
-# MSE lambdas on the 0..255 scale (D = 255^2 * MSE on [0, 1]), REFERENCE section 2.
+# MSE lambdas on the 0..255 scale (D = 255^2 * MSE on [0, 1]); docs/decoding.md section 2.
 PAPER_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
 
 
@@ -110,52 +110,46 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies --config.key=value overrides in place, with ml_collections' config_flags.
+
+  The values are parsed by config_flags' own per-type flag parsers (the type
+  of the field's current value: int, float, bool, str, tuples), on a private
+  absl FlagValues, so absl never sees or owns the rest of the command line.
+  Unknown keys and unparsable values are ConfigErrors.
+  """
+  overrides = list(overrides)
+  if not overrides:
+    return
   for item in overrides:
     if not item.startswith("--config.") or "=" not in item:
       raise ConfigError(f"bad override {item!r}: expected --config.section.key=value")
-    key, _, raw = item[len("--config."):].partition("=")
-    set_by_path(config, key, raw)
+    _check_key(config, item[len("--config."):].partition("=")[0])
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["gvae", *overrides]
+  values = flags.FlagValues()
+  try:
+    config_flags.DEFINE_config_dict("config", config, flag_values=values, sys_argv=argv)
+    values(argv)
+  except flags.Error as e:
+    raise ConfigError(f"bad override: {e}") from None
 
 
 def set_by_path(config: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """config.<key> = raw, parsed as apply_overrides parses --config.<key>=raw."""
+  apply_overrides(config, [f"--config.{key}={raw}"])
+
+
+def _check_key(config: ml_collections.ConfigDict, key: str) -> None:
   *parents, leaf = key.split(".")
   node = config
   for i, part in enumerate(parents):
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
       raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r}")
     node = node[part]
-  if leaf not in node:
+  if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
     raise ConfigError(f"unknown config key {key!r}; known keys here: {', '.join(sorted(node.keys()))}")
-  old = node[leaf]
-  node[leaf] = _parse_like(raw, old, key)
-
-
-def _parse_like(raw: str, old, key: str):
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw  # a bare string such as a path
-  if isinstance(old, bool):
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-      return value.lower() == "true"
-    if not isinstance(value, bool):
-      raise ConfigError(f"config key {key!r} needs true/false, got {raw!r}")
-    return value
-  if isinstance(old, int) and isinstance(value, int) and not isinstance(value, bool):
-    return value
-  if isinstance(old, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-    return float(value)
-  if isinstance(old, str):
-    return raw
-  if isinstance(old, (tuple, list)):
-    if isinstance(value, (int, float)):
-      value = (value,)
-    if not isinstance(value, (tuple, list)):
-      raise ConfigError(f"config key {key!r} needs a list, got {raw!r}")
-    return tuple(value)
-  if type(value) is not type(old):
-    raise ConfigError(f"config key {key!r} needs a {type(old).__name__}, got {raw!r}")
-  return value
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -5,8 +5,9 @@ grayscale, bilevel and palette images converted losslessly (and reported, so
 the CLI can say so), and everything it could only handle by throwing
 information away refused with an `ImageError`: alpha or transparency, more
 than 8 bits per sample, multi-frame files, other colour models. Pillow does
-the decoding; for PNG, PPM and TIFF the header is checked as well because
-Pillow silently reduces 16-bit RGB in those formats to 8 bits.
+the decoding; for PNG (Pillow's raw mode), PPM and TIFF the sample depth is
+checked as well because Pillow silently reduces 16-bit RGB in those formats
+to 8 bits.
 
 No TensorFlow or JAX here.
 """
@@ -19,7 +20,6 @@ import enum
 import io
 import os
 import re
-import struct
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -77,14 +77,6 @@ def _refuse(path: str, problem: str, advice: str) -> ImageError:
   return ImageError(f"{path}: {problem}; {advice}")
 
 
-def _png_header(header: bytes) -> tuple[int, int, int, int] | None:
-  """(width, height, bit depth, colour type) from the IHDR chunk, if a PNG."""
-  if header.startswith(_PNG_SIGNATURE) and header[12:16] == b"IHDR" and len(header) >= 26:
-    width, height, bit_depth, color_type = struct.unpack(">IIBB", header[16:26])
-    return width, height, bit_depth, color_type
-  return None
-
-
 def _pnm_header(header: bytes) -> tuple[int, int, int] | None:
   """(width, height, maxval) of a P2/P3/P5/P6 (PGM/PPM) header, if it is one."""
   if header[:2] not in (b"P2", b"P3", b"P5", b"P6"):
@@ -100,14 +92,6 @@ def _pnm_header(header: bytes) -> tuple[int, int, int] | None:
 
 def _check_header(path: str, header: bytes) -> None:
   """Refusals Pillow would not raise itself: it decodes these files silently at 8 bits."""
-  png = _png_header(header)
-  if png is not None:
-    width, height, bit_depth, _ = png
-    if width == 0 or height == 0:
-      raise _refuse(path, f"PNG of {width}x{height} pixels has no pixels", "nothing to compress")
-    if bit_depth == 16:
-      raise _refuse(path, "PNG with 16 bits per sample (48/64-bit colour or 16-bit gray); "
-                    "the codec takes 8 bits and would silently lose precision", _TO_8BIT_RGB)
   pnm = _pnm_header(header)
   if pnm is not None:
     width, height, maxval = pnm
@@ -131,6 +115,10 @@ def _check_opened(path: str, image: Image.Image) -> SourceMode:
   width, height = image.size
   if width == 0 or height == 0:
     raise _refuse(path, f"image of {width}x{height} pixels has no pixels", "nothing to compress")
+  if image.format == "PNG" and image.tile and ";16" in str(image.tile[0][3]):
+    # Pillow opens 48/64-bit PNGs as 8-bit RGB(A); the decoder's raw mode ("RGB;16B") tells.
+    raise _refuse(path, "PNG with 16 bits per sample (48/64-bit colour or 16-bit gray); "
+                  "the codec takes 8 bits and would silently lose precision", _TO_8BIT_RGB)
   frames = _frame_count(image)
   if frames > 1:
     raise _refuse(path, f"{image.format} holds {frames} frames or pages",

@@ -216,8 +216,12 @@ def _mean_rows(results: dict) -> list[dict]:
 
 
 def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
-  """One table over runs: mean metrics per (run, setting), BD-rates vs the reference."""
-  from gvae_jax.eval import rd
+  """One table over runs: mean metrics per (run, setting), BD-rates vs the reference.
+
+  BD-rates follow gvae_jax.eval.quality (as `gvae eval`): PSNR, and MS-SSIM
+  on -10 log10(1 - MS-SSIM).
+  """
+  from gvae_jax.eval import quality
 
   out = Path(out)
   rows, missing, provenance = [], [], []
@@ -233,29 +237,16 @@ def collate(sweep: Sweep, out: str | os.PathLike) -> dict:
                        "train_command": _logged_command(out / run.name / "train.log")})
     for row in _mean_rows(results):
       rows.append({"run": run.name, "group": run.group or run.name, **row})
-  curves: dict[str, list[tuple[float, float, float]]] = {}
+  curves: dict[str, list[dict]] = {}
   for row in rows:
     if row.get("mode") == "lossy" and row.get("bpp") is not None:
-      curves.setdefault(row["group"], []).append(
-          (row["bpp"], row.get("psnr"), row.get("ms_ssim")))
+      curves.setdefault(row["group"], []).append(row)
   bd = {}
   reference = sweep.reference
   if reference and reference in curves:
-    ref = sorted(curves[reference])
-    for group, points in curves.items():
-      if group == reference:
-        continue
-      points = sorted(points)
-      entry = {}
-      for metric, index in (("psnr", 1), ("ms_ssim", 2)):
-        try:
-          entry[f"bd_rate_{metric}_percent"] = rd.bd_rate(
-              [p[0] for p in ref], [p[index] for p in ref],
-              [p[0] for p in points], [p[index] for p in points])
-        except (ValueError, TypeError) as e:
-          entry[f"bd_rate_{metric}_percent"] = None
-          entry[f"bd_rate_{metric}_note"] = str(e)
-      bd[group] = entry
+    # The harness's convention (gvae_jax.eval.quality): PSNR, and MS-SSIM in dB.
+    bd = {group: quality.bd_entry(curves[reference], points)
+          for group, points in curves.items() if group != reference}
   summary = {"sweep": sweep.name, "description": sweep.description, "reference": reference,
              "runs": provenance, "rows": rows, "bd_rate_vs_reference": bd,
              "missing_runs": missing}
@@ -331,12 +322,12 @@ def format_markdown(summary: dict) -> str:
     lines.append("")
   if summary["bd_rate_vs_reference"]:
     lines += [f"BD-rate against `{summary['reference']}` (negative: fewer bits for the same "
-              "quality):", "", "| curve | BD-rate PSNR | BD-rate MS-SSIM |", "|---|---|---|"]
+              "quality; MS-SSIM on -10 log10(1 - MS-SSIM)):", "", "| curve | BD-rate PSNR | BD-rate MS-SSIM |", "|---|---|---|"]
     for group, entry in summary["bd_rate_vs_reference"].items():
       cells = []
       for metric in ("psnr", "ms_ssim"):
         value = entry.get(f"bd_rate_{metric}_percent")
-        note = entry.get(f"bd_rate_{metric}_note", "").split("; got")[0]  # full note: JSON
+        note = (entry.get(f"bd_rate_{metric}_note") or "").split("; got")[0]  # full note: JSON
         cells.append(f"{value:+.2f}%" if value is not None else f"n/a ({note})")
       lines.append(f"| {group} | {cells[0]} | {cells[1]} |")
     lines.append("")

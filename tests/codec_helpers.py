@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "experiments" / "configs" / "tiny.py"
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 GOLDEN_MODEL = GOLDEN_DIR / "tiny_model"
-GOLDEN_HASHES = GOLDEN_DIR / "hashes.json"
 
 
 def tiny_config():
@@ -151,6 +150,51 @@ def tiny_scalable_params(config=None, seed: int = 0):
     kernel = layer["conv"]["kernel"] if head.startswith("bc") else layer["kernel"]
     kernel[..., means] *= 8.0
   return params
+
+
+def golden_coders() -> list:
+  """pytest params: every coder with a golden set (tests/golden/<coder>/), skipped
+  where its backend is not installed (e.g. TFC outside the tfc profile)."""
+  import pytest
+
+  from gvae_jax.coding.coder import CODER_NAMES, CodingError, get_coder
+  params = []
+  for name, coder_id in sorted(CODER_NAMES.items()):
+    if not (GOLDEN_DIR / name / "hashes.json").exists():
+      continue
+    try:
+      get_coder(coder_id)
+      marks = ()
+    except CodingError:
+      marks = pytest.mark.skip(reason=f"the {name} coder is not installed in this profile")
+    params.append(pytest.param(name, id=name, marks=marks))
+  return params
+
+
+def exported_here() -> bool:
+  """Whether this platform (CPU features, jaxlib) is the one that exported the
+  golden models (the tfc profile's golden set records it). Elsewhere export
+  may build the factorized z table one count apart in a few entries: it
+  evaluates the learned float32 density through XLA (README, Portability);
+  files are unaffected, the exported model stores the integers."""
+  import json
+
+  from golden.regenerate import hashes_path, platform_signature
+  return json.loads(hashes_path("tfc").read_text())["platform"] == platform_signature()
+
+
+def assert_tables_match(committed, rebuilt) -> None:
+  """Exactly where the golden models were exported, else z within one count (above)."""
+  import numpy as np
+  np.testing.assert_array_equal(committed.y_table.cdf, rebuilt.y_table.cdf)
+  np.testing.assert_array_equal(committed.y_table.offsets, rebuilt.y_table.offsets)
+  np.testing.assert_array_equal(committed.z_table.offsets, rebuilt.z_table.offsets)
+  if exported_here():
+    np.testing.assert_array_equal(committed.z_table.cdf, rebuilt.z_table.cdf)
+    assert committed.fingerprint == rebuilt.fingerprint
+  else:
+    difference = np.abs(committed.z_table.cdf.astype(np.int64) - rebuilt.z_table.cdf)
+    assert difference.max() <= 1
 
 
 # --- A tiny flat-base residual head (gvae_jax.models.flat_base). ---

@@ -170,7 +170,7 @@ def test_measure_reports_rate_and_distortion():
 
 
 def test_hp1_beats_plain_rgb_on_a_kodak_crop(kodak_dir):
-  # The point of the colour transform (REFERENCE.md: 3.16 vs 4.36 bpsp on Kodak).
+  # The point of the colour transform (docs/decoding.md: 3.16 vs 4.36 bpsp on Kodak).
   with Image.open(kodak_dir / "kodim01.png") as file:
     crop = np.asarray(file.convert("RGB"))[200:296, 300:428]
   hp1 = usable(anchors.jpegls_hp1())(crop)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codec_helpers import GOLDEN_MODEL, golden_params, make_image, other_params, tiny_config
+from codec_helpers import (GOLDEN_MODEL, assert_tables_match, golden_params, make_image,
+                           other_params, tiny_config)
 from gvae_jax.coding import codec, export
 
 MODEL = str(GOLDEN_MODEL)
@@ -145,13 +146,61 @@ def test_export_command(tmp_path):
   assert_fails(gvae("export", "--workdir", "missing", "--out", "m", cwd=tmp_path), "not found")
   workdir = tmp_path / "workdir"
   workdir.mkdir()
-  # The golden model's own config: the export must then reproduce its fingerprint.
+  # The golden model's own config: the export must then reproduce its tables and
+  # fingerprint (where the golden model was exported; codec_helpers.exported_here).
   (workdir / "config.json").write_text((GOLDEN_MODEL / "config.json").read_text())
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
   manager.save(3, args=ocp.args.StandardSave({"params": golden_params(), "step": 3}))
   manager.wait_until_finished()
   out = assert_ok(gvae("export", "--workdir", workdir, "--out", "m", cwd=tmp_path))
   assert "step 3" in out
-  assert export.load_model(tmp_path / "m").fingerprint == export.load_model(GOLDEN_MODEL).fingerprint
+  assert_tables_match(export.load_model(GOLDEN_MODEL), export.load_model(tmp_path / "m"))
   assert_fails(gvae("export", "--workdir", workdir, "--out", "m", cwd=tmp_path), "--force")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "workdir"]
+
+
+# --- Files of a coder backend this profile lacks (README, Install profiles). ---
+
+def gvae_without(module: str, *args, cwd):
+  """The CLI in a process where `module` cannot be imported, as in a profile without it."""
+  code = (f"import sys; sys.modules[{module!r}] = None\n"
+          "from gvae_jax.cli import main\nsys.exit(main(sys.argv[1:]))")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("coder,missing,hint", [
+    ("tfc", "tensorflow_compression_ops", "constraints-tfc.txt"),
+    ("constriction", "constriction", "pip install constriction"),
+])
+def test_a_file_of_a_missing_backend_gives_one_line_naming_the_profile(tmp_path, coder, missing,
+                                                                       hint):
+  from golden.regenerate import files_dir
+  golden = files_dir(coder) / "gradient_48x80_s0.gvae"
+  result = gvae_without(missing, "decompress", golden, tmp_path / "out.png", "--model", MODEL,
+                        cwd=tmp_path)
+  assert_fails(result, f"entropy coder {1 if coder == 'tfc' else 2} is not installed")
+  assert hint in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+  assert not (tmp_path / "out.png").exists()
+  # Asking to write with it fails the same way, before any work.
+  Image.fromarray(make_image(8, 8, 1)).save(tmp_path / "x.png")
+  result = gvae_without(missing, "compress", "x.png", "x.gvae", "--model", MODEL, "--rate", 0.5,
+                        "--coder", coder, cwd=tmp_path)
+  assert_fails(result, "is not installed")
+  assert not (tmp_path / "x.gvae").exists()
+
+
+@pytest.mark.parametrize("coder", ["constriction", "tfc"])
+def test_compress_with_each_installed_coder_and_info_names_it(work, coder):
+  from gvae_jax.coding.coder import CODER_NAMES, CodingError, get_coder
+  try:
+    get_coder(CODER_NAMES[coder])
+  except CodingError:
+    pytest.skip(f"the {coder} coder is not installed in this profile")
+  name = f"with_{coder}.gvae"
+  assert_ok(gvae("compress", "rgb.png", name, "--model", MODEL, "--rate", 0.5, "--coder", coder,
+                 cwd=work))
+  info = assert_ok(gvae("info", name, cwd=work))
+  assert f"coder id:          {CODER_NAMES[coder]} ({coder})" in info
+  assert_ok(gvae("decompress", name, f"{name}.png", "--model", MODEL, cwd=work))

@@ -28,3 +28,32 @@ def test_notebook_runs(path, tmp_path):
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "bpp" in result.stdout
+
+
+def notebook_install_command(path: Path) -> list[str]:
+  """The pip arguments of the notebook's install cell."""
+  import ast
+  for node in ast.walk(ast.parse(notebook_source(path))):
+    if isinstance(node, ast.List) and any(
+        isinstance(e, ast.Constant) and e.value == "install" for e in node.elts):
+      args = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+      return args[args.index("install"):]
+  raise AssertionError("no pip install in the notebook")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_install_keeps_the_runtime_jax_and_numpy(path):
+  """Colab comes with current jax and numpy: the install cell must not change them.
+
+  Resolved here against this environment (a dry run): nothing but gvae-jax
+  itself would be installed, so in particular nothing is downgraded."""
+  args = notebook_install_command(path)
+  assert "-c" not in args and "--constraint" not in args
+  result = subprocess.run([sys.executable, "-m", "pip", *args, "--dry-run",
+                           "--report", "-", "--quiet"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  if result.returncode != 0 and "NewConnectionError" in result.stderr:
+    pytest.skip("no package index reachable")
+  assert result.returncode == 0, result.stderr[-2000:]
+  installs = [item["metadata"]["name"] for item in json.loads(result.stdout)["install"]]
+  assert installs == ["gvae-jax"], installs

@@ -20,18 +20,21 @@ def test_overrides_are_typed(small):
   config = config_lib.load_config(small, [
       "--config.train.num_steps=12", "--config.train.learning_rate=1e-3",
       "--config.model.interpolation=linear", "--config.train.lambdas=(0.1,0.2,0.3,0.4)",
-      "--config.eval.folder="])
+      "--config.eval.folder=", "--config.model.residual.bias_correction=false"])
   assert config.train.num_steps == 12 and isinstance(config.train.num_steps, int)
   assert config.train.learning_rate == 1e-3
   assert config.model.interpolation == "linear"
   assert config.train.lambdas == (0.1, 0.2, 0.3, 0.4)
   assert config.eval.folder == ""
+  assert config.model.residual.bias_correction is False
 
 
 @pytest.mark.parametrize("override, message", [
     ("--config.train.nope=1", "unknown config key 'train.nope'"),
     ("--config.nope.x=1", "unknown config key 'nope'"),
-    ("--config.train.num_steps=ten", "needs a int"),
+    ("--config.train.num_steps=ten", "num_steps=ten"),
+    ("--config.model.residual.bias_correction=maybe", "bias_correction=maybe"),
+    ("--config.model.residual=1", "unknown config key 'model.residual'"),
     ("config.train.num_steps=1", "bad override"),
 ])
 def test_bad_overrides_are_clear(small, override, message):

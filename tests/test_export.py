@@ -164,22 +164,23 @@ def test_params_of_another_shape_are_refused(config, params, tmp_path):
 def test_export_from_a_training_workdir(config, params, tmp_path):
   import orbax.checkpoint as ocp
   from gvae_jax import config as config_lib
+  from gvae_jax.train import checkpoints
 
   workdir = tmp_path / "workdir"
   with pytest.raises(UserError, match="not found"):
-    export.export_model(workdir, tmp_path / "out")
+    checkpoints.export_workdir(workdir, tmp_path / "out")
   workdir.mkdir()
   with pytest.raises(UserError, match="not a training workdir"):
-    export.export_model(workdir, tmp_path / "out")
+    checkpoints.export_workdir(workdir, tmp_path / "out")
   (workdir / "config.json").write_text(config_lib.to_json(config))
   with pytest.raises(UserError, match="no checkpoints"):
-    export.export_model(workdir, tmp_path / "out")
+    checkpoints.export_workdir(workdir, tmp_path / "out")
   manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
   manager.save(7, args=ocp.args.StandardSave({"params": params, "step": 7}))
   manager.wait_until_finished()
-  model = export.export_model(workdir, tmp_path / "out")
+  model = checkpoints.export_workdir(workdir, tmp_path / "out")
   assert model.manifest["step"] == 7
   assert export.load_model(tmp_path / "out").fingerprint == model.fingerprint
   assert model.fingerprint == export.build_exported_model(config, params).fingerprint
   with pytest.raises(UserError, match="--force"):
-    export.export_model(workdir, tmp_path / "out")
+    checkpoints.export_workdir(workdir, tmp_path / "out")

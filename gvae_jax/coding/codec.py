@@ -8,7 +8,7 @@ rate, and (with a scalable model) near-lossless or lossless.
     data = compress(scalable, pixels, tau=2)     # every value within 2 of the input
     data = compress(scalable, pixels, tau=0)     # lossless
 
-Pipeline (REFERENCE sections 6 and 7). The image is edge-padded to a multiple
+Pipeline (docs/decoding.md sections 1 and 5). The image is edge-padded to a multiple
 of 64 and coded as one batch of 1:
 
   encoder: y', z = analyze(x, s); z_sym = round(z)
@@ -35,7 +35,7 @@ two sections: [z stream, y stream], each in the coder's stream format.
 Near-lossless and lossless (mode RESIDUAL, header tau = the error bound):
 the lossy layer at the header's rate, as above, is the base layer; the
 decoder's uint8 image x_base and the residual prior u come from the same
-jitted synthesis call on both sides (`_synthesize` with with_prior), and
+jitted synthesis call on both sides (`synthesize_image` with with_prior), and
 gvae_jax.coding.residual_codec codes x - x_base within tau. Five sections:
 [z stream, y stream, residual side information, residual streams, check],
 where check is the CRC-32 (u32) of the decoded RGB pixels as the encoder
@@ -48,7 +48,10 @@ wrong image. Needs a
 scalable model (ExportedModel.is_scalable); with one, lossy files use its
 lossy layer and are the same as a lossy-only model's. Without a rate,
 `compress` picks the base rate with `choose_rate` (the smallest estimated
-file: every trained level, then a golden-section refinement).
+file: every trained level, then a golden-section refinement) and codes the
+file with the chosen candidate's lossy layer as it was coded for the search
+(`choose_base` and `encode(base=...)` do the same for callers that time the
+two steps apart).
 
 Flat base (mode FLAT_RESIDUAL, format version 2; a scalable model with a
 flat head, ExportedModel.flat): no lossy layer; x_base = 128 everywhere and
@@ -86,9 +89,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gvae_jax.coding import container, residual_codec
-from gvae_jax.coding.coder import TFC_RANGE_CODER_ID, CodingError, get_coder
+from gvae_jax.coding.coder import CodingError, EntropyCoder, default_coder_id, get_coder
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
+from gvae_jax.coding.settings import RateError, TauError, check_rate, check_tau  # noqa: F401
 from gvae_jax.errors import UserError
 from gvae_jax.models import flat_base
 from gvae_jax.ops import pad_to_multiple
@@ -113,22 +117,16 @@ _CHECK = struct.Struct("<I")
 _SYMBOL_LIMIT = 2**30  # symbols are clamped here before the int32 cast
 
 
-class RateError(UserError):
-  """A rate s outside [0, levels - 1], or not a finite number."""
-
-
 class ModelMismatchError(UserError):
   """The file was made by a different exported model."""
 
 
-class TauError(UserError):
-  """A tau that is not a whole number in [0, 65535], or tau with a lossy-only model."""
-
-
-# --- The jitted network pieces. The model is static (hashable flax Module). ---
+# --- The jitted network stages. The model is static (hashable flax Module). ---
+# Public for benchmarks and tools that time or inspect one stage; compress and
+# decompress are the API for coding.
 
 @functools.partial(jax.jit, static_argnums=0)
-def _analyze(model, params, x_padded, s):
+def analyze(model, params, x_padded, s):
   """uint8 padded image -> (y' float32, z_sym int32)."""
   x = x_padded.astype(jnp.float32) / 255.0
   y, z = model.apply({"params": params}, x, s, method=model.analyze)
@@ -149,7 +147,7 @@ def scale_to_row(scale: jax.Array, bounds: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _hyper(model, params, z_sym, s, y_index_bounds):
+def hyper(model, params, z_sym, s, y_index_bounds):
   """z_sym -> (mean, y table row). The encoder and the decoder both call this."""
   mean, scale = model.apply({"params": params}, z_sym.astype(jnp.float32), s,
                             method=model.hyper_synthesize)
@@ -157,7 +155,7 @@ def _hyper(model, params, z_sym, s, y_index_bounds):
 
 
 @jax.jit
-def _quantize_y(y, mean):
+def quantize_y(y, mean):
   residual = jnp.nan_to_num(y - mean)  # a NaN would otherwise cast to garbage
   return jnp.round(jnp.clip(residual, -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(jnp.int32)
 
@@ -174,12 +172,12 @@ def _synthesize(model, params, y_sym, mean, s, with_prior: bool):
   y_hat = y_sym.astype(jnp.float32) + mean
   x_tilde, u = model.apply({"params": params}, y_hat, s, method=model.synthesize)
   x = jnp.nan_to_num(x_tilde)  # garbage input must still give pixels
-  # The same rounding as evaluate.py's estimate: round(clip(x, 0, 1) * 255).
+  # The same rounding as gvae_jax.eval.estimate: round(clip(x, 0, 1) * 255).
   pixels = jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0).astype(jnp.uint8)
   return pixels, (jnp.nan_to_num(u) if with_prior else None)
 
 
-def _synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: int,
+def synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: int,
                       with_prior: bool = False):
   """(cropped uint8 image [H, W, 3], padded prior u [1, Hp, Wp, C] or None)."""
   padded, u = _synthesize(model.lossy_model, model.lossy_params, jnp.asarray(y_sym), mean, s,
@@ -189,21 +187,7 @@ def _synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: 
 
 # --- Rates and images. ---
 
-def check_rate(rate, levels: int) -> np.float32:
-  """The float32 rate s the codec uses; RateError unless finite and in range."""
-  try:
-    value = float(rate)
-  except (TypeError, ValueError):
-    raise RateError(f"rate must be a number, got {rate!r}") from None
-  top = levels - 1
-  if not math.isfinite(value) or not 0 <= value <= top:
-    raise RateError(f"rate {rate} is out of range: this model codes rates s in [0, {top}] "
-                    f"({levels} trained levels; fractional values interpolate)")
-  s = np.float32(value)
-  return np.float32(min(max(s, np.float32(0)), np.float32(top)))
-
-
-def _as_rgb(pixels) -> tuple[np.ndarray, int]:
+def as_rgb(pixels) -> tuple[np.ndarray, int]:
   """(uint8 [H, W, 3], channels for the header) from RGB or 2-D grayscale input."""
   pixels = np.asarray(pixels)
   if pixels.dtype != np.uint8:
@@ -233,7 +217,7 @@ def _latent_shapes(model, height: int, width: int) -> tuple[tuple, tuple]:
   return (1, hz, wz, int(model.n)), (1, hz * 4, wz * 4, int(model.m))
 
 
-def _z_indexes(shape) -> np.ndarray:
+def z_indexes(shape) -> np.ndarray:
   return np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape)
 
 
@@ -263,65 +247,108 @@ class Decoded:
   base: np.ndarray | None = None
 
 
-def check_tau(tau, model: ExportedModel | None = None) -> int:
-  """The error bound as an int in [0, 65535]; TauError otherwise (or for a lossy-only model)."""
-  if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, (str, int, float, np.integer,
-                                                                np.floating)):
-    raise TauError(f"tau must be a whole number >= 0, got {tau!r}")
-  try:
-    value = float(tau)
-  except ValueError:
-    raise TauError(f"tau must be a whole number >= 0, got {tau!r}") from None
-  if not math.isfinite(value) or value != math.floor(value):
-    raise TauError(f"tau must be a whole number (the largest error per pixel value), got {tau}")
-  if value < 0:
-    raise TauError(f"tau must be >= 0 (0 is lossless), got {tau}")
-  if value > residual_codec.MAX_TAU:
-    raise TauError(f"tau {tau} is too large (at most {residual_codec.MAX_TAU})")
-  if model is not None and not model.is_scalable:
-    raise TauError(f"model {model.name} is lossy-only: near-lossless and lossless coding "
-                   "(tau) need a scalable model (e.g. experiments/configs/small_nearlossless.py)")
-  return int(value)
-
-
-def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32):
+def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
+                  coder: EntropyCoder):
   """(z_sym, y_sym, y_index, mean) of the lossy layer, and the z and y streams."""
   s = jnp.full((1,), s_value, jnp.float32)
   x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.lossy_model.stride))
-  y, z_sym = _analyze(model.lossy_model, model.lossy_params, x_padded, s)
-  mean, y_index = _hyper(model.lossy_model, model.lossy_params, z_sym, s, model.y_index_bounds)
-  y_sym = _quantize_y(y, mean)
+  y, z_sym = analyze(model.lossy_model, model.lossy_params, x_padded, s)
+  mean, y_index = hyper(model.lossy_model, model.lossy_params, z_sym, s, model.y_index_bounds)
+  y_sym = quantize_y(y, mean)
   z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
-  coder = get_coder(TFC_RANGE_CODER_ID)
-  z_bytes = coder.encode(z_np, _z_indexes(z_np.shape), model.z_table)
+  z_bytes = coder.encode(z_np, z_indexes(z_np.shape), model.z_table)
   y_bytes = coder.encode(y_np, index_np, model.y_table)
   return (z_np, y_np, index_np, mean), [z_bytes, y_bytes]
 
 
+@dataclasses.dataclass(frozen=True)
+class _LossyLayer:
+  """The lossy layer coded at one rate; for a residual file also its base image and prior."""
+  s_value: np.float32
+  z_symbols: np.ndarray
+  y_symbols: np.ndarray
+  y_indexes: np.ndarray
+  mean: jax.Array
+  sections: list  # [z stream, y stream]
+  coder_id: int  # the coder that wrote the sections
+  base: np.ndarray | None = None  # uint8 [H, W, 3]
+  u: jax.Array | None = None  # padded prior [1, Hp, Wp, C]
+
+
+def _code_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
+                with_base: bool, coder: EntropyCoder) -> _LossyLayer:
+  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder)
+  base = u = None
+  if with_base:
+    s = jnp.full((1,), s_value, jnp.float32)
+    base, u = synthesize_image(model, y_np, mean, s, rgb.shape[0], rgb.shape[1],
+                               with_prior=True)
+  return _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, coder.coder_id, base, u)
+
+
+def base_layer(model: ExportedModel, pixels, rate) -> tuple[np.ndarray, jax.Array]:
+  """(x_base uint8 [H, W, 3], padded residual prior u) exactly as a residual file codes them."""
+  rgb, _ = _checked_rgb(model, pixels)
+  layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
+                      coder=_backend(None))
+  return layer.base, layer.u
+
+
+def _backend(coder: int | None) -> EntropyCoder:
+  """The entropy coder of id `coder`, by default the installed profile's."""
+  return get_coder(default_coder_id() if coder is None else coder)
+
+
+def _checked_rgb(model: ExportedModel, pixels) -> tuple[np.ndarray, int]:
+  rgb, channels = as_rgb(pixels)
+  _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride))
+  return rgb, channels
+
+
 def encode(model: ExportedModel, pixels, rate, tau=None,
-           profile: residual_codec.Profile | None = None) -> Encoded:
-  """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc."""
+           profile: residual_codec.Profile | None = None, coder: int | None = None,
+           base: "ChosenBase | None" = None) -> Encoded:
+  """Compresses pixels at rate s; with tau, near-lossless (lossless at 0). Module doc.
+
+  coder: the entropy coder id (gvae_jax.coding.coder); by default the
+  installed profile's (coder.default_coder_id).
+  base: choose_base's result for these pixels and tau (its rate is used and
+  its coded lossy layer reused); rate is then ignored and may be None.
+  """
+  backend = _backend(coder)
   if tau is not None:
     tau = check_tau(tau, model)
-  s_value = check_rate(rate, model.levels)
-  rgb, channels = _as_rgb(pixels)
+  if base is not None:
+    if tau is None:
+      raise TauError("a chosen base layer is for a residual file: give tau")
+    s_value, lossy = base.layer.s_value, base.layer
+  else:
+    s_value, lossy = check_rate(rate, model.levels), None
+  rgb, channels = _checked_rgb(model, pixels)
+  return _encode(model, rgb, channels, s_value, tau, backend, profile, lossy)
+
+
+def _encode(model: ExportedModel, rgb: np.ndarray, channels: int, s_value: np.float32,
+            tau: int | None, coder: EntropyCoder,
+            profile: residual_codec.Profile | None = None,
+            lossy: _LossyLayer | None = None) -> Encoded:
+  """encode() on checked arguments; `lossy`: the layer already coded at s_value."""
+  if lossy is None or lossy.coder_id != coder.coder_id:
+    lossy = _code_lossy(model, rgb, s_value, with_base=tau is not None, coder=coder)
   height, width = rgb.shape[:2]
-  _check_size(height, width, int(model.lossy_model.stride))
-  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value)
-  coder = get_coder(TFC_RANGE_CODER_ID)
-  mode, layer, base = Mode.LOSSY, None, None
+  sections = list(lossy.sections)
+  mode, layer = Mode.LOSSY, None
   if tau is not None:
-    s = jnp.full((1,), s_value, jnp.float32)
-    base, u = _synthesize_image(model, y_np, mean, s, height, width, with_prior=True)
-    layer = residual_codec.encode(model, coder, rgb, base, u, tau, profile)
+    layer = residual_codec.encode(model, coder, rgb, lossy.base, lossy.u, tau, profile)
     sections += [layer.side_info, layer.streams,
-                 _pixel_check(_residual_pixels(base, layer.r_hat))]
+                 _pixel_check(_residual_pixels(lossy.base, layer.r_hat))]
     mode = Mode.RESIDUAL
   header = Header(fingerprint=model.fingerprint, mode=mode, rate=float(s_value),
                   tau=0 if tau is None else tau, height=height, width=width, channels=channels,
                   coder_id=coder.coder_id)
   data = container.pack(header, sections)
-  return Encoded(data, header, z_np, y_np, index_np, mean, layer, base)
+  return Encoded(data, header, lossy.z_symbols, lossy.y_symbols, lossy.y_indexes, lossy.mean,
+                 layer, lossy.base)
 
 
 def _residual_pixels(base: np.ndarray, r_hat: np.ndarray) -> np.ndarray:
@@ -342,7 +369,7 @@ def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
   if encoded.residual is not None:
     return _residual_pixels(encoded.base, encoded.residual.r_hat)
   s = jnp.full((1,), np.float32(encoded.header.rate), jnp.float32)
-  return _synthesize_image(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
+  return synthesize_image(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
                            encoded.header.width)[0]
 
 
@@ -393,14 +420,15 @@ def _require_flat(model: ExportedModel) -> None:
 
 
 def encode_flat(model: ExportedModel, pixels, tau,
-                profile: residual_codec.Profile | None = None) -> Encoded:
+                profile: residual_codec.Profile | None = None,
+                coder: int | None = None) -> Encoded:
   """A residual file on the flat base (mode FLAT_RESIDUAL): every value within tau."""
   tau = check_tau(tau, model)
   _require_flat(model)
-  rgb, channels = _as_rgb(pixels)
+  rgb, channels = as_rgb(pixels)
   height, width = rgb.shape[:2]
   _check_size(height, width, int(model.lossy_model.stride))
-  coder = get_coder(TFC_RANGE_CODER_ID)
+  coder = _backend(coder)
   base, u = _flat_base(model, height, width)
   layer = residual_codec.encode(_flat_view(model), coder, rgb, base, u, tau, profile)
   sections = [layer.side_info, layer.streams, _pixel_check(_residual_pixels(base, layer.r_hat))]
@@ -421,14 +449,15 @@ def estimate_flat_size(model, pixels, tau) -> float:
     _require_flat(model)
   else:
     tau = check_tau(tau)
-  rgb, _ = _as_rgb(pixels)
+  rgb, _ = as_rgb(pixels)
   base, u = _flat_base(model, *rgb.shape[:2])
   bits = residual_codec.estimate_bits(_flat_view(model), rgb, base, u, tau)
   return float(np.sum(bits)) / 8.0
 
 
 def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "auto",
-                    profile: residual_codec.Profile | None = None) -> Encoded:
+                    profile: residual_codec.Profile | None = None,
+                    coder: int | None = None) -> Encoded:
   """A near-lossless / lossless file on the base `base` ("auto": the smaller, module doc).
 
   rate: the lossy base's rate (None: choose_rate's); refused with base="flat".
@@ -439,25 +468,30 @@ def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "a
   if base == "flat":
     if rate is not None:
       raise UserError("a flat base has no rate; --rate sets the lossy base layer")
-    return encode_flat(model, pixels, tau, profile)
+    return encode_flat(model, pixels, tau, profile, coder)
+  backend = _backend(coder)
+  rgb, channels = _checked_rgb(model, pixels)
   if base == "lossy" or model.flat is None:
-    rate = choose_rate(model, pixels, tau) if rate is None else rate
-    return encode(model, pixels, rate, tau, profile)
+    if rate is None:
+      _, lossy, _ = _choose_rate(model, rgb, tau, 4, backend)
+      return _encode(model, rgb, channels, lossy.s_value, tau, backend, profile, lossy)
+    return _encode(model, rgb, channels, check_rate(rate, model.levels), tau, backend, profile)
   flat_size = estimate_flat_size(model, pixels, tau)
   if rate is None:
-    rate, lossy_size = _choose_rate_and_size(model, pixels, tau)
+    _, lossy, lossy_size = _choose_rate(model, rgb, tau, 4, backend)
   else:
-    rgb, _ = _as_rgb(pixels)
-    lossy_size = _estimated_size(model, rgb, rate, tau)
-  rgb, _ = _as_rgb(pixels)
+    lossy = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
+                        coder=backend)
+    bits = residual_codec.estimate_bits(model, rgb, lossy.base, lossy.u, tau)
+    lossy_size = sum(len(x) for x in lossy.sections) + float(np.sum(bits)) / 8.0
   small = rgb.shape[0] * rgb.shape[1] <= BOTH_PIXELS
   if small or abs(flat_size - lossy_size) <= BOTH_MARGIN * min(flat_size, lossy_size):
-    flat = encode_flat(model, pixels, tau, profile)
-    lossy = encode(model, pixels, rate, tau, profile)
-    return flat if len(flat.data) <= len(lossy.data) else lossy
+    flat = encode_flat(model, pixels, tau, profile, coder)
+    lossy_file = _encode(model, rgb, channels, lossy.s_value, tau, backend, profile, lossy)
+    return flat if len(flat.data) <= len(lossy_file.data) else lossy_file
   if flat_size < lossy_size:
-    return encode_flat(model, pixels, tau, profile)
-  return encode(model, pixels, rate, tau, profile)
+    return encode_flat(model, pixels, tau, profile, coder)
+  return _encode(model, rgb, channels, lossy.s_value, tau, backend, profile, lossy)
 
 
 def read_header(data: bytes) -> Header:
@@ -515,13 +549,13 @@ def decode(model: ExportedModel, data: bytes,
   s = jnp.full((1,), s_value, jnp.float32)
   z_shape, y_shape = _latent_shapes(model.lossy_model, header.height, header.width)
 
-  z_np = coder.decode(sections[Z_SECTION], _z_indexes(z_shape), model.z_table)
-  mean, y_index = _hyper(model.lossy_model, model.lossy_params, jnp.asarray(z_np), s,
+  z_np = coder.decode(sections[Z_SECTION], z_indexes(z_shape), model.z_table)
+  mean, y_index = hyper(model.lossy_model, model.lossy_params, jnp.asarray(z_np), s,
                          model.y_index_bounds)
   index_np = np.asarray(y_index)
   y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
   residual = header.mode == Mode.RESIDUAL
-  pixels, u = _synthesize_image(model, y_np, mean, s, header.height, header.width,
+  pixels, u = synthesize_image(model, y_np, mean, s, header.height, header.width,
                                 with_prior=residual)
   layer, base = None, None
   if residual:
@@ -564,25 +598,8 @@ def _decode_flat(model: ExportedModel, header: Header, sections: list[bytes], co
 
 # --- Choosing the base rate of a residual file. ---
 
-def _estimated_size(model: ExportedModel, rgb: np.ndarray, rate: float, tau: int) -> float:
-  """Bytes of a residual file at `rate`: the real lossy layer plus the estimated residual."""
-  s_value = check_rate(rate, model.levels)
-  height, width = rgb.shape[:2]
-  (_, y_np, _, mean), sections = _encode_lossy(model, rgb, s_value)
-  s = jnp.full((1,), s_value, jnp.float32)
-  base, u = _synthesize_image(model, y_np, mean, s, height, width, with_prior=True)
-  bits = residual_codec.estimate_bits(model, rgb, base, u, tau)
-  return sum(len(x) for x in sections) + float(np.sum(bits)) / 8.0
-
-
-def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4) -> float:
-  """The base rate s that minimises the estimated size of the residual file for tau
-  (`_choose_rate_and_size`)."""
-  return _choose_rate_and_size(model, pixels, tau, refinements)[0]
-
-
-def _choose_rate_and_size(model: ExportedModel, pixels, tau, refinements: int = 4
-                          ) -> tuple[float, float]:
+def choose_rate(model: ExportedModel, pixels, tau, refinements: int = 4,
+                coder: int | None = None) -> float:
   """The base rate s that minimises the size of the residual file for tau.
 
   The size at a rate is the real lossy layer's bytes plus the model's
@@ -594,19 +611,47 @@ def _choose_rate_and_size(model: ExportedModel, pixels, tau, refinements: int = 
   Returns a float32-exact rate.
   """
   tau = check_tau(tau, model)
-  rgb, _ = _as_rgb(pixels)
-  _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride))
+  rgb, _ = _checked_rgb(model, pixels)
+  return _choose_rate(model, rgb, tau, refinements, _backend(coder))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChosenBase:
+  """choose_base's result: the base rate and its coded lossy layer, for encode(base=...)."""
+  rate: float
+  layer: _LossyLayer
+
+
+def choose_base(model: ExportedModel, pixels, tau, refinements: int = 4,
+                coder: int | None = None) -> ChosenBase:
+  """choose_rate, keeping the chosen candidate's coded lossy layer for `encode`."""
+  tau = check_tau(tau, model)
+  rgb, _ = _checked_rgb(model, pixels)
+  return ChosenBase(*_choose_rate(model, rgb, tau, refinements, _backend(coder))[:2])
+
+
+def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int, refinements: int,
+                 coder: EntropyCoder) -> tuple[float, _LossyLayer, float]:
+  """choose_rate on checked arguments: the rate, its coded lossy layer (reused by
+  compress) and its estimated file size."""
   sizes = {}
+  best = None  # (size, rate, lossy layer): the smallest size, then the lowest rate
 
   def size(rate):
+    nonlocal best
     rate = float(np.float32(rate))
     if rate not in sizes:
-      sizes[rate] = _estimated_size(model, rgb, rate, tau)
+      layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
+                          coder=coder)
+      bits = residual_codec.estimate_bits(model, rgb, layer.base, layer.u, tau)
+      sizes[rate] = sum(len(x) for x in layer.sections) + float(np.sum(bits)) / 8.0
+      if best is None or (sizes[rate], rate) < best[:2]:
+        best = (sizes[rate], rate, layer)
     return sizes[rate]
 
   top = model.levels - 1
-  best = min(range(model.levels), key=lambda level: (size(level), level))
-  lo, hi = float(max(best - 1, 0)), float(min(best + 1, top))
+  best_level = min(range(model.levels), key=lambda level: (size(level), level))
+  lo, hi = float(max(best_level - 1, 0)), float(min(best_level + 1, top))
   ratio = (math.sqrt(5) - 1) / 2
   a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
   for _ in range(refinements):
@@ -618,28 +663,30 @@ def _choose_rate_and_size(model: ExportedModel, pixels, tau, refinements: int = 
     else:
       lo, a = a, b
       b = lo + ratio * (hi - lo)
-  rate = min(sizes, key=lambda rate: (sizes[rate], rate))
-  return rate, sizes[rate]
+  return best[1], best[2], best[0]
 
 
 # --- The public API. ---
 
 def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
-             base: str = "auto") -> bytes:
+             coder: int | None = None, base: str = "auto") -> bytes:
   """uint8 [H, W, 3] (or [H, W] grayscale) -> .gvae bytes.
 
   Lossy at rate s in [0, levels-1]; with tau (an int >= 0; 0 is lossless) a
   residual file whose every decoded value is within tau of the input, with
-  the base layer at `rate`, or, if rate is None, at choose_rate's rate; a
-  model with a flat head may use a flat base instead (`encode_residual`).
+  the base layer at `rate`, or, if rate is None, at choose_rate's rate (whose
+  coded lossy layer is reused, not coded again).
+  coder: entropy coder id, None for the default (`encode`).
+  base: "auto", "flat" or "lossy": the base of a residual file (`encode_residual`;
+  a model with a flat head may use a flat base).
   """
   if tau is None:
     if rate is None:
       raise RateError("a lossy file needs a rate")
     if base == "flat":
       raise UserError("a flat base is for near-lossless and lossless files (give tau)")
-    return encode(model, pixels, rate).data
-  return encode_residual(model, pixels, tau, rate, base).data
+    return encode(model, pixels, rate, coder=coder).data
+  return encode_residual(model, pixels, tau, rate, base, coder=coder).data
 
 
 def decompress(model: ExportedModel, data: bytes) -> np.ndarray:
@@ -652,7 +699,7 @@ def bits_per_pixel(data: bytes, header: Header) -> float:
 
 
 def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
-                    tolerance: float = 1e-3) -> tuple[bytes, float]:
+                    tolerance: float = 1e-3, coder: int | None = None) -> tuple[bytes, float]:
   """The file of the largest rate s whose real size is <= target_bpp, and s.
 
   Bisection on s (file size grows with s; where it does not quite, the
@@ -665,12 +712,12 @@ def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
     raise UserError(f"target bpp must be a number, got {target_bpp!r}") from None
   if not math.isfinite(target) or target <= 0:
     raise UserError(f"target bpp must be a positive number, got {target_bpp}")
-  rgb, channels = _as_rgb(pixels)
-  gray_or_rgb = rgb[:, :, 0] if channels == 1 else rgb
+  rgb, channels = _checked_rgb(model, pixels)
+  backend = _backend(coder)
   budget = target * rgb.shape[0] * rgb.shape[1] / 8.0  # bytes
 
   def attempt(s):
-    return compress(model, gray_or_rgb, s)
+    return _encode(model, rgb, channels, check_rate(s, model.levels), None, backend).data
 
   top = float(model.levels - 1)
   best = attempt(0.0)

@@ -25,24 +25,84 @@ to the caller, who stores them (e.g. all streams' escapes in one place, so a
 stream carries no escape header) and hands them back to the decoder, which
 asks for them as it meets escapes. A backend may leave these unimplemented
 (NotImplementedError).
+
+Sessions (`cdf_encoder` / `cdf_decoder`): a caller that codes many such calls
+in a fixed order (the residual layer: a few per decoding step) opens one
+session and makes its calls through it; `finish` returns the session's
+streams. Backends whose streams carry a fixed cost each (TFC flushes its
+state per stream) may keep one stream per call (`ONE_STREAM = False`); a
+queue coder such as constriction's puts every call into a single stream
+(`ONE_STREAM = True`), so the caller stores one length instead of thousands.
+
+Escape section (the layout both backends use for indexed streams, so an
+escape costs the same whoever codes it):
+
+  varint E        byte length of the escape section (gvae_jax.coding.varint)
+  E bytes         one varint per escaped symbol, in coding order:
+                    value < 0        -> 2 * (-value - 1) + 1
+                    value >= length  -> 2 * (value - length)
+  rest            the backend's range-coded bytes, escapes coded as the
+                  row's escape index `length`
 """
 from __future__ import annotations
 
 import abc
 import importlib
+import importlib.util
 import threading
 from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 
+from gvae_jax.coding import varint
 from gvae_jax.entropy.cdf_tables import MAX_PRECISION, CdfTable
 from gvae_jax.errors import UserError
 
 TFC_RANGE_CODER_ID = 1
+CONSTRICTION_RANGE_CODER_ID = 2
 
 
 class CodingError(UserError):
   """The bytes are not a valid stream for these indexes and table."""
+
+
+class CdfEncoder:
+  """A session of `encode_with_cdfs` calls (module doc); one stream per call."""
+
+  def __init__(self, coder: "EntropyCoder"):
+    self.coder = coder
+    self.streams: list[bytes] = []
+
+  def encode(self, symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
+             precision: int) -> np.ndarray:
+    """Codes the call's symbols (rows valid by construction); returns its escaped symbols."""
+    stream, escaped = self.coder.encode_with_cdfs(symbols, cdf, offsets, precision,
+                                                  validate=False)
+    self.streams.append(stream)
+    return escaped
+
+  def finish(self) -> list[bytes]:
+    return self.streams
+
+
+class CdfDecoder:
+  """The decoding side of `CdfEncoder`: the calls in the same order, same rows."""
+
+  def __init__(self, coder: "EntropyCoder", streams: Sequence[bytes]):
+    self.coder, self.streams, self.next = coder, list(streams), 0
+
+  def decode(self, cdf: np.ndarray, offsets: np.ndarray, precision: int,
+             escapes: Callable[[int], np.ndarray]) -> np.ndarray:
+    if self.next >= len(self.streams):
+      raise CodingError("the file holds fewer streams than its decoding needs; file is corrupt")
+    self.next += 1
+    return self.coder.decode_with_cdfs(self.streams[self.next - 1], cdf, offsets, precision,
+                                       escapes, validate=False)
+
+  def finish(self) -> None:
+    """CodingError unless every stream was used."""
+    if self.next != len(self.streams):
+      raise CodingError(f"{len(self.streams) - self.next} streams left over; file is corrupt")
 
 
 class EntropyCoder(abc.ABC):
@@ -50,6 +110,14 @@ class EntropyCoder(abc.ABC):
 
   coder_id: ClassVar[int]
   name: ClassVar[str]
+  ONE_STREAM: ClassVar[bool] = False  # sessions: one stream in all, or one per call
+
+  def cdf_encoder(self) -> CdfEncoder:
+    return CdfEncoder(self)
+
+  def cdf_decoder(self, streams: Sequence[bytes]) -> CdfDecoder:
+    """A session over the streams of a `cdf_encoder` session (one if ONE_STREAM)."""
+    return CdfDecoder(self, streams)
 
   @abc.abstractmethod
   def encode(self, symbols: np.ndarray, indexes: np.ndarray, table: CdfTable) -> bytes:
@@ -141,9 +209,97 @@ def check_cdf_rows(cdf: np.ndarray, offsets: np.ndarray, precision: int,
   return cdf.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False)
 
 
+def window_values(symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray, precision: int,
+                  validate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """An explicit-CDF call's (checked cdf rows, values to code int32 [n] with the
+  escape index W for values outside the window, escaped symbols int64)."""
+  cdf, offsets = check_cdf_rows(cdf, offsets, precision, validate)
+  symbols = np.asarray(symbols)
+  if symbols.shape != offsets.shape or not np.issubdtype(symbols.dtype, np.integer):
+    raise ValueError(f"symbols must be integers of shape {offsets.shape}, got "
+                     f"{symbols.dtype} {symbols.shape}")
+  window = cdf.shape[1] - 2
+  values = symbols.astype(np.int64) - offsets
+  escaped = (values < 0) | (values >= window)
+  coded = np.where(escaped, window, values).astype(np.int32)
+  return cdf, coded, symbols[escaped].astype(np.int64)
+
+
+def window_symbols(values: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
+                   escapes: Callable[[int], np.ndarray]) -> np.ndarray:
+  """Inverse of `window_values`: int32 symbols of decoded values, the escaped
+  ones taken from `escapes` (CodingError for values a valid stream cannot give)."""
+  window = cdf.shape[1] - 2
+  if values.size and (values.min() < 0 or values.max() > window):
+    raise CodingError("range decoder produced out-of-range values")
+  symbols = values.astype(np.int64) + offsets
+  escaped = values == window
+  count = int(np.count_nonzero(escaped))
+  if count:
+    symbols[escaped] = np.asarray(escapes(count), np.int64)
+  info = np.iinfo(np.int32)
+  if symbols.size and (symbols.min() < info.min or symbols.max() > info.max):
+    raise CodingError("escaped value out of int32 range")
+  return symbols.astype(np.int32)
+
+
+def escape_codes(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """Varint codes of values outside [0, lengths) (escape section, module doc)."""
+  values, lengths = np.asarray(values, np.int64), np.asarray(lengths, np.int64)
+  return np.where(values < 0, 2 * (-values - 1) + 1, 2 * (values - lengths))
+
+
+def escaped_values(codes: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """Inverse of `escape_codes`."""
+  codes, lengths = np.asarray(codes, np.int64), np.asarray(lengths, np.int64)
+  magnitude = codes >> 1
+  return np.where(codes & 1, -magnitude - 1, lengths + magnitude)
+
+
+def join_stream(codes: np.ndarray, coded: bytes) -> bytes:
+  """One indexed stream: the escape section of `codes`, then the coded bytes."""
+  escapes = varint.encode(codes)
+  return varint.encode([len(escapes)]) + escapes + coded
+
+
+def split_stream(data: bytes) -> tuple[bytes, bytes]:
+  """(escape section, coded bytes) of a `join_stream` stream (CodingError)."""
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f"stream must be bytes, got {type(data).__name__}")
+  data = bytes(data)
+  try:
+    length, pos = varint.read_one(data)
+  except varint.VarintError:
+    raise CodingError("truncated or malformed stream header") from None
+  if pos + length > len(data):
+    raise CodingError(f"truncated stream: escape section needs {length} bytes, "
+                      f"{len(data) - pos} left")
+  return data[pos:pos + length], data[pos + length:]
+
+
+def read_escapes(section: bytes, lengths: np.ndarray) -> np.ndarray:
+  """The escaped symbols (int64) of an escape section, one per entry of the
+  escaped symbols' row lengths (CodingError if the section does not hold them)."""
+  try:
+    codes = varint.decode(section, len(lengths))
+  except varint.VarintError:
+    raise CodingError(f"escape section does not hold the {len(lengths)} escaped values the "
+                      "stream needs") from None
+  return escaped_values(codes, lengths)
+
+
 # Registry: id -> factory, or "module:Class" for backends loaded on first use.
 _FACTORIES: dict[int, Callable[[], EntropyCoder] | str] = {
     TFC_RANGE_CODER_ID: "gvae_jax.coding.tfc_backend:TfcRangeCoder",
+    CONSTRICTION_RANGE_CODER_ID: "gvae_jax.coding.constriction_backend:ConstrictionRangeCoder",
+}
+# What to install for a backend whose library is missing (the README's profiles).
+_INSTALL_HINTS = {
+    TFC_RANGE_CODER_ID: "; coder 1 (TFC) files are written and read by the tfc profile: "
+                        "install it with "
+                        "pip install -c requirements/constraints-tfc.txt -e '.[tfc]' (Python 3.11)",
+    CONSTRICTION_RANGE_CODER_ID: "; install constriction (pip install constriction), which "
+                                 "both profiles include",
 }
 _INSTANCES: dict[int, EntropyCoder] = {}
 _LOCK = threading.Lock()
@@ -172,9 +328,25 @@ def get_coder(coder_id: int) -> EntropyCoder:
     if factory is None:
       known = ", ".join(map(str, sorted(_FACTORIES)))
       raise CodingError(f"unknown entropy coder id {coder_id} (this build has: {known})")
-    if isinstance(factory, str):
-      module_name, _, attr = factory.partition(":")
-      factory = getattr(importlib.import_module(module_name), attr)
-    coder = factory()
+    try:
+      if isinstance(factory, str):
+        module_name, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module_name), attr)
+      coder = factory()
+    except ImportError as e:  # the backend's library is not in this environment
+      raise CodingError(f"entropy coder {coder_id} is not installed here "
+                        f"({e.name or e} is missing){_INSTALL_HINTS.get(coder_id, '')}") from None
     _INSTANCES[coder_id] = coder
     return coder
+
+
+# The names users give on the command line (`--coder`).
+CODER_NAMES = {"tfc": TFC_RANGE_CODER_ID, "constriction": CONSTRICTION_RANGE_CODER_ID}
+
+
+def default_coder_id() -> int:
+  """The writer's coder: TFC where its ops are installed (the `tfc` profile),
+  constriction otherwise (the default profile)."""
+  if importlib.util.find_spec("tensorflow_compression_ops") is not None:
+    return TFC_RANGE_CODER_ID
+  return CONSTRICTION_RANGE_CODER_ID

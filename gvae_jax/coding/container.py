@@ -9,7 +9,7 @@ without mode 2):
   5         1     u8      mode: 0 lossy, 1 residual on the lossy layer
                           (near-lossless / lossless), 2 residual on a flat
                           base x_base = 128 (no lossy layer; version 2 only)
-  6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC range coder)
+  6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
   24        8     f64     rate s (finite, >= 0; 0 in mode 2)

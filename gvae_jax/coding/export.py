@@ -57,7 +57,6 @@ import functools
 import hashlib
 import io
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -279,8 +278,12 @@ def compute_fingerprint(params_bytes: bytes, table_arrays: Mapping[str, np.ndarr
   return container.model_fingerprint(digest.digest())
 
 
-def _check_params(model, params) -> None:
-  """Parameter tree and shapes must match what `model` builds (ExportError)."""
+def check_params(model, params) -> None:
+  """Parameter tree and shapes must match what `model` builds (ExportError).
+
+  Also used on the parameters of a training checkpoint before they are used
+  with a config (gvae_jax.train.checkpoints).
+  """
   stride = int(lossy_module(model).stride)
   # A tau makes a scalable model create its bias-correction head too (as training does).
   kwargs = {"tau": jnp.ones((1,), jnp.int32)} if is_scalable(model) else {}
@@ -309,7 +312,7 @@ def build_exported_model(config: ml_collections.ConfigDict, params, step: int | 
   stores, so an in-memory model and its loaded copy are identical.
   """
   model = build_model(config)
-  _check_params(model, params)
+  check_params(model, params)
   params_bytes = params_to_bytes(params)
   params = jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(params_bytes))
   y_scales = gaussian.scale_table()
@@ -397,43 +400,10 @@ def write_model_dir(exported: ExportedModel, out_dir: str | os.PathLike,
 def export_params(config: ml_collections.ConfigDict, params, out_dir: str | os.PathLike,
                   step: int | None = None, force: bool = False,
                   tail_mass: float = DEFAULT_TAIL_MASS) -> ExportedModel:
-  """Exports in-memory (config, params); what `export_model` does after restoring."""
+  """Exports in-memory (config, params); what `gvae export` does after restoring a checkpoint."""
   exported = build_exported_model(config, params, step, tail_mass)
   write_model_dir(exported, out_dir, force)
   return exported
-
-
-def export_model(workdir: str | os.PathLike, out_dir: str | os.PathLike,
-                 step: int | None = None, force: bool = False) -> ExportedModel:
-  """Exports a training workdir's newest (or given) checkpoint to out_dir."""
-  from gvae_jax.train import checkpoints  # Orbax: only needed here
-
-  workdir = Path(workdir)
-  if not workdir.is_dir():
-    raise ExportError(f"training workdir not found: {workdir}")
-  config_path = workdir / checkpoints.CONFIG_FILE
-  if not config_path.is_file():
-    raise ExportError(f"{workdir} is not a training workdir (no {checkpoints.CONFIG_FILE})")
-  if not (workdir / "checkpoints").is_dir():  # Orbax would create it and find nothing
-    raise ExportError(f"no checkpoints in {workdir} (no checkpoints/ directory)")
-  if Path(out_dir).exists() and not force:  # fail before the slow restore
-    raise ExportError(f"{out_dir} already exists; pass --force to replace it")
-  config = _read_config(config_path)
-  # Orbax warns that restoring without a target tree is unsafe across device
-  # topologies; we only read the arrays, so keep the user's terminal clean.
-  absl_logger = logging.getLogger("absl")
-  previous_level = absl_logger.level
-  absl_logger.setLevel(logging.ERROR)
-  try:
-    params, step = checkpoints.restore_params(workdir, step)
-  except UserError:
-    raise
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    raise ExportError(f"cannot restore checkpoint {step if step is not None else '(newest)'} "
-                      f"from {workdir}: {type(e).__name__}: {str(e)[:300]}") from e
-  finally:
-    absl_logger.setLevel(previous_level)
-  return export_params(config, params, out_dir, step, force)
 
 
 def _read_config(path: Path) -> ml_collections.ConfigDict:
@@ -489,7 +459,7 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
   except Exception as e:  # any damage to the files: one clear message
     raise ExportError(f"{model_dir} is not a valid exported model: {type(e).__name__}: "
                       f"{str(e)[:300]}") from e
-  _check_params(model, params)
+  check_params(model, params)
   fingerprint = compute_fingerprint(
       params_bytes, _table_arrays(z_table, y_table, y_scales, y_index_bounds), config)
   if fingerprint.hex() != manifest.get("fingerprint"):

@@ -1,13 +1,7 @@
 """Entropy coder backed by the TensorFlow Compression range coder ops (id 1).
 
-Stream layout (one per `encode`, one per slice of `encode_streams`):
-
-  varint E        byte length of the escape section (LEB128, <= 5 bytes)
-  E bytes         one LEB128 varint per escaped symbol, in C order:
-                    value < 0        -> 2 * (-value - 1) + 1
-                    value >= length  -> 2 * (value - length)
-  rest            TFC range coder bytes: every symbol, escapes as the
-                  row's escape index `length`
+Stream layout (one per `encode`, one per slice of `encode_streams`): the
+escape section of gvae_jax.coding.coder, then TFC range coder bytes.
 
 Why escapes live outside the range coder: TFC's own overflow mode (negative
 precision) decodes Elias-gamma prefixes with an unbounded loop, and a crafted
@@ -32,6 +26,7 @@ ops, so garbage bytes decode to in-range garbage and never hang.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import weakref
 from typing import Callable, Sequence
@@ -39,11 +34,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from gvae_jax.coding.coder import (TFC_RANGE_CODER_ID, CodingError, EntropyCoder,
-                                   check_cdf_rows, check_indexes, check_symbols)
+                                   check_cdf_rows, check_indexes, check_symbols, escape_codes,
+                                   join_stream, read_escapes, split_stream, window_symbols,
+                                   window_values)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
 _INT32 = np.iinfo(np.int32)
-_MAX_VARINT_BYTES = 5  # escape codes are < 2**33 (int32 symbol minus int32 offset)
 
 
 @functools.cache
@@ -72,70 +68,16 @@ def _lookup(table: CdfTable) -> np.ndarray:
   return lookup
 
 
-def _varint_bytes(codes: np.ndarray) -> bytes:
-  """LEB128 of non-negative integers, vectorized."""
-  codes = np.asarray(codes, np.uint64).ravel()
-  if codes.size == 0:
-    return b""
-  nbytes = np.ones(codes.size, np.int64)
-  for k in range(1, _MAX_VARINT_BYTES):
-    nbytes += codes >= np.uint64(1 << (7 * k))
-  starts = np.cumsum(nbytes) - nbytes
-  owner = np.repeat(np.arange(codes.size), nbytes)
-  position = np.arange(int(nbytes.sum())) - starts[owner]
-  groups = (codes[owner] >> (7 * position).astype(np.uint64)) & np.uint64(0x7F)
-  more = (position < nbytes[owner] - 1).astype(np.uint64) << np.uint64(7)
-  return (groups | more).astype(np.uint8).tobytes()
-
-
-def _parse_varints(data: bytes, count: int) -> np.ndarray:
-  """Exactly `count` minimal LEB128 varints filling `data` (uint64)."""
-  raw = np.frombuffer(data, np.uint8)
-  ends = np.flatnonzero(raw < 0x80)
-  if len(ends) != count or (ends[-1] + 1 if count else 0) != raw.size:
-    raise CodingError(f"escape section does not hold the {count} escaped values the stream needs")
-  if count == 0:
-    return np.zeros(0, np.uint64)
-  starts = np.concatenate([[0], ends[:-1] + 1])
-  nbytes = ends - starts + 1
-  if nbytes.max() > _MAX_VARINT_BYTES or np.any((raw[ends] == 0) & (nbytes > 1)):
-    raise CodingError("malformed escape value")
-  owner = np.repeat(np.arange(count), nbytes)
-  position = np.arange(raw.size) - starts[owner]
-  groups = (raw & 0x7F).astype(np.uint64) << (7 * position).astype(np.uint64)
-  return np.add.reduceat(groups, starts)
-
-
-def _split_stream(data: bytes) -> tuple[bytes, bytes]:
-  """(escape section, range-coded bytes) of one stream."""
-  if not isinstance(data, (bytes, bytearray, memoryview)):
-    raise TypeError(f"stream must be bytes, got {type(data).__name__}")
-  data = bytes(data)
-  length, shift, pos = 0, 0, 0
-  while True:
-    if pos >= len(data) or pos >= _MAX_VARINT_BYTES:
-      raise CodingError("truncated or malformed stream header")
-    byte = data[pos]
-    length |= (byte & 0x7F) << shift
-    shift += 7
-    pos += 1
-    if byte < 0x80:
-      break
-  if pos + length > len(data):
-    raise CodingError(f"truncated stream: escape section needs {length} bytes, "
-                      f"{len(data) - pos} left")
-  return data[pos:pos + length], data[pos + length:]
-
-
-def _escape_codes(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-  return np.where(values < 0, 2 * (-values - 1) + 1, 2 * (values - lengths)).astype(np.uint64)
-
-
 class TfcRangeCoder(EntropyCoder):
   """TFC range coder; see the module doc for the stream layout."""
 
   coder_id = TFC_RANGE_CODER_ID
   name = "tfc-range"
+
+  def __init__(self):
+    # Fail at lookup, not mid-file, where the ops are missing (TF itself loads on first use).
+    if importlib.util.find_spec("tensorflow_compression_ops") is None:
+      raise ImportError("tensorflow-compression-ops", name="tensorflow_compression_ops")
 
   def encode(self, symbols: np.ndarray, indexes: np.ndarray, table: CdfTable) -> bytes:
     symbols, indexes = check_symbols(symbols, indexes, table)
@@ -147,23 +89,15 @@ class TfcRangeCoder(EntropyCoder):
 
   def encode_with_cdfs(self, symbols: np.ndarray, cdf: np.ndarray, offsets: np.ndarray,
                        precision: int, validate: bool = True) -> tuple[bytes, np.ndarray]:
-    cdf, offsets = check_cdf_rows(cdf, offsets, precision, validate)
-    symbols = np.asarray(symbols)
-    if symbols.shape != offsets.shape or not np.issubdtype(symbols.dtype, np.integer):
-      raise ValueError(f"symbols must be integers of shape {offsets.shape}, got "
-                       f"{symbols.dtype} {symbols.shape}")
-    if symbols.size == 0:
-      return b"", np.zeros(0, np.int64)
-    window = cdf.shape[1] - 2
-    values = symbols.astype(np.int64) - offsets
-    escaped = (values < 0) | (values >= window)
-    coded = np.where(escaped, window, values).astype(np.int16)
+    cdf, coded, escaped = window_values(symbols, cdf, offsets, precision, validate)
+    if coded.size == 0:
+      return b"", escaped
     tf, ops = _tf()
     # debug_level=0: the rows were checked above (or are valid by construction).
     # Tensors, not numpy arrays: the op's fast path takes only tensors.
-    ranged = ops.range_encode(tf.constant(coded), tf.constant(cdf), precision=precision,
-                              debug_level=0)
-    return bytes(ranged.numpy()), symbols[escaped].astype(np.int64)
+    ranged = ops.range_encode(tf.constant(coded.astype(np.int16)), tf.constant(cdf),
+                              precision=precision, debug_level=0)
+    return bytes(ranged.numpy()), escaped
 
   def decode_with_cdfs(self, data: bytes, cdf: np.ndarray, offsets: np.ndarray,
                        precision: int, escapes: Callable[[int], np.ndarray],
@@ -182,18 +116,7 @@ class TfcRangeCoder(EntropyCoder):
                                  tf.constant(cdf), precision=precision, debug_level=0)
     except tf.errors.OpError as e:
       raise CodingError(f"range decoder rejected the stream: {e.message}") from e
-    values = decoded.numpy()
-    window = cdf.shape[1] - 2
-    if values.min() < 0 or values.max() > window:  # cannot happen for valid rows
-      raise CodingError("range decoder produced out-of-range values")
-    symbols = values.astype(np.int64) + offsets
-    escaped = values == window
-    count = int(np.count_nonzero(escaped))
-    if count:
-      symbols[escaped] = np.asarray(escapes(count), np.int64)
-    if symbols.min() < _INT32.min or symbols.max() > _INT32.max:
-      raise CodingError("escaped value out of int32 range")
-    return symbols.astype(np.int32)
+    return window_symbols(decoded.numpy(), cdf, offsets, escapes)
 
   def encode_streams(self, symbols: np.ndarray, indexes: np.ndarray,
                      table: CdfTable) -> list[bytes]:
@@ -227,17 +150,13 @@ class TfcRangeCoder(EntropyCoder):
       handle = ops.create_range_encoder(np.asarray([count], np.int32), _lookup(table))
       handle = ops.entropy_encode_index(handle, indexes, coded)
       ranged = [bytes(s) for s in ops.entropy_encode_finalize(handle).numpy()]
-    streams = []
-    for k in range(count):
-      mask = escaped[k]
-      escapes = _varint_bytes(_escape_codes(values[k][mask], lengths[k][mask]))
-      streams.append(_varint_bytes(np.array([len(escapes)])) + escapes + ranged[k])
-    return streams
+    return [join_stream(escape_codes(values[k][escaped[k]], lengths[k][escaped[k]]), ranged[k])
+            for k in range(count)]
 
   def _decode(self, streams: list[bytes], indexes: np.ndarray, table: CdfTable) -> np.ndarray:
     """streams: one per row of indexes [streams, n] -> int32 symbols [streams, n]."""
     count, n = indexes.shape
-    parts = [_split_stream(data) for data in streams]
+    parts = [split_stream(data) for data in streams]
     if count == 0:
       return np.zeros((0, n), np.int32)
     if n == 0:
@@ -264,10 +183,7 @@ class TfcRangeCoder(EntropyCoder):
       raise CodingError("range decoder produced out-of-range values")
     escaped = values == lengths
     for k, (escapes, _) in enumerate(parts):
-      mask = escaped[k]
-      codes = _parse_varints(escapes, int(mask.sum())).astype(np.int64)
-      magnitude = codes >> 1
-      values[k][mask] = np.where(codes & 1, -magnitude - 1, lengths[k][mask] + magnitude)
+      values[k][escaped[k]] = read_escapes(escapes, lengths[k][escaped[k]])
     symbols = values + table.offsets[indexes]
     if symbols.size and (symbols.min() < _INT32.min or symbols.max() > _INT32.max):
       raise CodingError("escaped value out of int32 range")

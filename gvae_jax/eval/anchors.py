@@ -7,7 +7,7 @@ decoder, never from the encoder's own reconstruction, and is checked: a
 lossless anchor must give back the input exactly and JPEG-LS NEAR=tau must stay
 within tau of every sample, or the call raises `AnchorCheckError`.
 
-Registries, name -> Anchor, with the settings used for REFERENCE.md section 5:
+Registries, name -> Anchor, with the settings of the published comparisons (docs/decoding.md section 6):
 
 * `LOSSLESS_ANCHORS`: PNG (Pillow, optimize), JPEG-LS with the HP1 colour
   transform coded planar, WebP lossless (method 6, effort 100), JPEG 2000
@@ -324,7 +324,7 @@ def hp1_forward(image: np.ndarray, bias: int = HP1_BIAS) -> np.ndarray:
   (3.15 bpsp vs 4.36 on plain RGB). The bias of 128 is CharLS's HP1: it keeps
   small differences away from the 0/255 wrap, where neighbouring pixels would
   look like hard edges to the predictor. It saves 0.4 % on Kodak (3.150 vs
-  3.163 bpsp with bias 0, the variant REFERENCE.md's 3.162 was measured with).
+  3.163 bpsp with bias 0, the variant of the published 3.16).
   """
   planes = np.moveaxis(np.asarray(image).astype(np.int16), -1, 0)
   red, green, blue = planes

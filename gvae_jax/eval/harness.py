@@ -16,7 +16,7 @@ What is measured, per image and setting (`rows`, also results.csv):
   (8-bit), MS-SSIM (None with a note below 161 pixels a side, where it is
   undefined), max abs error, encode and decode seconds, and the model's
   estimated bits (bits_y + bits_z of the model at train=False, as
-  gvae_jax.coding.report).
+  gvae_jax.eval.estimate.lossy_bits).
 * near-lossless / lossless (scalable models), per tau: the base rate is
   codec.choose_rate's (the smallest estimated file) unless `tau_rate` fixes
   it; bpsp = bytes * 8 / (H * W * 3), bpp, max abs error (checked <= tau: a
@@ -70,14 +70,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from gvae_jax import fileio, image_io
+from gvae_jax.coding import settings
 from gvae_jax.errors import UserError
 from gvae_jax.eval import anchors as anchors_lib
-from gvae_jax.eval import rd
+from gvae_jax.eval import estimate, quality, rd
+from gvae_jax.eval.images import IMAGE_SUFFIXES, list_images  # noqa: F401 (the harness's API)
+from gvae_jax.eval.means import MODEL_CODEC, bd_rates, compute_means, lossy_curve  # noqa: F401
+from gvae_jax.eval.quality import ms_ssim_db, ms_ssim_or_none  # noqa: F401
 
-MODEL_CODEC = "gvae"
 LOSSY, NEAR_LOSSLESS, LOSSLESS = anchors_lib.LOSSY, anchors_lib.NEAR_LOSSLESS, anchors_lib.LOSSLESS
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".pgm", ".pnm", ".bmp", ".tif", ".tiff",
-                  ".webp", ".gif")
 DEFAULT_SCALABLE_TAUS = (0, 1, 2, 3, 4, 5)
 # Eval-time overrides: config keys that change how the model codes, not its parameter shapes.
 OVERRIDABLE = {
@@ -107,12 +108,10 @@ def default_rates(levels: int) -> list[float]:
 
 
 def check_taus(taus: Iterable) -> list[int]:
-  """Whole numbers >= 0 (codec.check_tau's rules), without duplicates, in order."""
-  from gvae_jax.coding import codec
-
+  """Whole numbers >= 0 (settings.check_tau's rules), without duplicates, in order."""
   checked = []
   for tau in taus:
-    value = codec.check_tau(tau)
+    value = settings.check_tau(tau)
     if value not in checked:
       checked.append(value)
   return checked
@@ -189,22 +188,6 @@ def apply_overrides(exported, overrides: Mapping[str, Any] | Sequence[str] | Non
   return overridden, values
 
 
-def list_images(folder: str | os.PathLike, max_images: int = 0) -> list[Path]:
-  """Image files (by suffix) of a folder, sorted by name; EvalError if there are none."""
-  folder = Path(folder)
-  if not folder.exists():
-    raise EvalError(f"image folder not found: {folder}")
-  if not folder.is_dir():
-    raise EvalError(f"{folder} is not a folder of images")
-  files = sorted(p for p in folder.iterdir()
-                 if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-  if not files:
-    raise EvalError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-  if max_images and max_images > 0:
-    files = files[:max_images]
-  return files
-
-
 def _anchor_by_name(name: str):
   registries = (anchors_lib.LOSSY_ANCHORS, anchors_lib.LOSSLESS_ANCHORS,
                 anchors_lib.NEAR_LOSSLESS_ANCHORS)
@@ -244,57 +227,18 @@ def select_anchors(spec, taus: Sequence[int]) -> tuple[list, dict[str, str]]:
 
 # --- Metrics ---------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _ms_ssim_fn():
-  import jax
-
-  from gvae_jax import metrics
-
-  return jax.jit(lambda a, b: metrics.ms_ssim(a, b, max_value=255.0))
-
-
-def ms_ssim_or_none(reference: np.ndarray, decoded: np.ndarray) -> float | None:
-  """MS-SSIM over RGB on 0..255, or None for images too small for its 5 scales."""
-  from gvae_jax import metrics
-
-  height, width = reference.shape[:2]
-  if min(height, width) < metrics.ms_ssim_min_side():
-    return None
-  value = _ms_ssim_fn()(reference[None].astype(np.float32), decoded[None].astype(np.float32))
-  return float(value[0])
-
-
-def ms_ssim_db(value: float | None) -> float | None:
-  """-10 log10(1 - MS-SSIM): the dB scale on which MS-SSIM curves are compared."""
-  if value is None or not math.isfinite(value):
-    return None
-  if value >= 1.0:
-    return math.inf
-  return -10.0 * math.log10(1.0 - value)
-
-
 def _distortion(reference: np.ndarray, decoded: np.ndarray, with_ms_ssim: bool) -> dict:
   out = {"psnr": rd.psnr(reference, decoded), "mse": rd.mse(reference, decoded),
          "max_error": rd.max_abs_error(reference, decoded)}
-  out["ms_ssim"] = ms_ssim_or_none(reference, decoded) if with_ms_ssim else None
+  out["ms_ssim"] = quality.ms_ssim_or_none(reference, decoded) if with_ms_ssim else None
   return out
 
 
 # --- The model's estimates ------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _estimate_fn():
-  from gvae_jax.coding import report
-
-  return report._estimate  # bits_y, bits_z of the model at train=False (jitted)
-
-
 def _lossy_estimate_bits(model, rgb: np.ndarray, rate: float) -> float:
-  import jax.numpy as jnp
-
-  s = jnp.full((1,), np.float32(rate), jnp.float32)
-  bits_y, bits_z = _estimate_fn()(model.lossy_model, model.lossy_params, jnp.asarray(rgb), s)
-  return float(bits_y) + float(bits_z)
+  bits_y, bits_z = estimate.lossy_bits(model, rgb, rate)
+  return bits_y + bits_z
 
 
 # --- One image ------------------------------------------------------------------
@@ -341,9 +285,9 @@ def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate,
   row = _base_row(MODEL_CODEC, mode, "tau", tau, name, height, width)
   start = time.perf_counter()
   if model.flat is None and base == "auto":
-    rate = codec.choose_rate(model, rgb, tau) if tau_rate is None else tau_rate
+    chosen = codec.choose_base(model, rgb, tau) if tau_rate is None else None
     chosen_at = time.perf_counter()
-    encoded = codec.encode(model, rgb, rate, tau)
+    encoded = codec.encode(model, rgb, tau_rate, tau, base=chosen)  # as gvae compress --tau
   else:  # the base (flat or lossy layer) is chosen inside, with the rate
     encoded = codec.encode_residual(model, rgb, tau, tau_rate, base)
     chosen_at = None
@@ -528,7 +472,7 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
         source_mode = info.source_mode.value
       else:
         try:
-          rgb, _ = codec._as_rgb(source)
+          rgb, _ = codec.as_rgb(source)
         except UserError as e:
           skipped_images.append({"image": name, "reason": str(e)})
           bar.update(per_image)
@@ -611,103 +555,6 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
       "rows": rows,
   }
   return results
-
-
-# --- Means and BD-rates -------------------------------------------------------------
-
-def _mean(values) -> float | None:
-  values = [v for v in values if v is not None]
-  return float(np.mean(values)) if values else None
-
-
-def compute_means(rows: Sequence[dict]) -> list[dict]:
-  """One row per (codec, mode, setting), over the images that coded without error."""
-  groups: dict[tuple, list[dict]] = {}
-  for row in rows:
-    groups.setdefault((row["codec"], row["mode"], repr(row["setting"])), []).append(row)
-  means = []
-  for (codec_name, mode, _), group in groups.items():
-    ok = [r for r in group if not r.get("error")]
-    first = group[0]
-    mean = {"codec": codec_name, "mode": mode, "setting_name": first["setting_name"],
-            "setting": first["setting"], "tau": first.get("tau") if ok else None,
-            "images": len(ok), "failed_images": len(group) - len(ok)}
-    if ok:
-      psnrs = [r["psnr"] for r in ok]
-      ssims = [r.get("ms_ssim") for r in ok]
-      mse = float(np.mean([r["mse"] for r in ok]))
-      mean.update(
-          tau=ok[0].get("tau"),
-          rate=_mean(r.get("rate") for r in ok),
-          bytes=_mean(r["bytes"] for r in ok), bpp=_mean(r["bpp"] for r in ok),
-          bpsp=_mean(r["bpsp"] for r in ok),
-          psnr=float(np.mean(psnrs)) if all(math.isfinite(p) for p in psnrs) else math.inf,
-          mse=mse, psnr_of_mean_mse=(math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)),
-          ms_ssim=_mean(ssims) if all(s is not None for s in ssims) else None,
-          max_error=max(r["max_error"] for r in ok),
-          tau_ok=all(r.get("tau_ok", True) for r in ok) if ok[0].get("tau") is not None else None,
-          encode_seconds=_mean(r["encode_seconds"] for r in ok),
-          decode_seconds=_mean(r["decode_seconds"] for r in ok),
-          encode_seconds_median=float(np.median([r["encode_seconds"] for r in ok])),
-          decode_seconds_median=float(np.median([r["decode_seconds"] for r in ok])),
-          choose_rate_seconds=_mean(r.get("choose_rate_seconds") for r in ok),
-          estimated_bits=_mean(r.get("estimated_bits") for r in ok),
-          estimated_bpp=_mean(r.get("estimated_bpp") for r in ok),
-          estimated_bpsp=_mean(r.get("estimated_bpsp") for r in ok),
-          estimate_lossy_bits=_mean(r.get("estimate_lossy_bits") for r in ok),
-          estimate_residual_bits=_mean(r.get("estimate_residual_bits") for r in ok),
-          lossy_bits=_mean(r.get("lossy_bits") for r in ok),
-          residual_bits=_mean(r.get("residual_bits") for r in ok))
-      if any(r.get("base") for r in ok):
-        mean["flat_base_files"] = sum(r.get("base") == "flat" for r in ok)
-      if mean["estimated_bits"]:
-        mean["file_vs_estimate_percent"] = 100.0 * (
-            8.0 * mean["bytes"] / mean["estimated_bits"] - 1.0)
-      if mean.get("estimate_residual_bits"):
-        mean["residual_vs_estimate_percent"] = 100.0 * (
-            mean["residual_bits"] / mean["estimate_residual_bits"] - 1.0)
-    means.append(mean)
-  return means
-
-
-def lossy_curve(means: Sequence[dict], codec_name: str) -> list[dict]:
-  """The codec's lossy mean rows, by bpp."""
-  return sorted((m for m in means if m["codec"] == codec_name and m["mode"] == LOSSY
-                 and m.get("bpp") is not None), key=lambda m: m["bpp"])
-
-
-def _bd(anchor_rows, test_rows, quality) -> tuple[float | None, str | None, float | None]:
-  a = [(m["bpp"], quality(m)) for m in anchor_rows]
-  t = [(m["bpp"], quality(m)) for m in test_rows]
-  if any(q is None for _, q in a + t):
-    return None, "MS-SSIM not available (images smaller than 161 pixels a side)", None
-  try:
-    rate = rd.bd_rate([p[0] for p in a], [p[1] for p in a], [p[0] for p in t], [p[1] for p in t])
-    delta = rd.bd_psnr([p[0] for p in a], [p[1] for p in a], [p[0] for p in t], [p[1] for p in t])
-  except ValueError as e:
-    return None, str(e), None
-  return rate, None, delta
-
-
-def bd_rates(means: Sequence[dict]) -> list[dict]:
-  """BD-rate of the model's mean lossy curve against each lossy anchor's (module doc)."""
-  model = lossy_curve(means, MODEL_CODEC)
-  anchors = sorted({m["codec"] for m in means if m["codec"] != MODEL_CODEC and m["mode"] == LOSSY})
-  out = []
-  for name in anchors:
-    anchor = lossy_curve(means, name)
-    entry = {"anchor": name, "test": MODEL_CODEC}
-    if len(model) < 2:
-      note = "the model has fewer than 2 lossy rates (a curve needs 2)"
-      entry.update(bd_rate_psnr_percent=None, bd_rate_psnr_note=note, bd_psnr_db=None,
-                   bd_rate_ms_ssim_percent=None, bd_rate_ms_ssim_note=note, bd_ms_ssim_db=None)
-    else:
-      rate, note, delta = _bd(anchor, model, lambda m: m.get("psnr"))
-      entry.update(bd_rate_psnr_percent=rate, bd_rate_psnr_note=note, bd_psnr_db=delta)
-      rate, note, delta = _bd(anchor, model, lambda m: ms_ssim_db(m.get("ms_ssim")))
-      entry.update(bd_rate_ms_ssim_percent=rate, bd_rate_ms_ssim_note=note, bd_ms_ssim_db=delta)
-    out.append(entry)
-  return out
 
 
 # --- Outputs ----------------------------------------------------------------------------
@@ -988,13 +835,7 @@ def check_command(args) -> None:
   check_out_dir(args.out)
   parse_overrides(args.override)
   if args.taus:
-    for tau in args.taus:  # codec.check_tau's rules, without importing JAX
-      try:
-        value = float(tau)
-      except ValueError:
-        value = math.nan
-      if not math.isfinite(value) or value != math.floor(value) or value < 0:
-        raise EvalError(f"tau must be a whole number >= 0 (0 is lossless), got {tau}")
+    check_taus(args.taus)
 
 
 def command_line(args) -> str:

@@ -19,7 +19,9 @@ import io
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gvae_jax.eval import harness
+from gvae_jax.eval.anchors import LOSSLESS, LOSSY, NEAR_LOSSLESS
+from gvae_jax.eval.means import MODEL_CODEC, lossy_curve
+from gvae_jax.eval.quality import ms_ssim_db
 
 MODEL_STYLE = {"color": "black", "marker": "o", "linewidth": 2.0, "markersize": 4, "zorder": 3}
 
@@ -46,7 +48,7 @@ def _empty(ax, note: str) -> None:
 
 
 def _model_label(results: dict) -> str:
-  label = f"{harness.MODEL_CODEC} ({results['model']['name']})"
+  label = f"{MODEL_CODEC} ({results['model']['name']})"
   if results.get("overrides"):
     label += " " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in results["overrides"].items())
   return label
@@ -58,20 +60,20 @@ def rd_plot(results: dict, metric: str) -> bytes:
   if metric == "psnr":
     quality, ylabel = (lambda m: m.get("psnr")), "PSNR (dB, RGB)"
   else:
-    quality, ylabel = (lambda m: harness.ms_ssim_db(m.get("ms_ssim"))), "MS-SSIM (dB)"
+    quality, ylabel = (lambda m: ms_ssim_db(m.get("ms_ssim"))), "MS-SSIM (dB)"
   count = len(results["images"]["evaluated"])
   fig, ax = _figure(f"{'PSNR' if metric == 'psnr' else 'MS-SSIM'} vs rate, mean of {count} "
                     "images (real files)", "bits per pixel", ylabel)
-  codecs = [harness.MODEL_CODEC] + sorted({m["codec"] for m in means if m["mode"] ==
-                                           harness.LOSSY and m["codec"] != harness.MODEL_CODEC})
+  codecs = [MODEL_CODEC] + sorted({m["codec"] for m in means if m["mode"] ==
+                                           LOSSY and m["codec"] != MODEL_CODEC})
   plotted = False
   for name in codecs:
-    curve = [(m["bpp"], quality(m)) for m in harness.lossy_curve(means, name)]
+    curve = [(m["bpp"], quality(m)) for m in lossy_curve(means, name)]
     curve = [(x, y) for x, y in curve if y is not None and y != float("inf")]
     if not curve:
       continue
     xs, ys = zip(*curve)
-    if name == harness.MODEL_CODEC:
+    if name == MODEL_CODEC:
       ax.plot(xs, ys, label=_model_label(results), **MODEL_STYLE)
     else:
       ax.plot(xs, ys, marker=".", linewidth=1.2, label=name)
@@ -91,22 +93,22 @@ def tau_plot(results: dict) -> bytes:
   fig, ax = _figure("Near-lossless and lossless: bits per subpixel vs tau (real files)",
                     "tau (largest error per sample)", "bits per subpixel")
   plotted = False
-  model = sorted(((m["setting"], m["bpsp"]) for m in means if m["codec"] == harness.MODEL_CODEC
-                  and m["mode"] != harness.LOSSY and m.get("bpsp") is not None))
+  model = sorted(((m["setting"], m["bpsp"]) for m in means if m["codec"] == MODEL_CODEC
+                  and m["mode"] != LOSSY and m.get("bpsp") is not None))
   if model:
     xs, ys = zip(*model)
     ax.plot(xs, ys, label=_model_label(results), **MODEL_STYLE)
     plotted = True
   near = {}
   for m in means:
-    if m["mode"] == harness.NEAR_LOSSLESS and m["codec"] != harness.MODEL_CODEC and m.get("bpsp"):
+    if m["mode"] == NEAR_LOSSLESS and m["codec"] != MODEL_CODEC and m.get("bpsp"):
       near.setdefault(m["codec"], []).append((m["tau"], m["bpsp"]))
   for name, points in sorted(near.items()):
     xs, ys = zip(*sorted(points))
     ax.plot(xs, ys, marker="s", linewidth=1.2, label=f"{name} (NEAR=tau)")
     plotted = True
-  lossless = [m for m in means if m["mode"] == harness.LOSSLESS and m["codec"] !=
-              harness.MODEL_CODEC and m.get("bpsp") is not None]
+  lossless = [m for m in means if m["mode"] == LOSSLESS and m["codec"] !=
+              MODEL_CODEC and m.get("bpsp") is not None]
   for m in sorted(lossless, key=lambda m: m["bpsp"]):
     ax.plot([0], [m["bpsp"]], marker="x", linestyle="none", markersize=8,
             label=f"{m['codec']} (lossless)")
@@ -129,9 +131,9 @@ def sweep_plots(summary: dict) -> dict[str, bytes]:
   figures = {}
   lossy, residual = {}, {}
   for row in summary["rows"]:
-    if row.get("mode") == harness.LOSSY and row.get("psnr") is not None:
+    if row.get("mode") == LOSSY and row.get("psnr") is not None:
       lossy.setdefault(row["group"], []).append((row["bpp"], row["psnr"]))
-    elif row.get("mode") != harness.LOSSY and row.get("bpsp") is not None:
+    elif row.get("mode") != LOSSY and row.get("bpsp") is not None:
       residual.setdefault(row["run"], []).append((row["tau"], row["bpsp"]))
   for name, curves, labels in (
       ("sweep_psnr_bpp.png", lossy, ("bits per pixel", "PSNR (dB, RGB)")),

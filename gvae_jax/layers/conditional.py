@@ -1,7 +1,7 @@
 """Error-bound (tau) conditioned 1x1 convolution for the bias-correction head.
 
 out = conv1x1(x) * softplus(Linear(onehot(tau))) + Linear(onehot(tau)),
-tau in 1..max_tau; larger tau reuse the max_tau branch (REFERENCE section 4).
+tau in 1..max_tau; larger tau reuse the max_tau branch (docs/decoding.md section 3).
 With zero_init the layer outputs exactly 0 at initialisation (conv and shift
 start at zero), for heads that learn a correction added to another output.
 """

@@ -2,7 +2,7 @@
 
 The gained hyperprior gives x_tilde and prior features u; the residual
 r = x - round(clip(x_tilde)) (grey levels) is quantised for tau and coded with
-ResidualModel. Training (REFERENCE section 4): loss = R_y + R_z + R_r + lambda_s * D
+ResidualModel. Training (docs/decoding.md section 3): loss = R_y + R_z + R_r + lambda_s * D
 where R_r is the lossless (tau = 0) residual rate with the true residual as
 context, plus, when bias correction is on, the rate of r_hat for a sampled
 tau >= 1 under the corrected head with r_hat as context. That second term

@@ -1,8 +1,25 @@
-"""Orbax checkpointing of the train state, and the workdir's config guard."""
+"""The training workdir format: its config guard, Orbax checkpoints, and reading them back.
+
+A workdir holds
+
+  config.json    the experiment config of the first run (gvae_jax.config.to_json)
+  checkpoints/   Orbax CheckpointManager steps of the train state
+                 ({"params", "opt_state", "step", ...}; restore_params reads
+                 only "params")
+  eval/          training-time evaluations (gvae_jax.eval.estimate reports)
+
+Everything that reads a workdir goes through this module: training (resume),
+`gvae estimate --workdir` (load_workdir) and `gvae export` (export_workdir).
+An exported model is read only through gvae_jax.coding.export.load_model,
+with its fingerprint check (warm_start).
+"""
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
+from typing import Sequence
 
 import ml_collections
 import orbax.checkpoint as ocp
@@ -11,10 +28,18 @@ from gvae_jax import config as config_lib
 from gvae_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 class IncompatibleWorkdirError(UserError):
   pass
+
+
+def _load_config_json(path: Path) -> ml_collections.ConfigDict:
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (OSError, json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
+    raise IncompatibleWorkdirError(f"{path} is not a readable config ({e})") from e
 
 
 def check_compatible(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -26,10 +51,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: Path) -> None:
   """
   path = workdir / CONFIG_FILE
   if path.exists():
-    try:
-      saved = ml_collections.ConfigDict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValueError) as e:
-      raise IncompatibleWorkdirError(f"{path} is not a readable config ({e})") from e
+    saved = _load_config_json(path)
     if config_lib.model_fingerprint(saved) != config_lib.model_fingerprint(config):
       diffs = _model_differences(saved, config)
       raise IncompatibleWorkdirError(
@@ -52,7 +74,7 @@ def _model_differences(saved, config) -> list[str]:
 def manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.train.keep_checkpoints, create=True)
-  return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
+  return ocp.CheckpointManager((workdir / CHECKPOINTS_DIR).absolute(), options=options)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -77,15 +99,22 @@ def warm_start(params, model_dir: str | Path):
 
   For fine-tuning: a scalable model can start from a trained lossy model
   (whose tree then sits under 'lossy'), new parts keep their initialisation.
-  Returns the new params and the number of arrays copied.
+  The model is read with export.load_model (fingerprint checked). Returns
+  the new params and the number of arrays copied.
   """
   import flax
   import numpy as np
 
-  path = Path(model_dir) / "params.msgpack"
-  if not path.is_file():
-    raise UserError(f"--config.train.init_from: no exported model at {model_dir} (no {path.name})")
-  source = flax.traverse_util.flatten_dict(flax.serialization.msgpack_restore(path.read_bytes()))
+  from gvae_jax.coding import export
+
+  if not (Path(model_dir) / export.MANIFEST_FILE).is_file():
+    raise UserError(f"--config.train.init_from: no exported model at {model_dir} "
+                    f"(no {export.MANIFEST_FILE})")
+  try:
+    exported = export.load_model(model_dir)
+  except export.ExportError as e:
+    raise UserError(f"--config.train.init_from: {e}") from e
+  source = flax.traverse_util.flatten_dict(flax.core.unfreeze(exported.params))
   target = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   copied = 0
   for key, value in target.items():
@@ -100,11 +129,81 @@ def warm_start(params, model_dir: str | Path):
   return flax.traverse_util.unflatten_dict(target), copied
 
 
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config.json of a training workdir (UserError if it is not one)."""
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise UserError(f"training workdir not found: {workdir}")
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    raise UserError(f"{workdir} is not a training workdir (no {CONFIG_FILE})")
+  return _load_config_json(path)
+
+
 def restore_params(workdir: Path, step: int | None = None):
-  """Parameters of a training workdir's newest (or given) checkpoint, as saved."""
-  mngr = ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute())
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise UserError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
-  restored = mngr.restore(step, args=ocp.args.StandardRestore())
-  return restored["params"], step
+  """Parameters of a training workdir's newest (or given) checkpoint, as saved.
+
+  UserError if there is none; errors of a damaged checkpoint are one line too.
+  """
+  directory = (Path(workdir) / CHECKPOINTS_DIR).absolute()
+  if not directory.is_dir():  # Orbax would create it and find nothing
+    raise UserError(f"no checkpoints in {workdir} (no {CHECKPOINTS_DIR}/ directory)")
+  # Orbax warns that restoring without a target tree is unsafe across device
+  # topologies; we only read the arrays, so keep the user's terminal clean.
+  absl_logger = logging.getLogger("absl")
+  previous_level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    mngr = ocp.CheckpointManager(directory)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {directory}")
+    restored = mngr.restore(step, args=ocp.args.StandardRestore())
+    return restored["params"], step
+  except UserError:
+    raise
+  except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+    raise UserError(f"cannot restore checkpoint {step if step is not None else '(newest)'} "
+                    f"from {workdir}: {type(e).__name__}: {str(e)[:300]}") from e
+  finally:
+    absl_logger.setLevel(previous_level)
+
+
+def load_workdir(workdir: str | os.PathLike, overrides: Sequence[str] = ()):
+  """(config with overrides, model, params, step) of a workdir's newest checkpoint.
+
+  Every problem is a UserError: an unknown model name or a config the
+  registry cannot build, and parameters that do not fit the (overridden)
+  config.
+  """
+  from gvae_jax.coding import export
+  from gvae_jax.models import build_model
+
+  config = read_config(workdir)
+  config_lib.apply_overrides(config, overrides)
+  try:
+    model = build_model(config)
+  except (KeyError, ValueError, AttributeError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    raise UserError(f"{Path(workdir) / CONFIG_FILE}: cannot build the model: {message}") from e
+  params, step = restore_params(Path(workdir))
+  try:
+    export.check_params(model, params)
+  except export.ExportError as e:
+    raise UserError(f"checkpoint {step} of {workdir}: {e}") from e
+  return config, model, params, step
+
+
+def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike,
+                   step: int | None = None, force: bool = False):
+  """Exports a training workdir's newest (or given) checkpoint to out_dir (`gvae export`)."""
+  from gvae_jax.coding import export
+
+  workdir = Path(workdir)
+  config = read_config(workdir)
+  if not (workdir / CHECKPOINTS_DIR).is_dir():
+    raise UserError(f"no checkpoints in {workdir} (no {CHECKPOINTS_DIR}/ directory)")
+  if Path(out_dir).exists() and not force:  # fail before the slow restore
+    raise export.ExportError(f"{out_dir} already exists; pass --force to replace it")
+  params, step = restore_params(workdir, step)
+  return export.export_params(config, params, out_dir, step, force)

@@ -27,8 +27,9 @@ from gvae_jax import metrics
 from gvae_jax.errors import UserError
 from gvae_jax.models import build_model
 from gvae_jax.models.scalable import ScalableHyperprior
+from gvae_jax.eval import estimate as evaluate_lib
+from gvae_jax.eval import images as images_lib
 from gvae_jax.train import checkpoints
-from gvae_jax.train import evaluate as evaluate_lib
 from gvae_jax.train.summary import SummaryLogger
 
 DISTORTIONS = ("mse", "ms-ssim")
@@ -247,7 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 def _evaluate(config, model, params, workdir: Path, step: int, logger: SummaryLogger,
               final: bool) -> dict:
   max_images = config.eval.final_max_images if final else config.eval.max_images
-  images = evaluate_lib.load_folder(config.eval.folder, max_images)
+  images = images_lib.load_images(config.eval.folder, max_images)
   rates = evaluate_lib.default_rates(config.model.levels, config.eval.fractional_rates)
   report = evaluate_lib.estimate_rd(model, params, images, rates)
   report["step"] = step

@@ -1,3 +1,6 @@
+"""Both entropy coder backends against one set of tests (each skipped where
+its library is not installed), plus what is particular to each."""
+import importlib.util
 import subprocess
 import sys
 
@@ -5,10 +8,17 @@ import numpy as np
 import pytest
 from scipy.special import ndtr, ndtri
 
-from gvae_jax.coding.coder import (TFC_RANGE_CODER_ID, CodingError, get_coder,
-                                   register_coder)
-from gvae_jax.coding.tfc_backend import TfcRangeCoder
+from gvae_jax.coding.coder import (CODER_NAMES, CONSTRICTION_RANGE_CODER_ID, TFC_RANGE_CODER_ID,
+                                   CodingError, default_coder_id, get_coder, register_coder)
 from gvae_jax.entropy.cdf_tables import CdfTable
+
+HAS_TFC = importlib.util.find_spec("tensorflow_compression_ops") is not None
+HAS_CONSTRICTION = importlib.util.find_spec("constriction") is not None
+needs_tfc = pytest.mark.skipif(not HAS_TFC, reason="TFC ops not installed (the tfc profile has them)")
+BACKENDS = [pytest.param(TFC_RANGE_CODER_ID, id="tfc", marks=needs_tfc),
+            pytest.param(CONSTRICTION_RANGE_CODER_ID, id="constriction",
+                         marks=pytest.mark.skipif(not HAS_CONSTRICTION,
+                                                  reason="constriction not installed"))]
 
 SCALES = np.exp(np.linspace(np.log(0.11), np.log(64.0), 16))
 
@@ -25,9 +35,9 @@ def table():
   return gaussian_table()
 
 
-@pytest.fixture(scope="module")
-def coder():
-  return get_coder(TFC_RANGE_CODER_ID)
+@pytest.fixture(scope="module", params=BACKENDS)
+def coder(request):
+  return get_coder(request.param)
 
 
 def gaussian_symbols(rng, shape, table_size=len(SCALES)):
@@ -36,7 +46,9 @@ def gaussian_symbols(rng, shape, table_size=len(SCALES)):
   return symbols, indexes
 
 
+@needs_tfc
 def test_registry():
+  from gvae_jax.coding.tfc_backend import TfcRangeCoder
   assert isinstance(get_coder(1), TfcRangeCoder)
   assert get_coder(1) is get_coder(1)
   with pytest.raises(CodingError, match="unknown entropy coder id 200"):
@@ -47,9 +59,25 @@ def test_registry():
     register_coder(0, TfcRangeCoder)
 
 
-def test_importing_the_backend_does_not_import_tensorflow():
-  code = ("import sys, gvae_jax.coding.tfc_backend, gvae_jax.coding.container; "
-          "assert 'tensorflow' not in sys.modules")
+def test_default_coder_is_tfc_where_installed():
+  assert default_coder_id() == (TFC_RANGE_CODER_ID if HAS_TFC else CONSTRICTION_RANGE_CODER_ID)
+  assert set(CODER_NAMES.values()) == {TFC_RANGE_CODER_ID, CONSTRICTION_RANGE_CODER_ID}
+
+
+def test_missing_backend_names_the_profile_to_install():
+  # A fresh process where the TFC ops cannot be imported, as in the default profile.
+  code = ("import sys; sys.modules['tensorflow_compression_ops'] = None\n"
+          "from gvae_jax.coding.coder import get_coder, CodingError\n"
+          "try:\n  get_coder(1)\nexcept CodingError as e:\n  print(e)\n")
+  out = subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                       capture_output=True, text=True).stdout
+  assert "not installed" in out and "constraints-tfc.txt" in out and "[tfc]" in out
+
+
+def test_importing_the_backends_does_not_import_tensorflow():
+  code = ("import sys, gvae_jax.coding.container, gvae_jax.coding.constriction_backend; "
+          + ("import gvae_jax.coding.tfc_backend; " if HAS_TFC else "")
+          + "assert 'tensorflow' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -155,7 +183,7 @@ def test_corrupt_streams_never_crash(coder, table):
   for n in (0, 1, 4, 50, 500):
     outcomes.append(decode_or_coding_error(coder, rng.bytes(n), indexes, table))
   # Crafted to hang TFC's overflow-mode decoder (value == start of the escape
-  # interval, then no more bytes): harmless here, escapes are not TFC's.
+  # interval, then no more bytes): harmless here, escapes are not the range coder's.
   row = table.cdf[0]
   start = int(row[table.lengths[0]])
   crafted = b"\x00" + bytes([start >> 8, start & 255, 0, 0])
@@ -224,10 +252,89 @@ def test_explicit_cdfs_decode_garbage_into_range(coder):
   rng = np.random.default_rng(5)
   cdf = window_rows(rng, 300, 12)
   offsets = rng.integers(0, 10, 300)
+  decoded_some = False
   for _ in range(50):
     garbage = rng.bytes(int(rng.integers(0, 60)))
     escapes = lambda k: np.full(k, 7, np.int64)
-    decoded = coder.decode_with_cdfs(garbage, cdf, offsets, 16, escapes)
+    try:
+      decoded = coder.decode_with_cdfs(garbage, cdf, offsets, 16, escapes)
+    except CodingError:  # e.g. constriction: not a whole number of words
+      continue
+    decoded_some = True
     assert decoded.shape == (300,)
     inside = decoded - offsets
     assert np.all(((inside >= 0) & (inside < 12)) | (decoded == 7))
+  assert decoded_some
+
+
+# --- Sessions: many explicit-CDF calls in a fixed order (the residual layer). ---
+
+def session_calls(rng, calls=30):
+  out = []
+  for k in range(calls):
+    n, window = int(rng.integers(0, 200)), int(rng.choice([1, 8, 33]))
+    cdf = window_rows(rng, n, window)
+    offsets = rng.integers(-20, 20, n)
+    symbols = offsets + rng.integers(-2, window + 2, n)
+    out.append((symbols, cdf, offsets))
+  return out
+
+
+def test_sessions_round_trip(coder):
+  rng = np.random.default_rng(6)
+  calls = session_calls(rng)
+  encoder = coder.cdf_encoder()
+  escaped = [encoder.encode(s, c, o, 16) for s, c, o in calls]
+  streams = encoder.finish()
+  assert len(streams) == (1 if coder.ONE_STREAM else len(calls))
+  decoder = coder.cdf_decoder(streams)
+  for (symbols, cdf, offsets), esc in zip(calls, escaped):
+    np.testing.assert_array_equal(decoder.decode(cdf, offsets, 16, lambda k: esc[:k]), symbols)
+  decoder.finish()
+
+
+def test_sessions_refuse_missing_streams(coder):
+  rng = np.random.default_rng(7)
+  calls = [c for c in session_calls(rng, 5) if len(c[0])]
+  encoder = coder.cdf_encoder()
+  for s, c, o in calls:
+    encoder.encode(s, c, o, 16)
+  decoder = coder.cdf_decoder([])
+  with pytest.raises(CodingError):
+    for _, cdf, offsets in calls:
+      decoder.decode(cdf, offsets, 16, lambda k: np.zeros(k, np.int64))
+
+
+def test_one_stream_session_is_smaller_than_a_stream_per_call():
+  coder = get_coder(CONSTRICTION_RANGE_CODER_ID)
+  rng = np.random.default_rng(8)
+  calls = session_calls(rng, 200)
+  encoder = coder.cdf_encoder()
+  for s, c, o in calls:
+    encoder.encode(s, c, o, 16)
+  one = sum(map(len, encoder.finish()))
+  separate = sum(len(coder.encode_with_cdfs(s, c, o, 16)[0]) for s, c, o in calls)
+  assert one < separate - 200  # each separate stream pays its final words
+
+
+# --- constriction's model quantisation is exact (constriction_backend doc). ---
+
+def test_constriction_models_are_the_documented_integer_function():
+  """The 24-bit CDF constriction uses is floor(S_k (2^24 - n) / 2^16) + k of the
+  counts: checked through the code length of each symbol, which for a range
+  coder is -log2 of the model's probability up to the final words."""
+  import constriction
+  rng = np.random.default_rng(9)
+  counts = rng.integers(1, 4000, 12)
+  counts[-1] += 2**16 - counts.sum()
+  assert counts.min() >= 1
+  n = counts.size
+  s = np.concatenate([[0], np.cumsum(counts)])
+  expected = (s * (2**24 - n)) // 2**16 + np.arange(n + 1)
+  model = constriction.stream.model.Categorical(counts.astype(np.float64), perfect=False)
+  for symbol in range(n):
+    encoder = constriction.stream.queue.RangeEncoder()
+    encoder.encode(np.full(20000, symbol, np.int32), model)
+    bits = encoder.num_bits()
+    ideal = -20000 * np.log2((expected[symbol + 1] - expected[symbol]) / 2**24)
+    assert abs(bits - ideal) <= 64 + 1e-6 * ideal, (symbol, bits, ideal)

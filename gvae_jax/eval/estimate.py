@@ -1,39 +1,26 @@
-"""Estimated rate-distortion of a model on a folder of images (no entropy coder).
+"""The model's own estimates (no entropy coder): estimated RD and estimated bits.
 
-Rates are the model's own bit estimates with rounding, as at coding time;
-the reconstruction is clipped and rounded to 8 bits, as a decoder writes it.
+`estimate_rd`: rate-distortion of (model, params) on images, for `gvae
+estimate --workdir` and training-time evaluation. Rates are the model's bit
+estimates with rounding, as at coding time; the reconstruction is clipped
+and rounded to 8 bits, as a decoder writes it; metrics follow
+gvae_jax.eval.quality.
+
+`lossy_bits`: bits_y and bits_z of an exported model's lossy layer at
+train=False, the estimate that `gvae eval` and the report put next to the
+real file size.
 """
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gvae_jax import image_io, metrics
-from gvae_jax.errors import UserError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def list_images(folder: str | Path) -> list[Path]:
-  folder = Path(folder)
-  if not folder.is_dir():
-    raise UserError(f"image folder not found: {folder}")
-  files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-  if not files:
-    raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-  return files
-
-
-def load_folder(folder: str | Path, max_images: int = 0) -> list[tuple[str, np.ndarray]]:
-  files = list_images(folder)
-  if max_images:
-    files = files[:max_images]
-  return [(p.name, image_io.read_image(p)[0]) for p in files]
+from gvae_jax import metrics
+from gvae_jax.eval import quality
 
 
 def default_rates(levels: int, fractional: Sequence[float]) -> list[float]:
@@ -62,7 +49,8 @@ def estimate_rd(model, params, images: Sequence[tuple[str, np.ndarray]],
     for name, pixels in images:
       x = jnp.asarray(pixels, jnp.float32)[None] / 255.0
       bpp, psnr, x_hat, bpsp = _forward(model, params, x, jnp.full((1,), rate, jnp.float32))
-      ssim = _ms_ssim_or_nan(x, x_hat)
+      ssim = quality.ms_ssim_or_none(x[0], x_hat[0], max_value=1.0)
+      ssim = float("nan") if ssim is None else ssim
       bpps.append(float(bpp[0])); psnrs.append(float(psnr[0])); ssims.append(ssim)
       lossless.append(float(bpsp[0]))
       per_image.append({"image": name, "rate": rate, "bpp": bpps[-1], "psnr": psnrs[-1],
@@ -77,13 +65,6 @@ def _or_none(value: float) -> float | None:
   return None if np.isnan(value) else float(value)
 
 
-def _ms_ssim_or_nan(x, x_hat) -> float:
-  try:
-    return float(metrics.ms_ssim(x, x_hat, max_value=1.0)[0])
-  except ValueError:  # image too small for 5 scales
-    return float("nan")
-
-
 def format_table(report: dict) -> str:
   lossless = any(row.get("lossless_bpsp") is not None for row in report["rates"])
   lines = ["| rate s | bpp | PSNR (dB) | MS-SSIM |" + (" lossless bpsp |" if lossless else ""),
@@ -95,3 +76,18 @@ def format_table(report: dict) -> str:
       line += f" {row['lossless_bpsp']:.4f} |"
     lines.append(line)
   return "\n".join(lines)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lossy_bits(model, params, pixels, s):
+  out = model.apply({"params": params}, pixels.astype(jnp.float32)[None] / 255.0, s,
+                    train=False)
+  return out["bits_y"][0], out["bits_z"][0]
+
+
+def lossy_bits(exported, pixels: np.ndarray, rate) -> tuple[float, float]:
+  """(bits_y, bits_z) of an ExportedModel's lossy layer for uint8 RGB [H, W, 3] at rate s."""
+  s = jnp.full((1,), np.float32(rate), jnp.float32)
+  bits_y, bits_z = _lossy_bits(exported.lossy_model, exported.lossy_params,
+                               jnp.asarray(pixels), s)
+  return float(bits_y), float(bits_z)

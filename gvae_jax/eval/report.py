@@ -16,14 +16,11 @@ where it comes from:
                 own overhead and the escape sections
   file bits     8 * file bytes: adds the header (55 bytes for a lossy file)
 
-    python -m gvae_jax.coding.report --model MODEL_DIR --images DIR [--rates 0 1.5 3]
+    gvae estimate --model MODEL_DIR --images DIR [--rates 0 1.5 3] [--out report.json]
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -33,13 +30,7 @@ import numpy as np
 from gvae_jax.coding import codec, container
 from gvae_jax.coding.export import ExportedModel
 from gvae_jax.entropy import gaussian
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _estimate(model, params, pixels, s):
-  out = model.apply({"params": params}, pixels.astype(jnp.float32)[None] / 255.0, s,
-                    train=False)
-  return out["bits_y"][0], out["bits_z"][0]
+from gvae_jax.eval import estimate as estimate_lib
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -53,10 +44,8 @@ def measure(model: ExportedModel, pixels: np.ndarray, rate: float) -> dict:
   """One image at one rate: real sizes and the estimates (module doc)."""
   encoded = codec.encode(model, pixels, rate)
   header, sections = container.unpack(encoded.data)
-  rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
   s = jnp.full((1,), np.float32(header.rate), jnp.float32)
-  est_y, est_z = (float(v) for v in _estimate(model.lossy_model, model.lossy_params,
-                                              jnp.asarray(rgb), s))
+  est_y, est_z = estimate_lib.lossy_bits(model, codec.as_rgb(pixels)[0], header.rate)
 
   z_indexes = np.broadcast_to(np.arange(encoded.z_symbols.shape[-1], dtype=np.int32),
                               encoded.z_symbols.shape)
@@ -128,27 +117,3 @@ def format_table(report: dict) -> str:
         f"| {r['payload_overhead_pct']:+.2f}% | {r['file_overhead_pct']:+.2f}% "
         f"| {r['max_image_payload_overhead_pct']:+.2f}% |")
   return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-  from gvae_jax.coding.export import load_model
-  from gvae_jax.train import evaluate as evaluate_lib
-
-  parser = argparse.ArgumentParser(description="Real file sizes versus estimated bits.")
-  parser.add_argument("--model", required=True, help="exported model directory")
-  parser.add_argument("--images", required=True, help="folder of images, e.g. Kodak")
-  parser.add_argument("--rates", nargs="+", type=float, help="default: every trained level")
-  parser.add_argument("--max-images", type=int, default=0)
-  parser.add_argument("--out", help="write the full report as JSON here")
-  args = parser.parse_args(argv)
-  model = load_model(args.model)
-  images = evaluate_lib.load_folder(args.images, args.max_images)
-  rates = args.rates if args.rates else [float(i) for i in range(model.levels)]
-  report = real_vs_estimate(model, images, rates)
-  print(format_table(report))
-  if args.out:
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-  main()
