@@ -93,7 +93,7 @@ def test_availability_flags():
 def test_choice_follows_the_estimates(model, monkeypatch):
   monkeypatch.setattr(codec, "BOTH_PIXELS", 0)  # choose on the estimates, as for large images
   pixels = make_image(40, 70, seed=3)
-  lossy_size = codec._choose_rate_and_size(model, pixels, 1)[1]
+  lossy_size = codec._choose_rate(model, pixels, 1, 4, codec._backend(None))[2]
   for flat_size, mode in ((lossy_size * 10, Mode.RESIDUAL), (lossy_size / 10, Mode.FLAT_RESIDUAL)):
     monkeypatch.setattr(codec, "estimate_flat_size", lambda *a, size=flat_size: size)
     assert codec.encode_residual(model, pixels, 1).header.mode == mode
