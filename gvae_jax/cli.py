@@ -95,6 +95,15 @@ def _export(args, overrides):
         f"{exported.levels} levels) to {args.out}: fingerprint {exported.fingerprint.hex()}")
 
 
+def _attach_flat(args, overrides):
+  from gvae_jax.coding import export, flat_head
+
+  out = flat_head.attach_flat_head(args.model, args.flat_head, args.out, force=args.force)
+  model = export.load_model(out)
+  print(f"{out}: {model.name} with flat head (step {model.flat.manifest.get('step')}): "
+        f"fingerprint {model.fingerprint.hex()}")
+
+
 def _eval(args, overrides):
   """Rate-distortion on real files, with anchors (gvae_jax/eval/harness.py)."""
   from gvae_jax.eval import harness
@@ -183,6 +192,8 @@ def _compress(args, overrides):
                     "base layer, or nothing to pick the rate of the smallest file")
   if tau is not None:
     tau = settings.check_tau(tau)  # the number, before anything slow; the model's kind later
+  if tau is None and args.base != "auto":
+    raise UserError("--base is for near-lossless and lossless files (--tau / --lossless)")
   _check_output(args.output, args.force)
   from gvae_jax.coding import memory
   mode = "lossy" if tau is None else "residual"
@@ -209,7 +220,8 @@ def _compress(args, overrides):
   if coder is not None:
     get_coder(coder)  # a missing backend fails before the work
   if tau is not None:
-    data = codec.compress(model, pixels, args.rate, tau=tau, coder=coder, allow_stored=True)
+    data = codec.compress(model, pixels, args.rate, tau=tau, coder=coder, base=args.base,
+                          allow_stored=True)
   elif args.bpp is not None:
     data, _ = codec.compress_to_bpp(model, pixels, args.bpp, coder=coder)
   else:
@@ -234,9 +246,17 @@ def _tau_note(header) -> str:
 
   if header.mode == Mode.STORED:
     return ", lossless (pixels stored: smaller than coding them)"
-  if header.mode != Mode.RESIDUAL:
+  if header.mode not in (Mode.RESIDUAL, Mode.FLAT_RESIDUAL):
     return ""
   return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
+
+
+def _base_note(header) -> str:
+  from gvae_jax.coding.container import Mode
+
+  return {Mode.LOSSY: "none (lossy file)",
+          Mode.RESIDUAL: f"lossy layer at rate s {header.rate:.9g}",
+          Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)"}[header.mode]
 
 
 def _write_png(path: str, pixels, overwrite: bool) -> None:
@@ -305,11 +325,12 @@ def _info(args, overrides):
       ("file", args.input),
       ("bytes", len(data)),
       ("bpp", f"{8.0 * len(data) / pixels:.4f}"),
-      ("format version", container.FORMAT_VERSION),
+      ("format version", data[4]),
       ("mode", header.mode.name.lower() + _tau_note(header)),
+      ("base", _base_note(header)),
       ("rate s", f"{header.rate:.9g}"),
       ("tau", f"{header.tau} (every decoded value within tau of the original)"
-       if header.mode == container.Mode.RESIDUAL else
+       if header.mode in container.RESIDUAL_MODES else
        f"{header.tau} (stored pixels: lossless)" if header.mode == container.Mode.STORED
        else f"{header.tau} (lossy: no bound)"),
       ("size", f"{header.width}x{header.height} (width x height)"),
@@ -335,8 +356,11 @@ def _section_names(header, count: int) -> list[str]:
 
   if header.mode == Mode.STORED:
     return ["pixels (zlib)"] if count == 1 else [""] * count
-  names = ["z", "y"] + (["residual side info", "residual streams", "pixel check"]
-                        if header.mode == Mode.RESIDUAL else [])
+  residual = ["residual side info", "residual streams", "pixel check"]
+  if header.mode == Mode.FLAT_RESIDUAL:
+    names = residual
+  else:
+    names = ["z", "y"] + (residual if header.mode == Mode.RESIDUAL else [])
   return names if len(names) == count else [""] * count
 
 
@@ -428,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "(default: 0..5 for scalable models, none for lossy-only ones)")
   p.add_argument("--tau-rate", type=_rate_arg, metavar="S", help="base rate of every "
                  "near-lossless file (default: chosen per image, as gvae compress --tau)")
+  p.add_argument("--base", choices=("auto", "flat", "lossy"), default="auto",
+                 help="base of the near-lossless files (as gvae compress --base)")
   p.add_argument("--anchors", nargs="*", metavar="NAME", help="also run classical codecs on "
                  "the same images: all of them, or the named ones (e.g. png jpeg-420)")
   p.add_argument("--max-images", type=int, help="evaluate the first N images only")
@@ -456,9 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--coder", choices=("constriction", "tfc"),
                  help="entropy coder backend (default: tfc where installed, the tfc profile; "
                       "constriction otherwise)")
+  p.add_argument("--base", choices=("auto", "flat", "lossy"), default="auto",
+                 help="with --tau / --lossless: the base layer; auto (default) takes the "
+                 "smaller file of the lossy layer and, if the model has a flat head, the "
+                 "flat base")
   p.add_argument("--force", action="store_true", help="overwrite an existing output")
   p.add_argument("--max-memory", metavar="SIZE", help=_MAX_MEMORY_HELP)
   p.set_defaults(run=_compress)
+
+  p = sub.add_parser("attach-flat", help="copy a scalable model with a flat-base residual "
+                     "head attached (near-lossless / lossless files without a lossy layer)")
+  p.add_argument("--model", required=True, help="exported scalable model directory")
+  p.add_argument("--flat-head", required=True, help="flat head directory (written by "
+                 "python -m gvae_jax.train.flat_residual)")
+  p.add_argument("--out", required=True, help="model directory to create")
+  p.add_argument("--force", action="store_true", help="replace an existing exported model")
+  p.set_defaults(run=_attach_flat)
 
   p = sub.add_parser("decompress", help="decompress a .gvae file to PNG")
   p.add_argument("input", help=".gvae file")

@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
   # "separate" (a second head from scratch) or "delta" (the lossless head plus
   # a zero-initialised tau-conditioned correction): gvae_jax/models/residual.py
   config.model.residual.correction = "separate"
+  # Mixture-mean parameterisation (gvae_jax/models/residual.py): the flat-base
+  # head (experiments/configs/flat_residual.py) uses 32.0 and True.
+  config.model.residual.mean_scale = 1.0
+  config.model.residual.ar_on_errors = False
 
   config.train = ml_collections.ConfigDict()
   config.train.lambdas = PAPER_LAMBDAS
@@ -163,7 +167,8 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 # Residual keys added after models were exported, with the value their
 # absence means (the registry reads old configs with these defaults).
-RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT = {"correction": "separate"}
+RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT = {"correction": "separate", "mean_scale": 1.0,
+                                     "ar_on_errors": False}
 # The same for keys of config.model itself.
 MODEL_KEYS_IMPLIED_WHEN_ABSENT = {"entropy_model": "symmetric"}
 

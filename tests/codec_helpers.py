@@ -195,3 +195,50 @@ def assert_tables_match(committed, rebuilt) -> None:
   else:
     difference = np.abs(committed.z_table.cdf.astype(np.int64) - rebuilt.z_table.cdf)
     assert difference.max() <= 1
+
+
+# --- A tiny flat-base residual head (gvae_jax.models.flat_base). ---
+
+FLAT_CONFIG = REPO / "experiments" / "configs" / "flat_residual.py"
+FLAT_OVERRIDES = (
+    "--config.model.residual.context_channels=8", "--config.model.residual.hidden=8",
+    "--config.model.residual.components=3", "--config.data.folder=")
+
+
+def tiny_flat_config():
+  return load_config(str(FLAT_CONFIG), list(FLAT_OVERRIDES))
+
+
+def tiny_flat_params(config=None, seed: int = 0):
+  """Flat head parameters drawn at `seed` (Lecun-normal numpy draws, as
+  tiny_scalable_params), with logistic scales of about 7 grey levels."""
+  from gvae_jax.models.flat_base import tap_offsets
+
+  config = tiny_flat_config() if config is None else config
+  model = build_model(config)
+  r = config.model.residual
+  taps, k = len(tap_offsets(r.kernel_size, r.order)), int(r.components)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, r.kernel_size, r.kernel_size, taps)),
+                         jnp.zeros((1, r.kernel_size, r.kernel_size, 3)),
+                         jnp.ones((1,), jnp.int32), corrected=True))["params"]
+  rng = np.random.default_rng(seed)
+
+  def fill(leaf):
+    fan_in = int(np.prod(leaf.shape[:-1])) or 1
+    scale = 1.0 / np.sqrt(fan_in) if len(leaf.shape) > 1 else 0.05
+    return rng.normal(0.0, scale, leaf.shape).astype(np.float32)
+
+  params = jax.tree_util.tree_map(fill, shapes)
+  bias = params["head_2"]["bias"]
+  start = bias.shape[0] - 9 * k  # 3k weights, then means, log-scales, coefficients
+  bias[start + 3 * k:start + 6 * k] = 2.0
+  return params
+
+
+def tiny_flat_model(scalable):
+  """`scalable` (an ExportedModel) with the tiny flat head attached, in memory."""
+  from gvae_jax.coding import flat_head
+
+  return flat_head.attach(scalable, flat_head.build_flat_head(tiny_flat_config(),
+                                                              tiny_flat_params()))

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gvae_jax.coding.container import (FORMAT_VERSION, MAGIC, MAX_PIXELS, MAX_SECTIONS,
-                                       FormatError, Header, Mode, model_fingerprint,
-                                       pack, unpack)
+                                       MODE_VERSION, FormatError, Header, Mode,
+                                       model_fingerprint, pack, unpack)
 from gvae_jax.errors import UserError
 
 HEADER = Header(fingerprint=model_fingerprint(b"model"), mode=Mode.RESIDUAL, rate=2.5,
@@ -21,7 +21,8 @@ def test_round_trip_and_layout():
   header, sections = unpack(VALID)
   assert header == HEADER and sections == SECTIONS
   assert isinstance(header.mode, Mode)
-  assert VALID[:4] == MAGIC and VALID[4] == FORMAT_VERSION
+  # Lossy and lossy-base residual files keep version 1 (their bytes did not change).
+  assert VALID[:4] == MAGIC and VALID[4] == MODE_VERSION[Mode.RESIDUAL] == 1
   assert len(VALID) == 47 + 4 * len(SECTIONS) + sum(map(len, SECTIONS))
   assert unpack(bytearray(VALID)) == unpack(memoryview(VALID))
 
@@ -46,6 +47,27 @@ def test_round_trip_property(header, residual, tau, sections):
   if residual:
     header = dataclasses.replace(header, mode=Mode.RESIDUAL, tau=tau)
   assert unpack(pack(header, sections)) == (header, sections)
+  flat = dataclasses.replace(header, mode=Mode.FLAT_RESIDUAL, tau=tau, rate=0.0)
+  assert unpack(pack(flat, sections)) == (flat, sections)
+
+
+FLAT = dataclasses.replace(HEADER, mode=Mode.FLAT_RESIDUAL, rate=0.0)
+
+
+def test_flat_base_mode_is_version_2():
+  data = pack(FLAT, SECTIONS[:3])
+  assert data[4] == 2 == FORMAT_VERSION and data[5] == Mode.FLAT_RESIDUAL
+  assert unpack(data) == (FLAT, SECTIONS[:3])
+  old = bytearray(data)
+  old[4] = 1  # a version-1 file has no mode 2
+  with pytest.raises(FormatError, match="mode 2 does not exist in format version 1"):
+    unpack(with_fixed_crc(old))
+  with_rate = bytearray(data)
+  struct.pack_into("<d", with_rate, 24, 1.5)
+  with pytest.raises(FormatError, match="invalid header: rate must be 0 with a flat base"):
+    unpack(with_fixed_crc(with_rate))
+  with pytest.raises(ValueError, match="rate must be 0 with a flat base"):
+    pack(dataclasses.replace(FLAT, rate=1.0), [])
 
 
 @settings(max_examples=400, deadline=None)
@@ -82,8 +104,8 @@ def test_every_single_bit_flip_raises_format_error():
 def test_messages():
   with pytest.raises(FormatError, match=r"not a \.gvae file \(bad magic\)"):
     unpack(b"\x89PNG\r\n\x1a\n" + bytes(100))
-  with pytest.raises(FormatError, match="unsupported format version 2"):
-    unpack(MAGIC + b"\x02" + VALID[5:])
+  with pytest.raises(FormatError, match="unsupported format version 3"):
+    unpack(MAGIC + b"\x03" + VALID[5:])
   payload = bytearray(VALID)
   payload[-1] ^= 0x10
   with pytest.raises(FormatError, match="checksum mismatch: file is corrupt"):

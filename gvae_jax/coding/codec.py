@@ -55,6 +55,21 @@ file with the chosen candidate's lossy layer as it was coded for the search
 (`choose_base` and `encode(base=...)` do the same for callers that time the
 two steps apart).
 
+Flat base (mode FLAT_RESIDUAL, format version 2; a scalable model with a
+flat head, ExportedModel.flat): no lossy layer; x_base = 128 everywhere and
+u = the tap availability flags of gvae_jax.models.flat_base, and the same
+residual coder codes x - 128 within tau with the flat head. Header rate 0.
+Three sections: [residual side information, residual streams, check].
+Choosing the base (`encode_residual`, base="auto"): the encoder estimates
+both files (the flat one: the flat head's one-pass bits; the lossy-base one:
+choose_rate's smallest estimate, or the estimate at the given rate) and
+codes the smaller; when the two estimates are within BOTH_MARGIN of each
+other, or the image has at most BOTH_PIXELS pixels, it codes both and keeps
+the smaller real file (ties: flat). So a file is the smaller of the two
+whenever the estimates are off by less than the margin (on Kodak-sized
+images they are within about 1 %; on small images the side information,
+which they leave out, can be several %, hence the second rule).
+
 Colour: the codec codes 8-bit RGB. A grayscale (or bilevel) image is passed
 as a 2-D [H, W] array (or by the CLI from a grayscale file): its value is
 replicated into R, G and B, coded as RGB, and the header records channels=1;
@@ -75,6 +90,7 @@ import dataclasses
 import functools
 import math
 import struct
+import weakref
 import zlib
 
 import jax
@@ -88,6 +104,7 @@ from gvae_jax.coding.export import ExportedModel
 from gvae_jax.coding.settings import RateError, TauError, check_rate, check_tau  # noqa: F401
 from gvae_jax.entropy import asymmetric_gaussian
 from gvae_jax.errors import UserError
+from gvae_jax.models import flat_base
 from gvae_jax.ops import pad_to_multiple
 
 # The largest image (after padding) either side accepts: 8192 x 8192. Bigger
@@ -98,6 +115,14 @@ Z_SECTION, Y_SECTION = 0, 1
 NUM_SECTIONS = 2
 SIDE_INFO_SECTION, STREAMS_SECTION, CHECK_SECTION = 2, 3, 4  # residual mode only
 NUM_RESIDUAL_SECTIONS = 5
+# Flat-base residual files: the residual sections only.
+FLAT_SIDE_INFO_SECTION, FLAT_STREAMS_SECTION, FLAT_CHECK_SECTION = 0, 1, 2
+NUM_FLAT_SECTIONS = 3
+BASES = ("auto", "flat", "lossy")
+BOTH_MARGIN = 0.03  # base="auto" codes both bases when their estimates are this close
+# ... and always for images up to this many pixels, where coding is cheap and the
+# side information (not in the estimates) is a large part of the file.
+BOTH_PIXELS = 256 * 256
 _CHECK = struct.Struct("<I")
 _SYMBOL_LIMIT = 2**30  # symbols are clamped here before the int32 cast
 
@@ -367,6 +392,127 @@ def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
                            encoded.header.width)[0]
 
 
+# --- The flat base (module doc). ---
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _FlatView:
+  """What residual_codec reads of a model, for the flat head (hashable by identity)."""
+  residual_model: object
+  residual_params: object
+  is_scalable: bool = True
+
+
+_FLAT_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _flat_view(model) -> _FlatView:
+  """The view of a model's flat head (an ExportedModel with one, or a FlatHead)."""
+  head = getattr(model, "flat", None) or model
+  view = _FLAT_VIEWS.get(head)
+  if view is None:
+    view = _FlatView(head.model, head.params)
+    _FLAT_VIEWS[head] = view
+  return view
+
+
+def _flat_base(model, height: int, width: int):
+  """(x_base uint8 [H, W, 3] of 128, u [1, Hp, Wp, T]: tap availability flags) for
+  a model with a flat head (or a FlatHead)."""
+  patch = residual_codec.PATCH
+  assert patch == flat_base.PATCH
+  hp, wp = -(-height // patch) * patch, -(-width // patch) * patch
+  flat = getattr(model, "flat", None) or model
+  head = flat.model
+  if flat.border_flags:
+    offsets = flat_base.tap_offsets(head.kernel_size, head.order)
+    u = flat_base.tap_availability(height, width, offsets, hp, wp)[None]
+  else:
+    u = np.zeros((1, hp, wp, 0), np.float32)
+  base = np.full((height, width, 3), flat_base.FLAT_BASE_VALUE, np.uint8)
+  return base, jnp.asarray(u)
+
+
+def _require_flat(model: ExportedModel) -> None:
+  if model.flat is None:
+    raise UserError(f"model {model.name} has no flat head: a flat base needs one "
+                    "(gvae_jax.coding.flat_head.attach_flat_head)")
+
+
+def encode_flat(model: ExportedModel, pixels, tau,
+                profile: residual_codec.Profile | None = None,
+                coder: int | None = None) -> Encoded:
+  """A residual file on the flat base (mode FLAT_RESIDUAL): every value within tau."""
+  tau = check_tau(tau, model)
+  _require_flat(model)
+  rgb, channels = as_rgb(pixels)
+  height, width = rgb.shape[:2]
+  _check_size(height, width, int(model.lossy_model.stride))
+  coder = _backend(coder)
+  base, u = _flat_base(model, height, width)
+  layer = residual_codec.encode(_flat_view(model), coder, rgb, base, u, tau, profile)
+  sections = [layer.side_info, layer.streams, _pixel_check(_residual_pixels(base, layer.r_hat))]
+  header = Header(fingerprint=model.fingerprint, mode=Mode.FLAT_RESIDUAL, rate=0.0, tau=tau,
+                  height=height, width=width, channels=channels, coder_id=coder.coder_id)
+  empty = np.zeros((0,), np.int32)
+  return Encoded(container.pack(header, sections), header, empty, empty, empty, None, layer,
+                 base)
+
+
+def estimate_flat_size(model, pixels, tau) -> float:
+  """Estimated bytes of the flat-base file: the flat head's bits (one pass).
+
+  model: an ExportedModel with a flat head, or a FlatHead on its own.
+  """
+  if isinstance(model, ExportedModel):
+    tau = check_tau(tau, model)
+    _require_flat(model)
+  else:
+    tau = check_tau(tau)
+  rgb, _ = as_rgb(pixels)
+  base, u = _flat_base(model, *rgb.shape[:2])
+  bits = residual_codec.estimate_bits(_flat_view(model), rgb, base, u, tau)
+  return float(np.sum(bits)) / 8.0
+
+
+def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "auto",
+                    profile: residual_codec.Profile | None = None,
+                    coder: int | None = None) -> Encoded:
+  """A near-lossless / lossless file on the base `base` ("auto": the smaller, module doc).
+
+  rate: the lossy base's rate (None: choose_rate's); refused with base="flat".
+  """
+  if base not in BASES:
+    raise UserError(f"base must be one of {', '.join(BASES)}, got {base!r}")
+  tau = check_tau(tau, model)
+  if base == "flat":
+    if rate is not None:
+      raise UserError("a flat base has no rate; --rate sets the lossy base layer")
+    return encode_flat(model, pixels, tau, profile, coder)
+  backend = _backend(coder)
+  rgb, channels = _checked_rgb(model, pixels)
+  if base == "lossy" or model.flat is None:
+    if rate is None:
+      _, lossy, _ = _choose_rate(model, rgb, tau, 4, backend)
+      return _encode(model, rgb, channels, lossy.s_value, tau, backend, profile, lossy)
+    return _encode(model, rgb, channels, check_rate(rate, model.levels), tau, backend, profile)
+  flat_size = estimate_flat_size(model, pixels, tau)
+  if rate is None:
+    _, lossy, lossy_size = _choose_rate(model, rgb, tau, 4, backend)
+  else:
+    lossy = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
+                        coder=backend)
+    bits = residual_codec.estimate_bits(model, rgb, lossy.base, lossy.u, tau)
+    lossy_size = sum(len(x) for x in lossy.sections) + float(np.sum(bits)) / 8.0
+  small = rgb.shape[0] * rgb.shape[1] <= BOTH_PIXELS
+  if small or abs(flat_size - lossy_size) <= BOTH_MARGIN * min(flat_size, lossy_size):
+    flat = encode_flat(model, pixels, tau, profile, coder)
+    lossy_file = _encode(model, rgb, channels, lossy.s_value, tau, backend, profile, lossy)
+    return flat if len(flat.data) <= len(lossy_file.data) else lossy_file
+  if flat_size < lossy_size:
+    return encode_flat(model, pixels, tau, profile, coder)
+  return _encode(model, rgb, channels, lossy.s_value, tau, backend, profile, lossy)
+
+
 def read_header(data: bytes) -> Header:
   """The header of .gvae bytes (FormatError if malformed); needs no model."""
   header, _ = container.unpack(data)
@@ -381,19 +527,25 @@ def _check_header_for_model(model: ExportedModel, header: Header,
         f"this file was made by a different model (fingerprint {header.fingerprint.hex()}, "
         f"the loaded model is {model.fingerprint.hex()}); decode it with the model that "
         "compressed it")
-  if header.mode == Mode.RESIDUAL and not model.is_scalable:
+  if header.mode in container.RESIDUAL_MODES and not model.is_scalable:
     raise FormatError(f"mode {header.mode.name} needs a scalable model; {model.name} is "
                       "lossy-only")
-  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL):
+  if header.mode == Mode.FLAT_RESIDUAL and model.flat is None:
+    raise FormatError("this file codes its residual on a flat base and needs a model with a "
+                      f"flat head; {model.name} has none")
+  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.FLAT_RESIDUAL):
     raise FormatError(f"mode {header.mode.name} is not supported by this decoder")
   if header.channels not in (1, 3):
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
-  expected = NUM_SECTIONS if header.mode == Mode.LOSSY else NUM_RESIDUAL_SECTIONS
+  expected, kind, check = {
+      Mode.LOSSY: (NUM_SECTIONS, "lossy", None),
+      Mode.RESIDUAL: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION),
+      Mode.FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
+  }[header.mode]
   if len(sections) != expected:
-    kind = "lossy" if header.mode == Mode.LOSSY else "residual"
     raise FormatError(f"a {kind} file has {expected} sections, this one {len(sections)}")
-  if header.mode == Mode.RESIDUAL and len(sections[CHECK_SECTION]) != _CHECK.size:
-    raise FormatError(f"the check section has {len(sections[CHECK_SECTION])} bytes, "
+  if check is not None and len(sections[check]) != _CHECK.size:
+    raise FormatError(f"the check section has {len(sections[check])} bytes, "
                       f"not {_CHECK.size}")
   try:
     s = check_rate(header.rate, model.levels)
@@ -462,6 +614,8 @@ def decode(model: ExportedModel, data: bytes,
     return _decode_stored(model, header, sections)
   s_value = _check_header_for_model(model, header, sections)
   coder = get_coder(header.coder_id)
+  if header.mode == Mode.FLAT_RESIDUAL:
+    return _decode_flat(model, header, sections, coder, profile)
   s = jnp.full((1,), s_value, jnp.float32)
   z_shape, y_shape = _latent_shapes(model.lossy_model, header.height, header.width)
 
@@ -479,17 +633,37 @@ def decode(model: ExportedModel, data: bytes,
     pixels, layer = residual_codec.decode(model, coder, sections[SIDE_INFO_SECTION],
                                           sections[STREAMS_SECTION], base, u, header.tau,
                                           profile)
-    if _pixel_check(pixels) != sections[CHECK_SECTION]:
-      raise CodingError(
-          "the decoded pixels do not match the file's checksum: the file was written by "
-          "another gvae-jax version, or on a machine whose floating-point results differ "
-          "from this one's (residual files decode only on the same kind of CPU and "
-          "software; README, Portability), or it was altered")
+    _verify_pixels(pixels, sections[CHECK_SECTION])
+  return Decoded(_to_channels(pixels, header), header, z_np, y_np, index_np, layer, base)
+
+
+def _verify_pixels(pixels: np.ndarray, check: bytes) -> None:
+  if _pixel_check(pixels) != check:
+    raise CodingError(
+        "the decoded pixels do not match the file's checksum: the file was written by "
+        "another gvae-jax version, or on a machine whose floating-point results differ "
+        "from this one's (residual files decode only on the same kind of CPU and "
+        "software; README, Portability), or it was altered")
+
+
+def _to_channels(pixels: np.ndarray, header: Header) -> np.ndarray:
   if header.channels == 1:
     # Average of the three channels, rounded to nearest (sum/3 never ties);
     # for a residual file each channel is within tau of the gray value, so is this.
-    pixels = ((pixels.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)
-  return Decoded(pixels, header, z_np, y_np, index_np, layer, base)
+    return ((pixels.astype(np.uint16).sum(axis=2) + 1) // 3).astype(np.uint8)
+  return pixels
+
+
+def _decode_flat(model: ExportedModel, header: Header, sections: list[bytes], coder,
+                 profile) -> Decoded:
+  base, u = _flat_base(model, header.height, header.width)
+  pixels, layer = residual_codec.decode(_flat_view(model), coder,
+                                        sections[FLAT_SIDE_INFO_SECTION],
+                                        sections[FLAT_STREAMS_SECTION], base, u, header.tau,
+                                        profile)
+  _verify_pixels(pixels, sections[FLAT_CHECK_SECTION])
+  empty = np.zeros((0,), np.int32)
+  return Decoded(_to_channels(pixels, header), header, empty, empty, empty, layer, base)
 
 
 # --- Choosing the base rate of a residual file. ---
@@ -523,12 +697,13 @@ def choose_base(model: ExportedModel, pixels, tau, refinements: int = 4,
   """choose_rate, keeping the chosen candidate's coded lossy layer for `encode`."""
   tau = check_tau(tau, model)
   rgb, _ = _checked_rgb(model, pixels)
-  return ChosenBase(*_choose_rate(model, rgb, tau, refinements, _backend(coder)))
+  return ChosenBase(*_choose_rate(model, rgb, tau, refinements, _backend(coder))[:2])
 
 
 def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int, refinements: int,
-                 coder: EntropyCoder) -> tuple[float, _LossyLayer]:
-  """choose_rate on checked arguments: the rate and its coded lossy layer (reused by compress)."""
+                 coder: EntropyCoder) -> tuple[float, _LossyLayer, float]:
+  """choose_rate on checked arguments: the rate, its coded lossy layer (reused by
+  compress) and its estimated file size."""
   sizes = {}
   best = None  # (size, rate, lossy layer): the smallest size, then the lowest rate
 
@@ -558,13 +733,13 @@ def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int, refinements: i
     else:
       lo, a = a, b
       b = lo + ratio * (hi - lo)
-  return best[1], best[2]
+  return best[1], best[2], best[0]
 
 
 # --- The public API. ---
 
 def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
-             coder: int | None = None, allow_stored: bool = False) -> bytes:
+             coder: int | None = None, base: str = "auto", allow_stored: bool = False) -> bytes:
   """uint8 [H, W, 3] (or [H, W] grayscale) -> .gvae bytes.
 
   Lossy at rate s in [0, levels-1]; with tau (an int >= 0; 0 is lossless) a
@@ -572,6 +747,8 @@ def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
   the base layer at `rate`, or, if rate is None, at choose_rate's rate (whose
   coded lossy layer is reused, not coded again).
   coder: entropy coder id, None for the default (`encode`).
+  base: "auto", "flat" or "lossy": the base of a residual file (`encode_residual`;
+  a model with a flat head may use a flat base).
   allow_stored (the CLI sets it): for a degenerate size, a STORED file
   instead when that is smaller (module doc).
   """
@@ -580,16 +757,10 @@ def compress(model: ExportedModel, pixels, rate: float | None = None, tau=None,
   if tau is None:
     if rate is None:
       raise RateError("a lossy file needs a rate")
+    if base == "flat":
+      raise UserError("a flat base is for near-lossless and lossless files (give tau)")
     return finish(encode(model, pixels, rate, coder=coder).data)
-  tau = check_tau(tau, model)
-  backend = _backend(coder)
-  if rate is not None:
-    s_value = check_rate(rate, model.levels)
-    rgb, channels = _checked_rgb(model, pixels)
-    return finish(_encode(model, rgb, channels, s_value, tau, backend).data)
-  rgb, channels = _checked_rgb(model, pixels)
-  rate, lossy = _choose_rate(model, rgb, tau, 4, backend)
-  return finish(_encode(model, rgb, channels, lossy.s_value, tau, backend, lossy=lossy).data)
+  return finish(encode_residual(model, pixels, tau, rate, base, coder=coder).data)
 
 
 def decompress(model: ExportedModel, data: bytes) -> np.ndarray:

@@ -1,16 +1,20 @@
 """The `.gvae` file format: a fixed header, a section table, a CRC, payload.
 
-All integers are little-endian. Format version 1:
+All integers are little-endian. Format version 2 (version 1 is the same
+without mode 2):
 
   offset    size  type    field
   0         4     bytes   magic b"GVAE"
-  4         1     u8      format version (1)
-  5         1     u8      mode: 0 lossy, 1 residual (near-lossless),
-                          2 stored (the pixels, zlib-deflated; lossless)
+  4         1     u8      format version (1 or 2: the lowest that has the mode)
+  5         1     u8      mode: 0 lossy, 1 residual on the lossy layer
+                          (near-lossless / lossless), 2 residual on a flat
+                          base x_base = 128 (no lossy layer; version 2 only),
+                          3 stored (the pixels, zlib-deflated; lossless;
+                          version 2 only)
   6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
-  24        8     f64     rate s (finite, >= 0)
+  24        8     f64     rate s (finite, >= 0; 0 in mode 2)
   32        2     u16     tau: residual error bound (0 for lossy)
   34        4     u32     image height (>= 1)
   38        4     u32     image width (>= 1; height * width <= 2**28)
@@ -19,6 +23,11 @@ All integers are little-endian. Format version 1:
   43 + 4n   4     u32     CRC-32 (zlib) of bytes [0, 43 + 4n) followed by
                           all section bytes: the checksum covers everything
   47 + 4n   ...           the sections, back to back; nothing follows them
+
+Writers give a file the lowest version that has its mode, so lossy and
+lossy-base residual files are byte for byte what version 1 wrote (and
+version-1 readers still read them); a version-1 file claiming mode 2 is
+refused.
 
 `unpack` raises FormatError for any malformed input and never anything else
 (for bytes-like input); it runs in time linear in the input and never trusts
@@ -44,7 +53,8 @@ from typing import Sequence
 from gvae_jax.errors import UserError
 
 MAGIC = b"GVAE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this module reads and writes
+SUPPORTED_VERSIONS = (1, 2)
 FINGERPRINT_SIZE = 16
 MAX_SECTIONS = 64
 MAX_PIXELS = 2**28
@@ -62,11 +72,16 @@ class FormatError(UserError):
 class Mode(enum.IntEnum):
   LOSSY = 0
   RESIDUAL = 1  # near-lossless: lossy layer plus a residual within +-tau
+  FLAT_RESIDUAL = 2  # near-lossless: a residual within +-tau on x_base = 128 (version 2)
   # The pixels themselves (one zlib section), for images the networks would
   # code in more bits than that, e.g. 1 pixel high (padding to 64 rows costs
-  # 64x). Added to format version 1 without a version bump: files of modes
-  # 0 and 1 are unchanged, and older readers refuse mode 2 as unknown.
-  STORED = 2
+  # 64x). Version 2.
+  STORED = 3
+
+
+# The first format version with each mode (what the writer uses).
+MODE_VERSION = {Mode.LOSSY: 1, Mode.RESIDUAL: 1, Mode.FLAT_RESIDUAL: 2, Mode.STORED: 2}
+RESIDUAL_MODES = (Mode.RESIDUAL, Mode.FLAT_RESIDUAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,12 +105,14 @@ def _header_problem(header: Header) -> str | None:
   """Why `header` cannot be written or trusted, or None."""
   if not isinstance(header.fingerprint, bytes) or len(header.fingerprint) != FINGERPRINT_SIZE:
     return f"fingerprint must be {FINGERPRINT_SIZE} bytes"
-  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.STORED):
+  if header.mode not in MODE_VERSION:
     return f"unknown mode {header.mode}"
   if not 0 <= header.tau <= 0xFFFF:
     return f"tau {header.tau} not in [0, 65535]"
   if header.mode in (Mode.LOSSY, Mode.STORED) and header.tau != 0:
     return f"tau must be 0 in {header.mode.name.lower()} mode"
+  if header.mode == Mode.FLAT_RESIDUAL and header.rate != 0:
+    return "rate must be 0 with a flat base"
   if not (math.isfinite(header.rate) and header.rate >= 0):
     return f"rate {header.rate} must be finite and >= 0"
   if not (1 <= header.height <= 0xFFFFFFFF and 1 <= header.width <= 0xFFFFFFFF):
@@ -120,7 +137,7 @@ def pack(header: Header, sections: Sequence[bytes]) -> bytes:
   if any(len(s) > MAX_SECTION_BYTES for s in sections):
     raise ValueError("a section exceeds 4 GiB")
   try:
-    head = _FIXED.pack(MAGIC, FORMAT_VERSION, int(header.mode), header.coder_id,
+    head = _FIXED.pack(MAGIC, MODE_VERSION[header.mode], int(header.mode), header.coder_id,
                        header.channels, header.fingerprint, float(header.rate), header.tau,
                        header.height, header.width, len(sections))
   except struct.error as e:  # e.g. a float where an integer belongs
@@ -138,17 +155,19 @@ def _check_prefix(view: memoryview, size: int) -> None:
     raise FormatError("empty file")
   if bytes(view[:4]) != MAGIC[:min(size, 4, len(view))]:
     raise FormatError("not a .gvae file (bad magic)")
-  if size >= 5 and view[4] != FORMAT_VERSION:
+  if size >= 5 and view[4] not in SUPPORTED_VERSIONS:
     raise FormatError(f"unsupported format version {view[4]} "
-                      f"(this reader supports {FORMAT_VERSION})")
+                      f"(this reader supports {', '.join(map(str, SUPPORTED_VERSIONS))})")
   if size < _FIXED.size:
     raise FormatError(f"truncated file: expected at least {_FIXED.size} bytes, got {size}")
 
 
 def _header_of(fields) -> Header:
-  (_, _, mode, coder_id, channels, fingerprint, rate, tau, height, width, _) = fields
-  if mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.STORED):
+  (_, version, mode, coder_id, channels, fingerprint, rate, tau, height, width, _) = fields
+  if mode not in {int(m) for m in MODE_VERSION}:
     raise FormatError(f"invalid header: unknown mode {mode}")
+  if MODE_VERSION[Mode(mode)] > version:
+    raise FormatError(f"invalid header: mode {mode} does not exist in format version {version}")
   return Header(fingerprint=bytes(fingerprint), mode=Mode(mode), rate=rate, tau=tau,
                 height=height, width=width, channels=channels, coder_id=coder_id)
 

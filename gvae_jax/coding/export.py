@@ -63,6 +63,12 @@ loaded, so nothing unfingerprinted is ever read), each within
 MAX_TABLE_MEMBER_BYTES uncompressed as the zip directory declares it.
 Of config.json only the `model` section matters for decoding, and that is
 what the fingerprint covers (config_lib.model_fingerprint).
+A scalable model directory may also hold a `flat_head/` subdirectory (a
+flat-base residual head, gvae_jax.coding.flat_head; made with
+`flat_head.attach_flat_head`): the model then codes residual files on a flat
+base as well, and its fingerprint is that of the directory without the head
+combined with the head's (`with_flat_fingerprint`), so no file of either
+model decodes with the other.
 """
 from __future__ import annotations
 
@@ -129,6 +135,7 @@ class ExportedModel:
   y_index_bounds: np.ndarray  # float32 [S - 1]: scale row = count of bounds < scale
   fingerprint: bytes
   manifest: dict
+  flat: Any = None  # gvae_jax.coding.flat_head.FlatHead: residual files on a flat base too
 
   @property
   def levels(self) -> int:
@@ -496,6 +503,10 @@ def _known_table_members(npz) -> list[str]:
       raise ValueError(f"{TABLES_FILE} member {info.filename} declares {info.file_size} "
                        f"bytes, more than {MAX_TABLE_MEMBER_BYTES}")
   return sorted(names)
+def with_flat_fingerprint(fingerprint: bytes, head_fingerprint: bytes) -> bytes:
+  """The fingerprint of a scalable model with a flat head attached (module doc)."""
+  digest = hashlib.sha256(b"gvae-exported-model+flat-head/1\0" + fingerprint + head_fingerprint)
+  return container.model_fingerprint(digest.digest())
 
 
 def load_model(model_dir: str | os.PathLike) -> ExportedModel:
@@ -548,5 +559,16 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     raise ExportError(f"{model_dir}: files do not match the manifest's fingerprint "
                       "(modified or corrupt); export the model again")
   params = jax.tree_util.tree_map(jnp.asarray, params)
+  flat = None
+  if (model_dir / "flat_head").exists():
+    from gvae_jax.coding import flat_head
+
+    if not is_scalable(model):
+      raise ExportError(f"{model_dir}: a flat head needs a scalable model")
+    try:
+      flat = flat_head.load_flat_head(model_dir / flat_head.FLAT_HEAD_DIR)
+    except flat_head.FlatHeadError as e:
+      raise ExportError(str(e)) from e
+    fingerprint = with_flat_fingerprint(fingerprint, flat.fingerprint)
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
-                       fingerprint, manifest)
+                       fingerprint, manifest, flat)

@@ -93,7 +93,7 @@ CSV_COLUMNS = ("codec", "mode", "setting_name", "setting", "rate", "tau", "image
                "width", "bytes", "bpp", "bpsp", "psnr", "mse", "ms_ssim", "max_error", "tau_ok",
                "encode_seconds", "decode_seconds", "choose_rate_seconds", "estimated_bits",
                "estimated_bpp", "estimated_bpsp", "estimate_lossy_bits",
-               "estimate_residual_bits", "lossy_bits", "residual_bits", "error")
+               "estimate_residual_bits", "lossy_bits", "residual_bits", "base", "error")
 
 
 class EvalError(UserError):
@@ -276,32 +276,41 @@ def _model_lossy(model, name: str, rgb: np.ndarray, rate: float) -> dict:
   return row
 
 
-def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate) -> dict:
+def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate,
+                    base: str = "auto") -> dict:
   from gvae_jax.coding import codec, container
 
   height, width = rgb.shape[:2]
   mode = LOSSLESS if tau == 0 else NEAR_LOSSLESS
   row = _base_row(MODEL_CODEC, mode, "tau", tau, name, height, width)
   start = time.perf_counter()
-  base = codec.choose_base(model, rgb, tau) if tau_rate is None else None
-  chosen_at = time.perf_counter()
-  encoded = codec.encode(model, rgb, tau_rate, tau, base=base)  # as gvae compress --tau
+  if model.flat is None and base == "auto":
+    chosen = codec.choose_base(model, rgb, tau) if tau_rate is None else None
+    chosen_at = time.perf_counter()
+    encoded = codec.encode(model, rgb, tau_rate, tau, base=chosen)  # as gvae compress --tau
+  else:  # the base (flat or lossy layer) is chosen inside, with the rate
+    encoded = codec.encode_residual(model, rgb, tau, tau_rate, base)
+    chosen_at = None
   encoded_at = time.perf_counter()
+  flat = encoded.header.mode == container.Mode.FLAT_RESIDUAL
+  row["base"] = "flat" if flat else "lossy"
   decoded = codec.decompress(model, encoded.data)
   row.update(rate=float(encoded.header.rate), tau=tau, encode_seconds=encoded_at - start,
              decode_seconds=time.perf_counter() - encoded_at,
-             choose_rate_seconds=(chosen_at - start) if tau_rate is None else None)
+             choose_rate_seconds=(chosen_at - start) if chosen_at and tau_rate is None
+             else None)
   _sizes(row, len(encoded.data))
   row.update(_distortion(rgb, decoded, with_ms_ssim=tau > 0))
   if tau == 0:
     row["ms_ssim"] = 1.0 if row["max_error"] == 0 else row["ms_ssim"]
   row["tau_ok"] = row["max_error"] <= tau
   _, sections = container.unpack(encoded.data)
-  lossy_estimate = _lossy_estimate_bits(model, rgb, encoded.header.rate)
+  lossy_estimate = 0.0 if flat else _lossy_estimate_bits(model, rgb, encoded.header.rate)
   residual_estimate = float(np.sum(encoded.residual.estimated_bits))
   estimate = lossy_estimate + residual_estimate
-  row.update(lossy_bits=8.0 * (len(sections[0]) + len(sections[1])),
-             residual_bits=8.0 * sum(len(section) for section in sections[2:]),
+  lossy_sections = 0 if flat else 2
+  row.update(lossy_bits=8.0 * sum(len(section) for section in sections[:lossy_sections]),
+             residual_bits=8.0 * sum(len(section) for section in sections[lossy_sections:]),
              estimate_lossy_bits=lossy_estimate, estimate_residual_bits=residual_estimate,
              estimated_bits=estimate, estimated_bpp=estimate / (height * width),
              estimated_bpsp=estimate / (3 * height * width))
@@ -327,7 +336,7 @@ def _anchor_row(anchor, name: str, rgb: np.ndarray, setting) -> dict:
 
 
 def _warm_up(model, rgb: np.ndarray, rates: Sequence[float], taus: Sequence[int],
-             tau_rate) -> None:
+             tau_rate, base: str = "auto") -> None:
   """Untimed coding of one image so that compilation is not timed (module doc)."""
   from gvae_jax.coding import codec
 
@@ -337,7 +346,10 @@ def _warm_up(model, rgb: np.ndarray, rates: Sequence[float], taus: Sequence[int]
   # Lossless and near-lossless use different heads (separately compiled): one of each.
   positive = [t for t in taus if t > 0]
   for tau in ([0] if 0 in taus else []) + positive[:1]:
-    codec.decompress(model, codec.compress(model, rgb, rate, tau=tau))
+    if base == "flat":
+      codec.decompress(model, codec.compress(model, rgb, tau=tau, base="flat"))
+    else:
+      codec.decompress(model, codec.compress(model, rgb, rate, tau=tau, base=base))
 
 
 # --- The evaluation ---------------------------------------------------------------
@@ -403,7 +415,7 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
              taus: Sequence[int] | None = None, anchors=False,
              overrides: Mapping[str, Any] | Sequence[str] | None = None, *,
              tau_rate: float | None = None, max_images: int = 0, progress: bool | None = False,
-             warmup: bool = True, command: str | None = None) -> dict:
+             warmup: bool = True, command: str | None = None, base: str = "auto") -> dict:
   """Evaluates a model (an exported model directory or ExportedModel) on real files.
 
   images: a folder, or a list of image paths or (name, uint8 [H, W, 3]) pairs.
@@ -413,6 +425,8 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
   anchors: False, True (all) or names / Anchor objects (select_anchors).
   overrides: {"model.interpolation": "linear"} or ["key=value", ...].
   tau_rate: the base rate of every residual file (None: choose per image).
+  base: the residual files' base (codec.encode_residual): "auto" (the
+    smaller; the lossy layer for a model without a flat head), "flat", "lossy".
   Returns the results dict (module doc; write it with write_outputs).
   Images image_io refuses are skipped with the reason; EvalError if none
   could be read.
@@ -470,13 +484,14 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
       if warmup and (height, width) not in warmed:
         warmed.add((height, width))
         try:
-          _warm_up(model, rgb, rates, taus, tau_rate)
+          _warm_up(model, rgb, rates, taus, tau_rate, base)
         except Exception:  # noqa: BLE001 - the timed run below records the failure
           pass
       jobs = [(MODEL_CODEC, LOSSY, "rate", r, functools.partial(_model_lossy, model, name, rgb, r))
               for r in rates]
       jobs += [(MODEL_CODEC, LOSSLESS if t == 0 else NEAR_LOSSLESS, "tau", t,
-                functools.partial(_model_residual, model, name, rgb, t, tau_rate)) for t in taus]
+                functools.partial(_model_residual, model, name, rgb, t, tau_rate, base))
+               for t in taus]
       for anchor in anchor_list:
         for setting in (anchor.settings or (None,)):
           jobs.append((anchor.name, anchor.kind, anchor.setting_name, setting,
@@ -525,7 +540,8 @@ def evaluate(model_dir_or_model, images, rates: Sequence[float] | None = None,
       "overrides": override_values,
       "images": {"folder": folder, "evaluated": image_info, "skipped": skipped_images,
                  "max_images": max_images or None},
-      "settings": {"rates": rates, "taus": taus, "tau_rate": tau_rate, "warmup": warmup,
+      "settings": {"rates": rates, "taus": taus, "tau_rate": tau_rate, "base": base,
+                   "warmup": warmup,
                    "anchors": [a.name for a in anchor_list]},
       "anchors": {"run": {a.name: {"kind": a.kind, "description": a.description,
                                    "setting_name": a.setting_name,
@@ -652,7 +668,7 @@ def format_summary(results: dict) -> str:
               "allowed error per sample; JPEG-LS is NEAR=tau (tau 0: lossless with HP1).", ""]
     lines += _table(
         ["tau", "bpsp", "JPEG-LS bpsp", "vs JPEG-LS", "est. bpsp", "file vs est.", "max error",
-         "bound held", "PSNR (dB)", "base rate s", "enc s", "dec s"],
+         "bound held", "PSNR (dB)", "base rate s", "flat base", "enc s", "dec s"],
         [[_fmt(m["setting"]), _fmt(m["bpsp"]), _fmt(jpegls.get(m["setting"], {}).get("bpsp")),
           _pct(100.0 * (m["bpsp"] / jpegls[m["setting"]]["bpsp"] - 1.0)
                if m["setting"] in jpegls else None),
@@ -660,6 +676,7 @@ def format_summary(results: dict) -> str:
           _fmt(m["max_error"]), _fmt(m.get("tau_ok")), _fmt(m["psnr"], 3),
           _fmt(m.get("rate"), 3) + ("" if results["settings"]["tau_rate"] is not None
                                     else " (chosen, mean)"),
+          (f"{m['flat_base_files']} of {m['images']}" if "flat_base_files" in m else "-"),
           _fmt(m["encode_seconds"], 3), _fmt(m["decode_seconds"], 3)] for m in residual])
 
   model_rows = [m for m in means if m["codec"] == MODEL_CODEC and m.get("estimated_bits")]
@@ -757,6 +774,49 @@ def write_outputs(results: dict, out_dir: str | os.PathLike, plots: bool = True)
   return written
 
 
+def load_results(path: str | os.PathLike) -> dict:
+  """A results.json read back (exact files' PSNR, stored as null, is inf again)."""
+  results = json.loads(Path(path).read_text())
+  for row in results["rows"]:
+    if row.get("psnr") is None and row.get("mse") == 0:
+      row["psnr"] = math.inf
+  return results
+
+
+def merge_results(parts: Sequence[dict], command: str | None = None) -> dict:
+  """One results dict from runs of the same model and settings on disjoint images
+  (e.g. several processes on a shared machine); means and BD-rates recomputed.
+
+  EvalError if the parts differ in model, settings or anchors, or share an image.
+  """
+  if not parts:
+    raise EvalError("nothing to merge")
+  first = parts[0]
+  for part in parts[1:]:
+    for key in ("model", "settings", "overrides"):
+      if part[key] != first[key]:
+        raise EvalError(f"cannot merge: the runs differ in {key}")
+  names = [i["image"] for part in parts for i in part["images"]["evaluated"]]
+  if len(names) != len(set(names)):
+    raise EvalError("cannot merge: the runs share images")
+  rows = [row for part in parts for row in part["rows"]]
+  means = compute_means(rows)
+  merged = dict(first)
+  merged.update(
+      timestamp=min(part["timestamp"] for part in parts),
+      seconds=max(part["seconds"] for part in parts),
+      command=command or " + ".join(dict.fromkeys(part["command"] for part in parts)),
+      images={"folder": first["images"]["folder"],
+              "evaluated": [i for part in parts for i in part["images"]["evaluated"]],
+              "skipped": [i for part in parts for i in part["images"]["skipped"]],
+              "max_images": None},
+      means=means, bd_rates=bd_rates(means),
+      failures=[f for part in parts for f in part["failures"]],
+      notes=list(dict.fromkeys(n for part in parts for n in part["notes"])),
+      rows=rows, merged_from=[part["command"] for part in parts])
+  return merged
+
+
 def check_failures(results: dict) -> None:
   """EvalError (non-zero exit) if any file failed or broke its tau bound."""
   failures = results["failures"]
@@ -788,7 +848,8 @@ def command_line(args) -> str:
                        ("--anchors", args.anchors), ("--override", args.override)):
     if values is not None:
       command += [flag, *map(text, values)]
-  for flag, value in (("--tau-rate", args.tau_rate), ("--max-images", args.max_images)):
+  for flag, value in (("--tau-rate", args.tau_rate), ("--max-images", args.max_images),
+                      ("--base", None if args.base == "auto" else args.base)):
     if value is not None:
       command += [flag, text(value)]
   command += [flag for flag, on in (("--no-progress", args.no_progress),
@@ -802,7 +863,7 @@ def run_command(args) -> dict:
   results = evaluate(args.model, args.images, rates=args.rates, taus=args.taus,
                      anchors=anchors, overrides=args.override, tau_rate=args.tau_rate,
                      max_images=args.max_images or 0, progress=not args.no_progress,
-                     warmup=not args.no_warmup, command=command_line(args))
+                     warmup=not args.no_warmup, command=command_line(args), base=args.base)
   write_outputs(results, args.out)
   print(format_summary(results))
   print(f"wrote {args.out}/{{{RESULTS_JSON},{RESULTS_CSV},{SUMMARY_MD},psnr_bpp.png,"

@@ -59,6 +59,8 @@ def compute_means(rows: Sequence[dict]) -> list[dict]:
           estimate_residual_bits=_mean(r.get("estimate_residual_bits") for r in ok),
           lossy_bits=_mean(r.get("lossy_bits") for r in ok),
           residual_bits=_mean(r.get("residual_bits") for r in ok))
+      if any(r.get("base") for r in ok):
+        mean["flat_base_files"] = sum(r.get("base") == "flat" for r in ok)
       if mean["estimated_bits"]:
         mean["file_vs_estimate_percent"] = 100.0 * (
             8.0 * mean["bytes"] / mean["estimated_bits"] - 1.0)

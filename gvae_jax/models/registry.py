@@ -56,14 +56,27 @@ def _gained_hyperprior(config, prior_channels: int | None = None) -> GainedMeanS
       entropy_model=m.get("entropy_model", MODEL_KEYS_IMPLIED_WHEN_ABSENT["entropy_model"]))
 
 
-@register("scalable_gained_hyperprior")
-def _scalable(config) -> ScalableHyperprior:
+def build_residual(config) -> ResidualModel:
+  """The ResidualModel of `config.model.residual` (scalable and flat-base models)."""
   r = config.model.residual
-  if config.model.prior_channels < 1:
-    raise ValueError("scalable_gained_hyperprior needs config.model.prior_channels >= 1")
-  residual = ResidualModel(
+  implied = RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT
+  return ResidualModel(
       context_channels=r.context_channels, kernel_size=r.kernel_size, order=r.order,
       hidden=r.hidden, components=r.components, share_weights=r.share_weights,
       max_tau=r.max_tau, bias_correction=r.bias_correction,
-      correction=r.get("correction", RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT["correction"]))
-  return ScalableHyperprior(_gained_hyperprior(config), residual)
+      correction=r.get("correction", implied["correction"]),
+      mean_scale=float(r.get("mean_scale", implied["mean_scale"])),
+      ar_on_errors=bool(r.get("ar_on_errors", implied["ar_on_errors"])))
+
+
+@register("scalable_gained_hyperprior")
+def _scalable(config) -> ScalableHyperprior:
+  if config.model.prior_channels < 1:
+    raise ValueError("scalable_gained_hyperprior needs config.model.prior_channels >= 1")
+  return ScalableHyperprior(_gained_hyperprior(config), build_residual(config))
+
+
+@register("flat_residual")
+def _flat_residual(config) -> ResidualModel:
+  """The residual head of the flat base (x_base = 128; gvae_jax.models.flat_base)."""
+  return build_residual(config)

@@ -13,6 +13,19 @@ only moves it from there.
 
 Every layer after the masked convolution is 1x1, so the step-wise decoder can
 run the heads on just the pixels of one step ([N, 1, 1, C] inputs).
+
+Two reparameterisations of the mixture means (options, off by default so the
+models trained before them code exactly as before; both only change how the
+network's raw outputs map to the same family of mixtures, hence how well
+training finds them):
+- `mean_scale`: the raw means are multiplied by it (32 matches the 1/32 input
+  scale, so a mean of r = 100 grey levels is a raw output of about 3, not 100);
+- `ar_on_errors`: the channel autoregression acts on the earlier channels'
+  prediction errors, mu_G + alpha (r_R - mu_R) and
+  mu_B + beta (r_R - mu_R) + gamma (r_G - mu_G) per component, rather than on
+  their values. This is rewritten into the coder's form (means + coefficients
+  times values) inside `mixture_from_features`, so every user of the raw
+  parameters (training, estimates, the step-wise coder) sees one mixture.
 """
 from __future__ import annotations
 
@@ -37,6 +50,8 @@ class ResidualModel(nn.Module):
   max_tau: int = 5
   bias_correction: bool = True
   correction: str = "separate"  # "separate" | "delta" (module doc)
+  mean_scale: float = 1.0  # raw means are multiplied by this (module doc)
+  ar_on_errors: bool = False  # channel autoregression on prediction errors (module doc)
 
   def setup(self):
     self.context = MaskedConv(self.context_channels, self.kernel_size, self.order)
@@ -57,6 +72,30 @@ class ResidualModel(nn.Module):
   def context_features(self, r_context: jax.Array) -> jax.Array:
     return self.context(r_context * RESIDUAL_INPUT_SCALE)
 
+  def context_at_taps(self, taps: jax.Array) -> jax.Array:
+    """The masked convolution's output [N, C] at pixels whose causal taps
+    [N, T, 3] (residuals, in `MaskedConv.taps` order) are given: the form the
+    pixel-sampled trainer uses (gvae_jax.train.flat_residual)."""
+    _, weights, bias = self.context.taps()
+    return jnp.einsum("ntc,tcf->nf", taps * RESIDUAL_INPUT_SCALE, weights) + bias
+
+  def _reparameterise(self, raw: jax.Array) -> jax.Array:
+    """raw with its means slice mapped to the coder's parameterisation (module doc)."""
+    if self.mean_scale == 1.0 and not self.ar_on_errors:
+      return raw  # bit-identical to the models trained before these options
+    k, c = self.components, lm.CHANNELS
+    start = k if self.share_weights else c * k
+    lead = raw.shape[:-1]
+    means = raw[..., start:start + c * k].reshape(lead + (c, k)) * self.mean_scale
+    if self.ar_on_errors:
+      coeff_start = start + 2 * c * k
+      a = jnp.tanh(raw[..., coeff_start:coeff_start + 3 * k].reshape(lead + (3, k)))
+      m_r, m_g, m_b = means[..., 0, :], means[..., 1, :], means[..., 2, :]
+      means = jnp.stack([m_r, m_g - a[..., 0, :] * m_r,
+                         m_b - a[..., 1, :] * m_r - a[..., 2, :] * m_g], axis=-2)
+    return jnp.concatenate([raw[..., :start], means.reshape(lead + (c * k,)),
+                            raw[..., start + c * k:]], axis=-1)
+
   def mixture_from_features(self, features: jax.Array, u: jax.Array, tau: jax.Array,
                             corrected: bool) -> jax.Array:
     """Raw mixture parameters from context features and the prior (any [B, ..., C])."""
@@ -64,16 +103,16 @@ class ResidualModel(nn.Module):
     if corrected and self.correction == "separate":
       h = nn.relu(self.bc_head[0](h, tau))
       h = nn.relu(self.bc_head[1](h, tau))
-      return self.bc_head[2](h, tau)
+      return self._reparameterise(self.bc_head[2](h, tau))
     g = nn.relu(self.head[0](h))
     g = nn.relu(self.head[1](g))
     raw = self.head[2](g)
     if not corrected:
-      return raw
+      return self._reparameterise(raw)
     # delta: the tau loss trains the correction only, never the lossless head.
     d = nn.relu(self.bc_delta[0](h, tau))
     d = nn.relu(self.bc_delta[1](d, tau))
-    return jax.lax.stop_gradient(raw) + self.bc_delta[2](d, tau)
+    return self._reparameterise(jax.lax.stop_gradient(raw) + self.bc_delta[2](d, tau))
 
   def __call__(self, u: jax.Array, r_context: jax.Array, tau: jax.Array,
                corrected: bool = False) -> dict[str, jax.Array]:

@@ -1,0 +1,207 @@
+"""Exported flat-base residual heads (gvae_jax.models.flat_base).
+
+A flat head directory holds
+
+  params.msgpack  the ResidualModel parameters (sorted keys, as export.py)
+  config.json     the experiment config (only `model` matters)
+  manifest.json   format, fingerprint, step and training progress
+
+It is written by the pixel-sampled trainer (gvae_jax.train.flat_residual)
+and attached to a scalable model directory as its `flat_head/` subdirectory
+(`attach_flat_head`), which lets that model code residual files on a flat
+base as well as on its lossy layer (gvae_jax.coding.codec). The fingerprint
+covers the parameter bytes and the model config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import serialization
+
+from gvae_jax import config as config_lib
+from gvae_jax.errors import UserError
+from gvae_jax.models import build_model
+from gvae_jax.models.flat_base import tap_offsets
+from gvae_jax.models.residual import ResidualModel
+
+FLAT_HEAD_FORMAT = "gvae-flat-residual-head"
+FLAT_HEAD_FORMAT_VERSION = 1
+FLAT_HEAD_DIR = "flat_head"  # inside a scalable model directory
+PARAMS_FILE, CONFIG_FILE, MANIFEST_FILE = "params.msgpack", "config.json", "manifest.json"
+MODEL_NAME = "flat_residual"
+
+
+class FlatHeadError(UserError):
+  """A flat head cannot be written or loaded."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlatHead:
+  config: ml_collections.ConfigDict
+  model: ResidualModel
+  params: Any
+  fingerprint: bytes  # 16 bytes
+  manifest: dict
+
+  @property
+  def border_flags(self) -> bool:
+    """u = tap availability flags (gvae_jax.models.flat_base); else u has no channels."""
+    return bool(self.config.model.flat.border_flags)
+
+  def prior_channels(self) -> int:
+    r = self.model
+    return len(tap_offsets(r.kernel_size, r.order)) if self.border_flags else 0
+
+
+def _sorted_tree(tree):
+  if isinstance(tree, dict):
+    return {str(k): _sorted_tree(tree[k]) for k in sorted(tree)}
+  return jax.device_get(tree)
+
+
+def params_to_bytes(params) -> bytes:
+  return serialization.msgpack_serialize(_sorted_tree(dict(params)))
+
+
+def fingerprint_of(params_bytes: bytes, config: ml_collections.ConfigDict) -> bytes:
+  digest = hashlib.sha256()
+  digest.update(b"gvae-flat-residual-head/1\0")
+  digest.update(config_lib.model_fingerprint(config).encode())
+  digest.update(hashlib.sha256(params_bytes).digest())
+  return digest.digest()[:16]
+
+
+def _build(config: ml_collections.ConfigDict) -> ResidualModel:
+  if str(config.model.name) != MODEL_NAME:
+    raise FlatHeadError(f"a flat head needs model {MODEL_NAME!r}, not {config.model.name!r}")
+  return build_model(config)
+
+
+def write_flat_head(config: ml_collections.ConfigDict, params, out_dir: str | os.PathLike,
+                    extra_manifest: dict | None = None) -> Path:
+  """Writes (or atomically replaces) a flat head directory; returns it."""
+  _build(config)
+  out_dir = Path(out_dir)
+  params_bytes = params_to_bytes(params)
+  manifest = {"format": FLAT_HEAD_FORMAT, "format_version": FLAT_HEAD_FORMAT_VERSION,
+              "fingerprint": fingerprint_of(params_bytes, config).hex(), "model": MODEL_NAME,
+              **(extra_manifest or {})}
+  parent = out_dir.absolute().parent
+  parent.mkdir(parents=True, exist_ok=True)
+  temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+  try:
+    (temp / PARAMS_FILE).write_bytes(params_bytes)
+    (temp / CONFIG_FILE).write_text(config_lib.to_json(config))
+    (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(temp, 0o755)
+    if out_dir.exists():
+      if not (out_dir / MANIFEST_FILE).is_file():
+        raise FlatHeadError(f"{out_dir} exists and is not a flat head; not replacing it")
+      old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
+      os.rename(out_dir, old / "head")
+      os.rename(temp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(temp, out_dir)
+  except BaseException:
+    shutil.rmtree(temp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def build_flat_head(config: ml_collections.ConfigDict, params, manifest: dict | None = None
+                    ) -> FlatHead:
+  """An in-memory FlatHead, its parameters through the bytes `write_flat_head` stores."""
+  model = _build(config)
+  params_bytes = params_to_bytes(params)
+  restored = jax.tree_util.tree_map(jnp.asarray, serialization.msgpack_restore(params_bytes))
+  head = FlatHead(config, model, restored, fingerprint_of(params_bytes, config),
+                  dict(manifest or {}))
+  _check_params(head)
+  return head
+
+
+def attach(exported, head: FlatHead):
+  """`exported` (a scalable ExportedModel) with `head` as its flat head, in memory."""
+  from gvae_jax.coding import export
+
+  if not exported.is_scalable:
+    raise FlatHeadError("a flat head needs a scalable model")
+  if exported.flat is not None:
+    raise FlatHeadError("the model already has a flat head")
+  return dataclasses.replace(
+      exported, flat=head,
+      fingerprint=export.with_flat_fingerprint(exported.fingerprint, head.fingerprint))
+
+
+def load_flat_head(head_dir: str | os.PathLike) -> FlatHead:
+  """Loads and checks a flat head directory (FlatHeadError)."""
+  head_dir = Path(head_dir)
+  try:
+    manifest = json.loads((head_dir / MANIFEST_FILE).read_text())
+    if not isinstance(manifest, dict) or manifest.get("format") != FLAT_HEAD_FORMAT:
+      raise ValueError("not a flat head manifest")
+    if manifest.get("format_version") != FLAT_HEAD_FORMAT_VERSION:
+      raise ValueError(f"format version {manifest.get('format_version')} is not supported")
+    config = ml_collections.ConfigDict(json.loads((head_dir / CONFIG_FILE).read_text()))
+    params_bytes = (head_dir / PARAMS_FILE).read_bytes()
+    model = _build(config)
+    params = serialization.msgpack_restore(params_bytes)
+  except FlatHeadError:
+    raise
+  except Exception as e:  # any damage: one clear message
+    raise FlatHeadError(f"{head_dir} is not a valid flat residual head: {type(e).__name__}: "
+                        f"{str(e)[:300]}") from e
+  fingerprint = fingerprint_of(params_bytes, config)
+  if fingerprint.hex() != manifest.get("fingerprint"):
+    raise FlatHeadError(f"{head_dir}: files do not match the manifest's fingerprint")
+  head = FlatHead(config, model, jax.tree_util.tree_map(jnp.asarray, params), fingerprint,
+                  manifest)
+  _check_params(head)
+  return head
+
+
+def _check_params(head: FlatHead) -> None:
+  taps = head.prior_channels()
+  kernel = head.model.kernel_size
+  expected = jax.eval_shape(
+      lambda: head.model.init(jax.random.PRNGKey(0), jnp.zeros((1, kernel, kernel, taps)),
+                              jnp.zeros((1, kernel, kernel, 3)), jnp.ones((1,), jnp.int32),
+                              corrected=head.model.bias_correction))["params"]
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(v.shape)  # noqa: E731
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  if shapes(expected) != shapes(head.params):
+    raise FlatHeadError("flat head parameters do not match its config")
+
+
+def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
+                     out_dir: str | os.PathLike, force: bool = False) -> Path:
+  """Copies scalable model `model_dir` to `out_dir` with `head_dir` as its flat head."""
+  from gvae_jax.coding import export
+
+  model_dir, out_dir = Path(model_dir), Path(out_dir)
+  base = export.load_model(model_dir)  # checks it
+  if not base.is_scalable:
+    raise FlatHeadError(f"{model_dir} is lossy-only: a flat head needs a scalable model")
+  load_flat_head(head_dir)  # checks it
+  if out_dir.exists():
+    if not force:
+      raise FlatHeadError(f"{out_dir} already exists; pass --force to replace it")
+    if not (out_dir / export.MANIFEST_FILE).is_file():
+      raise FlatHeadError(f"{out_dir} exists and is not an exported model; not replacing it")
+    shutil.rmtree(out_dir)
+  out_dir.mkdir(parents=True)
+  for name in export.MODEL_FILES:
+    shutil.copy2(model_dir / name, out_dir / name)
+  shutil.copytree(head_dir, out_dir / FLAT_HEAD_DIR)
+  return out_dir
