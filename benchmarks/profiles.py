@@ -9,7 +9,8 @@ far as a shared machine allows, and merges their JSON:
       --profile tfc=.venv-tfc/bin/python --out benchmarks/results/profiles.json
 
 Train: small and paper configs at 1 and 2 fake CPU devices (the global batch
-fixed, so 2 devices split the same work). Codec: compress / decompress of
+fixed, so 2 devices split the same work), float32 by default (--dtypes);
+the input pipeline is left out (train_throughput.py measures it alone). Codec: compress / decompress of
 kodim01 (768x512, a synthetic image without ../shared) with the exported
 `small` model, each profile with its default coder.
 """
@@ -49,6 +50,8 @@ def main() -> None:
   parser.add_argument("--batch", default="8")
   parser.add_argument("--crop", default="256")
   parser.add_argument("--steps", default="5")
+  parser.add_argument("--dtypes", nargs="+", default=["float32"],
+                      help="train step compute dtypes (train_throughput.py --dtypes)")
   parser.add_argument("--model", default=str(REPO / "experiments" / "models" / "small"))
   parser.add_argument("--repeats", default="3")
   parser.add_argument("--out", default=str(REPO / "benchmarks/results/profiles.json"))
@@ -58,7 +61,8 @@ def main() -> None:
   benchmarks = {
       "train_throughput": ("train_throughput.py",
                            ["--configs", *args.train_configs, "--devices", *args.devices,
-                            "--batch", args.batch, "--crop", args.crop, "--steps", args.steps]),
+                            "--batch", args.batch, "--crop", args.crop, "--steps", args.steps,
+                            "--dtypes", *args.dtypes, "--pipeline-folder", ""]),
       "codec_speed": ("codec_speed.py", ["--configs", "small", "--model", args.model,
                                          "--repeats", args.repeats]),
   }
