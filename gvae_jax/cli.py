@@ -96,9 +96,9 @@ def _export(args, overrides):
 
 
 def _attach_flat(args, overrides):
-  from gvae_jax.coding import export, flat_head
+  from gvae_jax.coding import export
 
-  out = flat_head.attach_flat_head(args.model, args.flat_head, args.out, force=args.force)
+  out = export.attach_flat_head(args.model, args.flat_head, args.out, force=args.force)
   model = export.load_model(out)
   print(f"{out}: {model.name} with flat head (step {model.flat.manifest.get('step')}): "
         f"fingerprint {model.fingerprint.hex()}")

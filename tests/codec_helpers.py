@@ -238,7 +238,7 @@ def tiny_flat_params(config=None, seed: int = 0):
 
 def tiny_flat_model(scalable):
   """`scalable` (an ExportedModel) with the tiny flat head attached, in memory."""
-  from gvae_jax.coding import flat_head
+  from gvae_jax.coding import export, flat_head
 
-  return flat_head.attach(scalable, flat_head.build_flat_head(tiny_flat_config(),
+  return export.attach(scalable, flat_head.build_flat_head(tiny_flat_config(),
                                                               tiny_flat_params()))

@@ -435,7 +435,7 @@ def _flat_base(model, height: int, width: int):
 def _require_flat(model: ExportedModel) -> None:
   if model.flat is None:
     raise UserError(f"model {model.name} has no flat head: a flat base needs one "
-                    "(gvae_jax.coding.flat_head.attach_flat_head)")
+                    "(gvae_jax.coding.export.attach_flat_head)")
 
 
 def encode_flat(model: ExportedModel, pixels, tau,

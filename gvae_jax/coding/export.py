@@ -65,7 +65,7 @@ Of config.json only the `model` section matters for decoding, and that is
 what the fingerprint covers (config_lib.model_fingerprint).
 A scalable model directory may also hold a `flat_head/` subdirectory (a
 flat-base residual head, gvae_jax.coding.flat_head; made with
-`flat_head.attach_flat_head`): the model then codes residual files on a flat
+`attach_flat_head` below): the model then codes residual files on a flat
 base as well, and its fingerprint is that of the directory without the head
 combined with the head's (`with_flat_fingerprint`), so no file of either
 model decodes with the other.
@@ -91,7 +91,7 @@ from flax import serialization
 from scipy import special
 
 from gvae_jax import config as config_lib
-from gvae_jax.coding import container
+from gvae_jax.coding import container, flat_head
 from gvae_jax.entropy import asymmetric_gaussian, gaussian
 from gvae_jax.entropy.cdf_tables import CdfTable
 from gvae_jax.errors import UserError
@@ -561,8 +561,6 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
   params = jax.tree_util.tree_map(jnp.asarray, params)
   flat = None
   if (model_dir / "flat_head").exists():
-    from gvae_jax.coding import flat_head
-
     if not is_scalable(model):
       raise ExportError(f"{model_dir}: a flat head needs a scalable model")
     try:
@@ -572,3 +570,39 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     fingerprint = with_flat_fingerprint(fingerprint, flat.fingerprint)
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
                        fingerprint, manifest, flat)
+
+
+# --- Flat heads (gvae_jax.coding.flat_head) attached to a scalable model. ---
+
+def attach(exported: "ExportedModel", head) -> "ExportedModel":
+  """`exported` (a scalable ExportedModel) with `head` as its flat head, in memory."""
+  if not exported.is_scalable:
+    raise flat_head.FlatHeadError("a flat head needs a scalable model")
+  if exported.flat is not None:
+    raise flat_head.FlatHeadError("the model already has a flat head")
+  return dataclasses.replace(
+      exported, flat=head,
+      fingerprint=with_flat_fingerprint(exported.fingerprint, head.fingerprint))
+
+
+def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
+                     out_dir: str | os.PathLike, force: bool = False) -> Path:
+  """Copies scalable model `model_dir` to `out_dir` with `head_dir` as its flat head."""
+  model_dir, out_dir = Path(model_dir), Path(out_dir)
+  base = load_model(model_dir)  # checks it
+  if not base.is_scalable:
+    raise flat_head.FlatHeadError(f"{model_dir} is lossy-only: a flat head needs a "
+                                  "scalable model")
+  flat_head.load_flat_head(head_dir)  # checks it
+  if out_dir.exists():
+    if not force:
+      raise flat_head.FlatHeadError(f"{out_dir} already exists; pass --force to replace it")
+    if not (out_dir / MANIFEST_FILE).is_file():
+      raise flat_head.FlatHeadError(f"{out_dir} exists and is not an exported model; "
+                                    "not replacing it")
+    shutil.rmtree(out_dir)
+  out_dir.mkdir(parents=True)
+  for name in MODEL_FILES:
+    shutil.copy2(model_dir / name, out_dir / name)
+  shutil.copytree(head_dir, out_dir / flat_head.FLAT_HEAD_DIR)
+  return out_dir

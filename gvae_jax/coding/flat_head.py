@@ -8,7 +8,7 @@ A flat head directory holds
 
 It is written by the pixel-sampled trainer (gvae_jax.train.flat_residual)
 and attached to a scalable model directory as its `flat_head/` subdirectory
-(`attach_flat_head`), which lets that model code residual files on a flat
+(gvae_jax.coding.export.attach_flat_head), which lets that model code residual files on a flat
 base as well as on its lossy layer (gvae_jax.coding.codec). The fingerprint
 covers the parameter bytes and the model config.
 """
@@ -131,19 +131,6 @@ def build_flat_head(config: ml_collections.ConfigDict, params, manifest: dict | 
   return head
 
 
-def attach(exported, head: FlatHead):
-  """`exported` (a scalable ExportedModel) with `head` as its flat head, in memory."""
-  from gvae_jax.coding import export
-
-  if not exported.is_scalable:
-    raise FlatHeadError("a flat head needs a scalable model")
-  if exported.flat is not None:
-    raise FlatHeadError("the model already has a flat head")
-  return dataclasses.replace(
-      exported, flat=head,
-      fingerprint=export.with_flat_fingerprint(exported.fingerprint, head.fingerprint))
-
-
 def load_flat_head(head_dir: str | os.PathLike) -> FlatHead:
   """Loads and checks a flat head directory (FlatHeadError)."""
   head_dir = Path(head_dir)
@@ -182,26 +169,3 @@ def _check_params(head: FlatHead) -> None:
                          for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
   if shapes(expected) != shapes(head.params):
     raise FlatHeadError("flat head parameters do not match its config")
-
-
-def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
-                     out_dir: str | os.PathLike, force: bool = False) -> Path:
-  """Copies scalable model `model_dir` to `out_dir` with `head_dir` as its flat head."""
-  from gvae_jax.coding import export
-
-  model_dir, out_dir = Path(model_dir), Path(out_dir)
-  base = export.load_model(model_dir)  # checks it
-  if not base.is_scalable:
-    raise FlatHeadError(f"{model_dir} is lossy-only: a flat head needs a scalable model")
-  load_flat_head(head_dir)  # checks it
-  if out_dir.exists():
-    if not force:
-      raise FlatHeadError(f"{out_dir} already exists; pass --force to replace it")
-    if not (out_dir / export.MANIFEST_FILE).is_file():
-      raise FlatHeadError(f"{out_dir} exists and is not an exported model; not replacing it")
-    shutil.rmtree(out_dir)
-  out_dir.mkdir(parents=True)
-  for name in export.MODEL_FILES:
-    shutil.copy2(model_dir / name, out_dir / name)
-  shutil.copytree(head_dir, out_dir / FLAT_HEAD_DIR)
-  return out_dir

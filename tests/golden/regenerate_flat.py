@@ -68,7 +68,7 @@ def write_flat_model() -> None:
     head = flat_head.write_flat_head(config, tiny_flat_params(config), Path(temp) / "head")
     if GOLDEN_FLAT_MODEL.exists():
       shutil.rmtree(GOLDEN_FLAT_MODEL)
-    flat_head.attach_flat_head(GOLDEN_SCALABLE_MODEL, head, GOLDEN_FLAT_MODEL)
+    export.attach_flat_head(GOLDEN_SCALABLE_MODEL, head, GOLDEN_FLAT_MODEL)
 
 
 
