@@ -454,7 +454,7 @@ def test_fuzzed_headers_never_exceed_the_documented_peak(tmp_path):
   the cap) or decoded / rejected as corrupt, none dies, and the process never uses
   more than the documented peak of the largest case it accepted."""
   rng = np.random.default_rng(14)
-  cap = 2 << 30
+  cap = 3 << 30
   cases = []
   for i in range(10):
     height, width = (int(v) for v in rng.choice([1, 7, 64, 300, 1000, 2000, 30000, 65535], 2))
