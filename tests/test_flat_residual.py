@@ -266,6 +266,7 @@ def test_sampled_bits_equal_the_coder_estimate(model):
     assert sampled == pytest.approx(estimate, rel=1e-4), tau
 
 
+@pytest.mark.isolated  # trains in-process (TF input, Orbax, JAX): a fresh interpreter (conftest)
 def test_trainer_runs_resumes_and_exports(tmp_path):
   from PIL import Image
 
