@@ -138,7 +138,7 @@ def test_cli_reports_bad_input_without_traceback(repo_root, tmp_path):
 @pytest.mark.skipif(
     tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 6),
     reason="open regression: on the tfc profile (jax 0.5.3) the restart after SIGKILL exits "
-           "non-zero since training moved to the jit mesh (seen 2026-12-02); passes on jax 0.12")
+           "non-zero since training moved to the jit mesh (seen 2026-12-02); runs on jax >= 0.6")
 def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=30, checkpoint_every=5)
   straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
