@@ -162,6 +162,27 @@ def _check_prefix(view: memoryview, size: int) -> None:
     raise FormatError(f"truncated file: expected at least {_FIXED.size} bytes, got {size}")
 
 
+def _table_bounds(fields, size: int) -> tuple[int, int]:
+  """(section count, end of the section table) of a header, checked against `size`."""
+  count = fields[-1]
+  if count > MAX_SECTIONS:
+    raise FormatError(f"corrupt header: {count} sections exceed the limit of {MAX_SECTIONS}")
+  table_end = _FIXED.size + 4 * count
+  if size < table_end + 4:
+    raise FormatError(f"truncated file: expected at least {table_end + 4} bytes, got {size}")
+  return count, table_end
+
+
+def _expected_size(lengths, table_end: int, size: int) -> int:
+  """The file size the section table declares, which must be `size`."""
+  expected = table_end + 4 + sum(lengths)
+  if size < expected:
+    raise FormatError(f"truncated file: expected {expected} bytes, got {size}")
+  if size > expected:
+    raise FormatError(f"trailing data: expected {expected} bytes, got {size}")
+  return expected
+
+
 def _header_of(fields) -> Header:
   (_, version, mode, coder_id, channels, fingerprint, rate, tau, height, width, _) = fields
   if mode not in {int(m) for m in MODE_VERSION}:
@@ -186,19 +207,10 @@ def read_header_from_file(file, size: int) -> tuple[Header, int]:
   prefix = file.read(min(size, _FIXED.size))
   _check_prefix(memoryview(prefix), size)
   fields = _FIXED.unpack_from(prefix)
-  count = fields[-1]
-  if count > MAX_SECTIONS:
-    raise FormatError(f"corrupt header: {count} sections exceed the limit of {MAX_SECTIONS}")
-  table_end = _FIXED.size + 4 * count
-  if size < table_end + 4:
-    raise FormatError(f"truncated file: expected at least {table_end + 4} bytes, got {size}")
+  count, table_end = _table_bounds(fields, size)
   table = file.read(4 * count)
   lengths = struct.unpack(f"<{count}I", table)
-  expected = table_end + 4 + sum(lengths)
-  if size < expected:
-    raise FormatError(f"truncated file: expected {expected} bytes, got {size}")
-  if size > expected:
-    raise FormatError(f"trailing data: expected {expected} bytes, got {size}")
+  expected = _expected_size(lengths, table_end, size)
   header = _header_of(fields)
   problem = _header_problem(header)
   if problem:
@@ -253,18 +265,9 @@ def unpack(data: bytes) -> tuple[Header, list[bytes]]:
   size = len(view)
   _check_prefix(view, size)
   fields = _FIXED.unpack_from(view)
-  count = fields[-1]
-  if count > MAX_SECTIONS:
-    raise FormatError(f"corrupt header: {count} sections exceed the limit of {MAX_SECTIONS}")
-  table_end = _FIXED.size + 4 * count
-  if size < table_end + 4:
-    raise FormatError(f"truncated file: expected at least {table_end + 4} bytes, got {size}")
+  count, table_end = _table_bounds(fields, size)
   lengths = struct.unpack_from(f"<{count}I", view, _FIXED.size)
-  expected = table_end + 4 + sum(lengths)
-  if size < expected:
-    raise FormatError(f"truncated file: expected {expected} bytes, got {size}")
-  if size > expected:
-    raise FormatError(f"trailing data: expected {expected} bytes, got {size}")
+  _expected_size(lengths, table_end, size)
   (stored_crc,) = _U32.unpack_from(view, table_end)
   crc = zlib.crc32(view[table_end + 4:], zlib.crc32(view[:table_end]))
   if crc != stored_crc:
