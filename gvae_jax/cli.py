@@ -27,7 +27,8 @@ def _train(args, overrides):
   from gvae_jax.train import train
 
   config = config_lib.load_config(args.config, overrides)
-  _enable_compilation_cache()  # a restarted run reuses the compiled train step
+  if train.persistent_cache_is_safe_for_training():
+    _enable_compilation_cache()  # a restarted run reuses the compiled train step
   if args.coordinator_address:
     from gvae_jax.train import parallel
     # Multi-host (pods, or several local processes): every process runs this
@@ -401,6 +402,19 @@ _MAX_MEMORY_HELP = ("refuse images whose estimated peak memory exceeds SIZE (16G
                     "default $GVAE_MAX_MEMORY, else half the physical memory)")
 
 
+def _add_codec_files(p: argparse.ArgumentParser, input_help: str, output_help: str,
+                     model_help: str) -> None:
+  p.add_argument("input", help=input_help)
+  p.add_argument("output", help=output_help)
+  p.add_argument("--model", help=model_help)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+  """The options compress and decompress share for what they write and may use."""
+  p.add_argument("--force", action="store_true", help="overwrite an existing output")
+  p.add_argument("--max-memory", metavar="SIZE", help=_MAX_MEMORY_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="gvae", description="gvae-jax: variable-rate learned image compression (train, export, "
@@ -466,10 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(run=_eval)
 
   p = sub.add_parser("compress", help="compress an image to a .gvae file")
-  p.add_argument("input", help="image file (PNG, JPEG, ...; 8-bit RGB, grayscale or palette)")
-  p.add_argument("output", help=".gvae file to write")
-  p.add_argument("--model", help="exported model directory (default: the shipped model, "
-                 "lossy or, with --tau / --lossless, scalable)")
+  _add_codec_files(p, "image file (PNG, JPEG, ...; 8-bit RGB, grayscale or palette)",
+                   ".gvae file to write", "exported model directory (default: the shipped "
+                   "model, lossy or, with --tau / --lossless, scalable)")
   target = p.add_mutually_exclusive_group()
   target.add_argument("--rate", type=_rate_arg,
                       help="rate s in [0, levels-1], continuous (with --tau: of the base layer)")
@@ -486,8 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="with --tau / --lossless: the base layer; auto (default) takes the "
                  "smaller file of the lossy layer and, if the model has a flat head, the "
                  "flat base")
-  p.add_argument("--force", action="store_true", help="overwrite an existing output")
-  p.add_argument("--max-memory", metavar="SIZE", help=_MAX_MEMORY_HELP)
+  _add_output_options(p)
   p.set_defaults(run=_compress)
 
   p = sub.add_parser("attach-flat", help="copy a scalable model with a flat-base residual "
@@ -500,12 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(run=_attach_flat)
 
   p = sub.add_parser("decompress", help="decompress a .gvae file to PNG")
-  p.add_argument("input", help=".gvae file")
-  p.add_argument("output", help="PNG file to write")
-  p.add_argument("--model", help="the exported model that compressed it (default: the "
-                 "shipped model whose fingerprint the file carries)")
-  p.add_argument("--force", action="store_true", help="overwrite an existing output")
-  p.add_argument("--max-memory", metavar="SIZE", help=_MAX_MEMORY_HELP)
+  _add_codec_files(p, ".gvae file", "PNG file to write", "the exported model that compressed "
+                   "it (default: the shipped model whose fingerprint the file carries)")
+  _add_output_options(p)
   p.set_defaults(run=_decompress)
 
   p = sub.add_parser("sweep", help="run an ablation sweep (train, export, eval) and collate it",

@@ -99,21 +99,29 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `path/to/config.py[:arg]` and applies --config.key=value overrides."""
-  path_str, _, arg = spec.partition(":")
-  path = Path(path_str)
+def call_user_file(path: Path, function: str, kind: str, error: type[Exception], *args):
+  """Returns function(*args) of the user's Python file `path` (a config or sweep
+  file); anything it raises becomes one `error` message, not a traceback."""
   if not path.is_file():
-    raise ConfigError(f"config file not found: {path}")
-  module_spec = importlib.util.spec_from_file_location(f"_gvae_config_{path.stem}", path)
+    raise error(f"{kind} file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"_gvae_{kind}_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
-  except Exception as e:  # a user's config file: report, don't trace back
-    raise ConfigError(f"cannot load config {path}: {type(e).__name__}: {e}") from e
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path} defines no get_config()")
-  config = module.get_config(arg) if arg else module.get_config()
+    if not hasattr(module, function):
+      raise error(f"{kind} file {path} defines no {function}()")
+    return getattr(module, function)(*args)
+  except error:
+    raise
+  except Exception as e:  # a user's file: report, don't trace back
+    raise error(f"cannot load {kind} {path}: {type(e).__name__}: {e}") from e
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` and applies --config.key=value overrides."""
+  path_str, _, arg = spec.partition(":")
+  config = call_user_file(Path(path_str), "get_config", "config", ConfigError,
+                          *((arg,) if arg else ()))
   apply_overrides(config, overrides)
   return config
 

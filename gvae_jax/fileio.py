@@ -19,6 +19,10 @@ Outputs (`atomic_write_bytes`):
   or unwritable output directory is refused before anything is written
   (`check_output_path`; the CLI calls it before the slow coding starts).
 
+Directories (`write_directory_atomically`, for exported models): filled in a
+temporary sibling, fsynced, then renamed into place; a replaced directory is
+moved aside first and dropped only once the new one has its name.
+
 Inputs (`open_regular_file`): only regular files are read. FIFOs are opened
 non-blocking (so opening one never hangs) and refused, like devices such as
 /dev/zero, whose "size" is unbounded.
@@ -31,7 +35,11 @@ import errno
 import os
 import re
 import secrets
+import shutil
 import stat
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 try:
   import fcntl
@@ -255,3 +263,31 @@ def open_regular_file(path: str | os.PathLike, what: str = "file"):
   except BaseException:
     os.close(fd)
     raise
+
+
+def write_directory_atomically(out_dir: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+  """Runs fill(temp) on a new sibling directory of out_dir and renames it into
+  place, replacing out_dir if it exists (the caller decides whether it may).
+  Any failure leaves out_dir as it was and no temporary directory behind."""
+  out_dir = Path(out_dir)
+  parent = out_dir.absolute().parent
+  temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
+  try:
+    fill(temp)
+    for path in sorted(temp.rglob("*")):
+      if path.is_file():
+        with open(path, "rb") as f:
+          os.fsync(f.fileno())
+    os.chmod(temp, 0o755)  # mkdtemp makes it private
+    if out_dir.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
+      os.rename(out_dir, old / "previous")
+      os.rename(temp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(temp, out_dir)
+    _fsync_directory(str(parent))
+  except BaseException:
+    shutil.rmtree(temp, ignore_errors=True)
+    raise
+  return out_dir

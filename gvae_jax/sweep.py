@@ -26,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from gvae_jax import config as config_lib
 from gvae_jax import fileio
 from gvae_jax.errors import UserError
 
@@ -90,15 +90,7 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus")
 
 def load_sweep(path: str | os.PathLike) -> Sweep:
   path = Path(path)
-  if not path.is_file():
-    raise SweepError(f"sweep file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"_gvae_sweep_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    sweep = module.get_sweep()
-  except Exception as e:  # a user's file: report, don't trace back
-    raise SweepError(f"cannot load sweep {path}: {type(e).__name__}: {e}") from e
+  sweep = config_lib.call_user_file(path, "get_sweep", "sweep", SweepError)
   if not isinstance(sweep, Sweep):
     raise SweepError(f"{path}: get_sweep() must return a gvae_jax.sweep.Sweep")
   names = [run.name for run in sweep.runs]

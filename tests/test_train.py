@@ -135,10 +135,6 @@ def test_cli_reports_bad_input_without_traceback(repo_root, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.isolated
-@pytest.mark.skipif(
-    tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 6),
-    reason="open regression: on the tfc profile (jax 0.5.3) the restart after SIGKILL exits "
-           "non-zero since training moved to the jit mesh (seen 2026-12-02); runs on jax >= 0.6")
 def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=30, checkpoint_every=5)
   straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
@@ -164,6 +160,18 @@ def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, 
   params, step = checkpoints.restore_params(workdir)
   assert step == 30
   _assert_same_params(straight.params, params)
+
+
+@pytest.mark.isolated
+def test_training_turns_the_persistent_cache_off_only_where_it_crashes(tmp_path):
+  old_jax = tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 6)
+  assert train.persistent_cache_is_safe_for_training() is not old_jax
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+  try:
+    train._turn_off_unsafe_persistent_cache()
+    assert (jax.config.jax_compilation_cache_dir is None) == old_jax
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
 
 
 def test_warm_start_copies_matching_lossy_parameters(repo_root, tmp_path):

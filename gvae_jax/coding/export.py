@@ -79,7 +79,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -91,6 +90,7 @@ from flax import serialization
 from scipy import special
 
 from gvae_jax import config as config_lib
+from gvae_jax import fileio
 from gvae_jax.coding import container, flat_head
 from gvae_jax.entropy import asymmetric_gaussian, gaussian
 from gvae_jax.entropy.cdf_tables import CdfTable
@@ -428,8 +428,7 @@ def write_model_dir(exported: ExportedModel, out_dir: str | os.PathLike,
   if not parent.is_dir():
     raise ExportError(f"cannot export to {out_dir}: directory {parent} does not exist")
 
-  temp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-  try:
+  def fill(temp_dir: Path) -> None:
     (temp_dir / PARAMS_FILE).write_bytes(params_to_bytes(exported.params))
     (temp_dir / CONFIG_FILE).write_text(config_lib.to_json(exported.config))
     buffer = io.BytesIO()
@@ -437,22 +436,8 @@ def write_model_dir(exported: ExportedModel, out_dir: str | os.PathLike,
                                                 exported.y_scales, exported.y_index_bounds))
     (temp_dir / TABLES_FILE).write_bytes(buffer.getvalue())
     (temp_dir / MANIFEST_FILE).write_text(json.dumps(exported.manifest, indent=2) + "\n")
-    for name in MODEL_FILES:
-      with open(temp_dir / name, "rb") as f:
-        os.fsync(f.fileno())
-    os.chmod(temp_dir, 0o755)  # mkdtemp makes it private
-    if out_dir.exists():
-      # Swap: move the old model aside, the new one in, then drop the old.
-      old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-      os.rename(out_dir, old / "model")
-      os.rename(temp_dir, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(temp_dir, out_dir)
-  except BaseException:
-    shutil.rmtree(temp_dir, ignore_errors=True)
-    raise
-  return out_dir
+
+  return fileio.write_directory_atomically(out_dir, fill)
 
 
 def export_params(config: ml_collections.ConfigDict, params, out_dir: str | os.PathLike,
@@ -600,9 +585,12 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
     if not (out_dir / MANIFEST_FILE).is_file():
       raise flat_head.FlatHeadError(f"{out_dir} exists and is not an exported model; "
                                     "not replacing it")
-    shutil.rmtree(out_dir)
-  out_dir.mkdir(parents=True)
-  for name in MODEL_FILES:
-    shutil.copy2(model_dir / name, out_dir / name)
-  shutil.copytree(head_dir, out_dir / flat_head.FLAT_HEAD_DIR)
-  return out_dir
+  if not out_dir.absolute().parent.is_dir():
+    raise flat_head.FlatHeadError(f"cannot write {out_dir}: its directory does not exist")
+
+  def fill(temp_dir: Path) -> None:
+    for name in MODEL_FILES:
+      shutil.copy2(model_dir / name, temp_dir / name)
+    shutil.copytree(head_dir, temp_dir / flat_head.FLAT_HEAD_DIR)
+
+  return fileio.write_directory_atomically(out_dir, fill)

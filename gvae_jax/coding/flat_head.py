@@ -18,8 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ import ml_collections
 from flax import serialization
 
 from gvae_jax import config as config_lib
+from gvae_jax import fileio
 from gvae_jax.errors import UserError
 from gvae_jax.models import build_model
 from gvae_jax.models.flat_base import tap_offsets
@@ -96,27 +95,16 @@ def write_flat_head(config: ml_collections.ConfigDict, params, out_dir: str | os
   manifest = {"format": FLAT_HEAD_FORMAT, "format_version": FLAT_HEAD_FORMAT_VERSION,
               "fingerprint": fingerprint_of(params_bytes, config).hex(), "model": MODEL_NAME,
               **(extra_manifest or {})}
-  parent = out_dir.absolute().parent
-  parent.mkdir(parents=True, exist_ok=True)
-  temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=parent))
-  try:
+  if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
+    raise FlatHeadError(f"{out_dir} exists and is not a flat head; not replacing it")
+  out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
+
+  def fill(temp: Path) -> None:
     (temp / PARAMS_FILE).write_bytes(params_bytes)
     (temp / CONFIG_FILE).write_text(config_lib.to_json(config))
     (temp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    os.chmod(temp, 0o755)
-    if out_dir.exists():
-      if not (out_dir / MANIFEST_FILE).is_file():
-        raise FlatHeadError(f"{out_dir} exists and is not a flat head; not replacing it")
-      old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=parent))
-      os.rename(out_dir, old / "head")
-      os.rename(temp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(temp, out_dir)
-  except BaseException:
-    shutil.rmtree(temp, ignore_errors=True)
-    raise
-  return out_dir
+
+  return fileio.write_directory_atomically(out_dir, fill)
 
 
 def build_flat_head(config: ml_collections.ConfigDict, params, manifest: dict | None = None

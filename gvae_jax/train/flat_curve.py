@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gvae_jax.errors import UserError
+from gvae_jax.errors import UserError, report_user_errors
 
 
 def estimate_curve(workdir: str | Path, images: list[np.ndarray], taus: list[int],
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     return 0
   if not args.images:
     parser.error("--images is required")
-  try:
+  def run() -> None:
     from gvae_jax import image_io
     from gvae_jax.eval.harness import list_images
 
@@ -108,10 +108,8 @@ def main(argv=None) -> int:
                                           "rows": rows}, indent=2) + "\n")
     if args.plot:
       plot(rows, args.taus, args.plot)
-  except UserError as e:
-    print(f"gvae: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+
+  return report_user_errors(run)
 
 
 if __name__ == "__main__":

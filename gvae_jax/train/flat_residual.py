@@ -58,7 +58,7 @@ from flax.training import train_state
 
 from gvae_jax import config as config_lib
 from gvae_jax.coding import flat_head
-from gvae_jax.errors import UserError
+from gvae_jax.errors import report_user_errors
 from gvae_jax.entropy import logistic_mixture as lm
 from gvae_jax.models import build_model
 from gvae_jax.models.flat_base import FLAT_BASE_VALUE, PATCH, R_MAX, R_MIN, tap_offsets
@@ -344,13 +344,8 @@ def main(argv=None) -> int:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--stop-after-steps", type=int, default=None)
   args, overrides = parser.parse_known_args(argv)
-  try:
-    config = config_lib.load_config(args.config, overrides)
-    train(config, args.workdir, args.stop_after_steps)
-  except UserError as e:
-    print(f"gvae: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return report_user_errors(lambda: train(config_lib.load_config(args.config, overrides),
+                                          args.workdir, args.stop_after_steps))
 
 
 if __name__ == "__main__":
