@@ -68,7 +68,8 @@ def _assert_no_deprecation_from_the_project(caught):
 
 
 @pytest.mark.isolated
-def test_loss_drops_and_checkpoints_are_written(repo_root, image_folder, tmp_path):
+def test_loss_drops_checkpoints_are_written_and_other_models_are_refused(repo_root, image_folder,
+                                                                       tmp_path):
   config = tiny_config(repo_root, image_folder, num_steps=20, checkpoint_every=10)
   initial = train.create_train_state(
       jax.random.split(jax.random.PRNGKey(config.train.seed))[0], config, build_model(config))
@@ -82,35 +83,15 @@ def test_loss_drops_and_checkpoints_are_written(repo_root, image_folder, tmp_pat
   saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert saved == [10, 20]
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  # The workdir now belongs to this model: another one is refused, naming the difference.
+  config.model.n = 16
+  with pytest.raises(checkpoints.IncompatibleWorkdirError, match="model.n"):
+    train.train_and_evaluate(config, tmp_path, progress=False)
 
 
 def _assert_same_params(a, b):
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.isolated
-def test_interrupted_run_resumes_to_the_same_parameters(repo_root, image_folder, tmp_path):
-  config = tiny_config(repo_root, image_folder)
-  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
-  first = train.train_and_evaluate(config, tmp_path / "resumed", stop_after_steps=3,
-                                   progress=False)
-  assert int(first.step) == 3
-  with warnings.catch_warnings(record=True) as caught:  # the restore path
-    warnings.simplefilter("always")
-    resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
-  _assert_no_deprecation_from_the_project(caught)
-  assert int(resumed.step) == config.train.num_steps
-  _assert_same_params(straight.params, resumed.params)
-
-
-@pytest.mark.isolated
-def test_incompatible_workdir_is_refused(repo_root, image_folder, tmp_path):
-  config = tiny_config(repo_root, image_folder, num_steps=3)
-  train.train_and_evaluate(config, tmp_path, progress=False)
-  config.model.n = 16
-  with pytest.raises(checkpoints.IncompatibleWorkdirError, match="model.n"):
-    train.train_and_evaluate(config, tmp_path, progress=False)
 
 
 def test_cli_reports_bad_input_without_traceback(repo_root, tmp_path):
@@ -135,11 +116,16 @@ def test_cli_reports_bad_input_without_traceback(repo_root, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.isolated
-def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, tmp_path):
+def test_stopped_and_killed_runs_resume_to_the_uninterrupted_parameters(repo_root, image_folder,
+                                                                       tmp_path):
+  # One run, interrupted twice: stopped early in-process, resumed by the CLI and SIGKILLed
+  # there, then resumed in-process to the end. It must match an uninterrupted run.
   config = tiny_config(repo_root, image_folder, num_steps=30, checkpoint_every=5)
   straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
 
-  workdir = tmp_path / "killed"
+  workdir = tmp_path / "interrupted"
+  first = train.train_and_evaluate(config, workdir, stop_after_steps=10, progress=False)
+  assert int(first.step) == 10
   cmd = [sys.executable, "-m", "gvae_jax", "train", "--config", "experiments/configs/tiny.py",
          "--workdir", str(workdir), "--no-progress", f"--config.data.folder={image_folder}",
          "--config.eval.folder=", "--config.train.num_steps=30",
@@ -149,16 +135,21 @@ def test_sigkill_and_restart_matches_uninterrupted_run(repo_root, image_folder, 
   deadline = time.time() + 240
   ckpt = workdir / "checkpoints"
   while time.time() < deadline and proc.poll() is None:
-    if ckpt.is_dir() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpt.iterdir()):
+    if any(p.name.isdigit() and int(p.name) >= 20 for p in ckpt.iterdir()):
       break
     time.sleep(0.05)
   killed_midway = proc.poll() is None
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   assert killed_midway, "the run finished before it could be killed"
-  subprocess.run(cmd, cwd=repo_root, check=True, timeout=300, capture_output=True)
+  with warnings.catch_warnings(record=True) as caught:  # the restore path
+    warnings.simplefilter("always")
+    resumed = train.train_and_evaluate(config, workdir, progress=False)
+  _assert_no_deprecation_from_the_project(caught)
+  assert int(resumed.step) == 30
   params, step = checkpoints.restore_params(workdir)
   assert step == 30
+  _assert_same_params(straight.params, resumed.params)
   _assert_same_params(straight.params, params)
 
 
