@@ -14,7 +14,9 @@ another order (two half-channel convolutions added) gives the same bits.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -29,8 +31,6 @@ DTYPES = ("float32", "float64", "int32")
 
 def child(size: int, channels: int, kernel: int, activation_bits: int, weight_bits: int,
           repeats: int) -> dict:
-  import hashlib
-
   import jax
   jax.config.update("jax_enable_x64", True)
   import jax.numpy as jnp
@@ -81,11 +81,11 @@ def main(argv=None) -> int:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default=str(REPO / "benchmarks/results/exact_conv.json"))
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)
-  shape = (args.size, args.channels, args.kernel, args.activation_bits, args.weight_bits,
-           args.repeats)
   if args.child:
-    print(json.dumps(child(*shape)))
+    print(json.dumps(child(args.size, args.channels, args.kernel, args.activation_bits,
+                           args.weight_bits, args.repeats)))
     return 0
   terms = args.kernel**2 * args.channels
   bound = 2**(args.activation_bits - 1) * 2**(args.weight_bits - 1) * terms
@@ -93,12 +93,9 @@ def main(argv=None) -> int:
   for isa in ISAS:
     flags = "" if isa == "native" else f"--xla_cpu_max_isa={isa}"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    result = subprocess.run([sys.executable, __file__, "--child", "--size", str(args.size),
-                             "--channels", str(args.channels), "--kernel", str(args.kernel),
-                             "--activation-bits", str(args.activation_bits),
-                             "--weight-bits", str(args.weight_bits),
-                             "--repeats", str(args.repeats)],
-                            env=env, capture_output=True, text=True, check=True)
+    # The child parses the same arguments (jax starts there, with this ISA).
+    result = subprocess.run([sys.executable, __file__, *argv, "--child"], env=env,
+                            capture_output=True, text=True, check=True)
     runs[isa] = json.loads(result.stdout.strip().splitlines()[-1])
   same_bits = {name: len({runs[isa][name]["sha256"] for isa in ISAS}) == 1 for name in DTYPES}
   reorder_safe = {name: all(runs[isa][name]["same_bits_when_reordered"] for isa in ISAS)
@@ -106,10 +103,10 @@ def main(argv=None) -> int:
   report = {
       "benchmark": "exact_conv",
       "machine": platform.machine(), "cpus": os.cpu_count(),
-      "command": "python benchmarks/exact_conv.py " + " ".join(argv or sys.argv[1:]),
+      "command": " ".join(["python benchmarks/exact_conv.py", *argv]),
       "input": {"size": args.size, "channels": args.channels, "kernel": args.kernel,
                 "activation_bits": args.activation_bits, "weight_bits": args.weight_bits},
-      "largest_possible_sum_log2": round(float(__import__("math").log2(bound)), 2),
+      "largest_possible_sum_log2": round(math.log2(bound), 2),
       "runs": runs,
       "same_bits_on_every_isa": same_bits,
       "same_bits_in_another_summation_order": reorder_safe,
