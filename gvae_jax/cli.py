@@ -99,9 +99,11 @@ def _export(args, overrides):
 def _attach_flat(args, overrides):
   from gvae_jax.coding import export
 
-  out = export.attach_flat_head(args.model, args.flat_head, args.out, force=args.force)
+  out = export.attach_flat_head(args.model, args.flat_head, args.out, force=args.force,
+                                exact=args.exact)
   model = export.load_model(out)
-  print(f"{out}: {model.name} with flat head (step {model.flat.manifest.get('step')}): "
+  kind = "exact flat head" if model.flat.exact is not None else "flat head"
+  print(f"{out}: {model.name} with {kind} (step {model.flat.manifest.get('step')}): "
         f"fingerprint {model.fingerprint.hex()}")
 
 
@@ -247,7 +249,7 @@ def _tau_note(header) -> str:
 
   if header.mode == Mode.STORED:
     return ", lossless (pixels stored: smaller than coding them)"
-  if header.mode not in (Mode.RESIDUAL, Mode.FLAT_RESIDUAL):
+  if header.mode not in (Mode.RESIDUAL, Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL):
     return ""
   return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
 
@@ -257,7 +259,10 @@ def _base_note(header) -> str:
 
   return {Mode.LOSSY: "none (lossy file)",
           Mode.RESIDUAL: f"lossy layer at rate s {header.rate:.9g}",
-          Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)"}[header.mode]
+          Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)",
+          Mode.EXACT_FLAT_RESIDUAL: "flat (every value 128; no lossy layer), coded in "
+                                    "exact integer arithmetic (decodes alike on every "
+                                    "platform)"}[header.mode]
 
 
 def _write_png(path: str, pixels, overwrite: bool) -> None:
@@ -358,7 +363,7 @@ def _section_names(header, count: int) -> list[str]:
   if header.mode == Mode.STORED:
     return ["pixels (zlib)"] if count == 1 else [""] * count
   residual = ["residual side info", "residual streams", "pixel check"]
-  if header.mode == Mode.FLAT_RESIDUAL:
+  if header.mode in (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL):
     names = residual
   else:
     names = ["z", "y"] + (residual if header.mode == Mode.RESIDUAL else [])
@@ -508,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--flat-head", required=True, help="flat head directory (written by "
                  "python -m gvae_jax.train.flat_residual)")
   p.add_argument("--out", required=True, help="model directory to create")
+  p.add_argument("--exact", action="store_true", help="convert the head to exact integer "
+                 "arithmetic: its files decode to the same pixels on every platform "
+                 "(docs/decoding.md, Exact decoding)")
   p.add_argument("--force", action="store_true", help="replace an existing exported model")
   p.set_defaults(run=_attach_flat)
 

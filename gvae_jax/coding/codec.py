@@ -60,6 +60,9 @@ flat head, ExportedModel.flat): no lossy layer; x_base = 128 everywhere and
 u = the tap availability flags of gvae_jax.models.flat_base, and the same
 residual coder codes x - 128 within tau with the flat head. Header rate 0.
 Three sections: [residual side information, residual streams, check].
+With an exact flat head (gvae_jax.coding.exact_head) the same layer is coded
+in exact integer arithmetic, as mode EXACT_FLAT_RESIDUAL (format version 3),
+which decodes to the same pixels on every platform.
 Choosing the base (`encode_residual`, base="auto"): the encoder estimates
 both files (the flat one: the flat head's one-pass bits; the lossy-base one:
 choose_rate's smallest estimate, or the estimate at the given rate) and
@@ -399,6 +402,7 @@ class _FlatView:
   """What residual_codec reads of a model, for the flat head (hashable by identity)."""
   residual_model: object
   residual_params: object
+  exact: object = None  # gvae_jax.coding.exact_head.ExactHead: exact arithmetic
   is_scalable: bool = True
 
 
@@ -410,7 +414,7 @@ def _flat_view(model) -> _FlatView:
   head = getattr(model, "flat", None) or model
   view = _FLAT_VIEWS.get(head)
   if view is None:
-    view = _FlatView(head.model, head.params)
+    view = _FlatView(head.model, head.params, head.exact)
     _FLAT_VIEWS[head] = view
   return view
 
@@ -451,7 +455,8 @@ def encode_flat(model: ExportedModel, pixels, tau,
   base, u = _flat_base(model, height, width)
   layer = residual_codec.encode(_flat_view(model), coder, rgb, base, u, tau, profile)
   sections = [layer.side_info, layer.streams, _pixel_check(_residual_pixels(base, layer.r_hat))]
-  header = Header(fingerprint=model.fingerprint, mode=Mode.FLAT_RESIDUAL, rate=0.0, tau=tau,
+  mode = Mode.FLAT_RESIDUAL if model.flat.exact is None else Mode.EXACT_FLAT_RESIDUAL
+  header = Header(fingerprint=model.fingerprint, mode=mode, rate=0.0, tau=tau,
                   height=height, width=width, channels=channels, coder_id=coder.coder_id)
   empty = np.zeros((0,), np.int32)
   return Encoded(container.pack(header, sections), header, empty, empty, empty, None, layer,
@@ -530,10 +535,14 @@ def _check_header_for_model(model: ExportedModel, header: Header,
   if header.mode in container.RESIDUAL_MODES and not model.is_scalable:
     raise FormatError(f"mode {header.mode.name} needs a scalable model; {model.name} is "
                       "lossy-only")
-  if header.mode == Mode.FLAT_RESIDUAL and model.flat is None:
+  if header.mode in container.FLAT_MODES and model.flat is None:
     raise FormatError("this file codes its residual on a flat base and needs a model with a "
                       f"flat head; {model.name} has none")
-  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL, Mode.FLAT_RESIDUAL):
+  if header.mode in container.FLAT_MODES and (
+      (header.mode == Mode.EXACT_FLAT_RESIDUAL) != (model.flat.exact is not None)):
+    raise FormatError(f"invalid header: mode {header.mode.name} with a flat head that is "
+                      f"{'not ' if model.flat.exact is None else ''}exact")
+  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL) + container.FLAT_MODES:
     raise FormatError(f"mode {header.mode.name} is not supported by this decoder")
   if header.channels not in (1, 3):
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
@@ -541,6 +550,7 @@ def _check_header_for_model(model: ExportedModel, header: Header,
       Mode.LOSSY: (NUM_SECTIONS, "lossy", None),
       Mode.RESIDUAL: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION),
       Mode.FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
+      Mode.EXACT_FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
   }[header.mode]
   if len(sections) != expected:
     raise FormatError(f"a {kind} file has {expected} sections, this one {len(sections)}")
@@ -614,7 +624,7 @@ def decode(model: ExportedModel, data: bytes,
     return _decode_stored(model, header, sections)
   s_value = _check_header_for_model(model, header, sections)
   coder = get_coder(header.coder_id)
-  if header.mode == Mode.FLAT_RESIDUAL:
+  if header.mode in container.FLAT_MODES:
     return _decode_flat(model, header, sections, coder, profile)
   s = jnp.full((1,), s_value, jnp.float32)
   z_shape, y_shape = _latent_shapes(model.lossy_model, header.height, header.width)
@@ -637,13 +647,22 @@ def decode(model: ExportedModel, data: bytes,
   return Decoded(_to_channels(pixels, header), header, z_np, y_np, index_np, layer, base)
 
 
-def _verify_pixels(pixels: np.ndarray, check: bytes) -> None:
-  if _pixel_check(pixels) != check:
+def _verify_pixels(pixels: np.ndarray, check: bytes, exact: bool = False) -> None:
+  """CodingError saying what a mismatch can mean (the container's CRC already held,
+  so the bytes are the ones written)."""
+  if _pixel_check(pixels) == check:
+    return
+  if exact:
     raise CodingError(
-        "the decoded pixels do not match the file's checksum: the file was written by "
-        "another gvae-jax version, or on a machine whose floating-point results differ "
-        "from this one's (residual files decode only on the same kind of CPU and "
-        "software; README, Portability), or it was altered")
+        "the decoded pixels do not match the file's checksum, although the file's CRC holds "
+        "and this mode decodes alike on every platform: the encoder that wrote it does not "
+        "match this decoder (another gvae-jax version), or the file was crafted")
+  raise CodingError(
+      "the decoded pixels do not match the file's checksum, although the file's CRC holds: "
+      "the file was written by another gvae-jax version, or on a machine whose "
+      "floating-point results differ from this one's (this mode decodes only on the same "
+      "kind of CPU and software; README, Portability; exact flat files do not have this "
+      "limit)")
 
 
 def _to_channels(pixels: np.ndarray, header: Header) -> np.ndarray:
@@ -661,7 +680,7 @@ def _decode_flat(model: ExportedModel, header: Header, sections: list[bytes], co
                                         sections[FLAT_SIDE_INFO_SECTION],
                                         sections[FLAT_STREAMS_SECTION], base, u, header.tau,
                                         profile)
-  _verify_pixels(pixels, sections[FLAT_CHECK_SECTION])
+  _verify_pixels(pixels, sections[FLAT_CHECK_SECTION], header.mode == Mode.EXACT_FLAT_RESIDUAL)
   empty = np.zeros((0,), np.int32)
   return Decoded(_to_channels(pixels, header), header, empty, empty, empty, layer, base)
 

@@ -1,20 +1,22 @@
 """The `.gvae` file format: a fixed header, a section table, a CRC, payload.
 
-All integers are little-endian. Format version 2 (version 1 is the same
-without mode 2):
+All integers are little-endian. Format version 3 (version 2 is the same
+without mode 4, version 1 without modes 2 to 4):
 
   offset    size  type    field
   0         4     bytes   magic b"GVAE"
-  4         1     u8      format version (1 or 2: the lowest that has the mode)
+  4         1     u8      format version (1 to 3: the lowest that has the mode)
   5         1     u8      mode: 0 lossy, 1 residual on the lossy layer
                           (near-lossless / lossless), 2 residual on a flat
                           base x_base = 128 (no lossy layer; version 2 only),
                           3 stored (the pixels, zlib-deflated; lossless;
-                          version 2 only)
+                          version 2 on), 4 residual on a flat base coded
+                          by the exact head (mode 2's sections; decodes
+                          alike on every platform; version 3 on)
   6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
-  24        8     f64     rate s (finite, >= 0; 0 in mode 2)
+  24        8     f64     rate s (finite, >= 0; 0 in modes 2 to 4)
   32        2     u16     tau: residual error bound (0 for lossy)
   34        4     u32     image height (>= 1)
   38        4     u32     image width (>= 1; height * width <= 2**28)
@@ -26,8 +28,8 @@ without mode 2):
 
 Writers give a file the lowest version that has its mode, so lossy and
 lossy-base residual files are byte for byte what version 1 wrote (and
-version-1 readers still read them); a version-1 file claiming mode 2 is
-refused.
+version-1 readers still read them), flat and stored ones what version 2
+wrote; a file claiming a mode newer than its version is refused.
 
 `unpack` raises FormatError for any malformed input and never anything else
 (for bytes-like input); it runs in time linear in the input and never trusts
@@ -53,8 +55,8 @@ from typing import Sequence
 from gvae_jax.errors import UserError
 
 MAGIC = b"GVAE"
-FORMAT_VERSION = 2  # the newest this module reads and writes
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest this module reads and writes
+SUPPORTED_VERSIONS = (1, 2, 3)
 FINGERPRINT_SIZE = 16
 MAX_SECTIONS = 64
 MAX_PIXELS = 2**28
@@ -77,11 +79,16 @@ class Mode(enum.IntEnum):
   # code in more bits than that, e.g. 1 pixel high (padding to 64 rows costs
   # 64x). Version 2.
   STORED = 3
+  # FLAT_RESIDUAL's layer coded with exact integer arithmetic
+  # (gvae_jax.coding.exact_head): decodes alike on every platform. Version 3.
+  EXACT_FLAT_RESIDUAL = 4
 
 
 # The first format version with each mode (what the writer uses).
-MODE_VERSION = {Mode.LOSSY: 1, Mode.RESIDUAL: 1, Mode.FLAT_RESIDUAL: 2, Mode.STORED: 2}
-RESIDUAL_MODES = (Mode.RESIDUAL, Mode.FLAT_RESIDUAL)
+MODE_VERSION = {Mode.LOSSY: 1, Mode.RESIDUAL: 1, Mode.FLAT_RESIDUAL: 2, Mode.STORED: 2,
+                Mode.EXACT_FLAT_RESIDUAL: 3}
+FLAT_MODES = (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL)
+RESIDUAL_MODES = (Mode.RESIDUAL,) + FLAT_MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +118,7 @@ def _header_problem(header: Header) -> str | None:
     return f"tau {header.tau} not in [0, 65535]"
   if header.mode in (Mode.LOSSY, Mode.STORED) and header.tau != 0:
     return f"tau must be 0 in {header.mode.name.lower()} mode"
-  if header.mode == Mode.FLAT_RESIDUAL and header.rate != 0:
+  if header.mode in FLAT_MODES and header.rate != 0:
     return "rate must be 0 with a flat base"
   if not (math.isfinite(header.rate) and header.rate >= 0):
     return f"rate {header.rate} must be finite and >= 0"

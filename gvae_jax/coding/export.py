@@ -91,7 +91,7 @@ from scipy import special
 
 from gvae_jax import config as config_lib
 from gvae_jax import fileio
-from gvae_jax.coding import container, flat_head
+from gvae_jax.coding import container, exact_head, flat_head
 from gvae_jax.entropy import asymmetric_gaussian, gaussian
 from gvae_jax.entropy.cdf_tables import CdfTable
 from gvae_jax.errors import UserError
@@ -571,14 +571,17 @@ def attach(exported: "ExportedModel", head) -> "ExportedModel":
 
 
 def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
-                     out_dir: str | os.PathLike, force: bool = False) -> Path:
-  """Copies scalable model `model_dir` to `out_dir` with `head_dir` as its flat head."""
+                     out_dir: str | os.PathLike, force: bool = False,
+                     exact: bool = False) -> Path:
+  """Copies scalable model `model_dir` to `out_dir` with `head_dir` as its flat head;
+  exact: converted to exact integer arithmetic (gvae_jax.coding.exact_head), so its
+  files decode alike on every platform."""
   model_dir, out_dir = Path(model_dir), Path(out_dir)
   base = load_model(model_dir)  # checks it
   if not base.is_scalable:
     raise flat_head.FlatHeadError(f"{model_dir} is lossy-only: a flat head needs a "
                                   "scalable model")
-  flat_head.load_flat_head(head_dir)  # checks it
+  head = flat_head.load_flat_head(head_dir)  # checks it
   if out_dir.exists():
     if not force:
       raise flat_head.FlatHeadError(f"{out_dir} already exists; pass --force to replace it")
@@ -591,6 +594,15 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
   def fill(temp_dir: Path) -> None:
     for name in MODEL_FILES:
       shutil.copy2(model_dir / name, temp_dir / name)
-    shutil.copytree(head_dir, temp_dir / flat_head.FLAT_HEAD_DIR)
+    if exact and head.exact is None:
+      kept = {k: v for k, v in head.manifest.items()
+              if k not in ("format", "format_version", "fingerprint", "model", "exact")}
+      flat_head.write_flat_head(head.config, head.params, temp_dir / flat_head.FLAT_HEAD_DIR,
+                                kept, exact=True)
+    else:
+      shutil.copytree(head_dir, temp_dir / flat_head.FLAT_HEAD_DIR)
 
-  return fileio.write_directory_atomically(out_dir, fill)
+  try:
+    return fileio.write_directory_atomically(out_dir, fill)
+  except exact_head.ConversionError as e:
+    raise flat_head.FlatHeadError(f"{head_dir} cannot be converted: {e}") from None

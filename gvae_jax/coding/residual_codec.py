@@ -59,6 +59,7 @@ from gvae_jax.coding.residual_cdfs import (PRECISION, choose_windows, coarse_cdf
 from gvae_jax.coding.residual_layout import parse_side_info, write_side_info
 from gvae_jax.coding.residual_plan import (CHANNELS, PATCH, WINDOWS, StepPlan, group_size,
                                            plan_steps, quantize, window_size)
+from gvae_jax.entropy import exact_mixture as em
 from gvae_jax.entropy import logistic_mixture as lm
 from gvae_jax.models.residual import ResidualModel
 
@@ -140,6 +141,32 @@ def _host_rows(rows, n: int, rising, inside=None) -> np.ndarray:
   return rows if rising else make_rising(rows)
 
 
+def _code_channel(coding: _Coding, timing, number: int, channel: int, n: int, window: int,
+                  count: int, coarse_rows, fine_rows) -> np.ndarray:
+  """The value indexes [n] of one (step, channel): its coarse rows and symbols, then
+  with two levels the fine ones. coarse_rows() -> (host rows [n], window starts [n]);
+  fine_rows(groups, inside) -> host rows of the pixels `inside` their window."""
+  group = group_size(window)
+  rows, starts = coarse_rows()
+  symbols, escaped = timing.run("coder", coding.coarse, number, channel, rows, starts, group,
+                                window)
+  timing.count("coder_calls")
+  timing.count("symbols", n)
+  inside = symbols >= 0
+  indexes = starts + group * symbols
+  if group > 1:
+    rows = fine_rows(np.where(inside, symbols, 0), inside)
+    fine = timing.run("coder", coding.fine, number, channel, rows, starts[inside],
+                      symbols[inside], group)
+    timing.count("coder_calls")
+    indexes[inside] += fine
+  indexes[~inside] = escaped
+  if np.any(indexes < 0) or np.any(indexes >= count):
+    raise CodingError(f"residual stream of step {number}, channel {channel} decodes to "
+                      "values outside the symbol range; file is corrupt")
+  return indexes
+
+
 def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np.ndarray,
                 q_high: np.ndarray, windows: np.ndarray, coding: _Coding,
                 profile: Profile | None = None, mixtures=None) -> np.ndarray:
@@ -148,20 +175,23 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
   mixtures(number) -> the step's `step_mixture` output (the encoder's, from its
   first pass); None: computed here from the decoded values (the decoder).
   """
+  b = 2 * tau + 1
+  counts = (q_high.astype(np.int64) - q_low + 1)
+  r_hat = np.zeros((plan.height * plan.width, CHANNELS), np.int32)
+  if not np.any(counts > 1):  # every value is known from the side information
+    r_hat[:] = np.asarray(q_low, np.int32) * b
+    return r_hat
+  if getattr(exported, "exact", None) is not None:
+    return _code_steps_exact(exported, plan, u_flat, tau, q_low, counts, windows, coding,
+                             profile, mixtures)
   residual = exported.residual_model
   taps = context_taps(exported)
   corrected, tau_h = head_tau(residual, tau)
-  b = 2 * tau + 1
-  counts = (q_high.astype(np.int64) - q_low + 1)
   tau_j, tau_head_j = jnp.int32(tau), jnp.int32(tau_h)
   lows = [jnp.int32(v) for v in q_low]
   sizes = [jnp.int32(v) for v in counts]
   channel_ids = [jnp.int32(c) for c in range(CHANNELS)]
   tap_shift = jnp.asarray(plan.tap_shift, jnp.int32)
-  r_hat = np.zeros((plan.height * plan.width, CHANNELS), np.int32)
-  if not np.any(counts > 1):  # every value is known from the side information
-    r_hat[:] = np.asarray(q_low, np.int32) * b
-    return r_hat
   buffer = jnp.zeros((plan.cells, CHANNELS), jnp.float32) if mixtures is None else None
   network = functools.partial(step_mixture, residual, corrected, exported.residual_params,
                               taps.weights, taps.bias, tap_shift)
@@ -181,27 +211,21 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
       window = int(windows[channel])
       group = group_size(window)
       args = (mixture, pixel.copy(), channel_ids[channel], lows[channel], sizes[channel], tau_j)
-      rows, starts_j, rising = timing.run("cdf", coarse_cdf, window, group, *args)
-      rows, starts = timing.run("cdf", _host_rows, rows, n, rising), np.asarray(starts_j)[:n]
-      symbols, escaped = timing.run("coder", coding.coarse, number, channel, rows, starts, group,
-                                    window)
-      timing.count("coder_calls")
-      timing.count("symbols", n)
-      inside = symbols >= 0
-      indexes = starts + group * symbols
-      if group > 1:
-        groups = np.zeros(step.bucket, np.int32)
-        groups[:n] = np.where(inside, symbols, 0)
-        rows, rising = timing.run("cdf", fine_cdf, window, group, *args, starts_j, groups)
-        rows = timing.run("cdf", _host_rows, rows, n, rising, inside)
-        fine = timing.run("coder", coding.fine, number, channel, rows, starts[inside],
-                          symbols[inside], group)
-        timing.count("coder_calls")
-        indexes[inside] += fine
-      indexes[~inside] = escaped
-      if np.any(indexes < 0) or np.any(indexes >= counts[channel]):
-        raise CodingError(f"residual stream of step {number}, channel {channel} decodes to "
-                          "values outside the symbol range; file is corrupt")
+      starts_j = None
+
+      def coarse_rows():
+        nonlocal starts_j
+        rows, starts_j, rising = timing.run("cdf", coarse_cdf, window, group, *args)
+        return timing.run("cdf", _host_rows, rows, n, rising), np.asarray(starts_j)[:n]
+
+      def fine_rows(groups, inside):
+        padded = np.zeros(step.bucket, np.int32)
+        padded[:n] = groups
+        rows, rising = timing.run("cdf", fine_cdf, window, group, *args, starts_j, padded)
+        return timing.run("cdf", _host_rows, rows, n, rising, inside)
+
+      indexes = _code_channel(coding, timing, number, channel, n, window, int(counts[channel]),
+                              coarse_rows, fine_rows)
       pixel[:n, channel] = (indexes + q_low[channel]) * b
     r_hat[step.image_index] = pixel[:n]
     if buffer is not None:
@@ -210,10 +234,70 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
   return r_hat
 
 
+def _exact_network(exported, plan: StepPlan, u_host: np.ndarray, tau: int):
+  """mixture(step, buffer) of the exact head (gvae_jax.coding.exact_head) at a step's
+  pixels, from the decoded values in `buffer` (int32 [cells, 3])."""
+  exact = exported.exact
+  corrected, tau_h = head_tau(exported.residual_model, tau)
+
+  def mixture(step, buffer):
+    context = buffer[step.cell_index[:, None] + plan.tap_shift[None, :]]  # [n, taps, 3]
+    u = u_host[step.u_index[:step.count]]
+    return exact.mixture(context.reshape(step.count, -1), u, tau_h, corrected)
+
+  return mixture
+
+
+def _code_steps_exact(exported, plan: StepPlan, u_flat, tau: int, q_low: np.ndarray,
+                      counts: np.ndarray, windows: np.ndarray, coding: _Coding,
+                      profile: Profile | None, mixtures) -> np.ndarray:
+  """`_code_steps` with the exact head: the same steps, windows, rows and coder
+  calls, every number from exact integer arithmetic (gvae_jax.entropy.exact_mixture)."""
+  tables = exported.exact.tables
+  b = 2 * tau + 1
+  r_hat = np.zeros((plan.height * plan.width, CHANNELS), np.int32)
+  buffer = np.zeros((plan.cells, CHANNELS), np.int32) if mixtures is None else None
+  network = _exact_network(exported, plan, np.asarray(u_flat), tau)
+  timing = _timing(profile)
+  for number, step in enumerate(plan.steps):
+    mixture = timing.run("network", network, step, buffer) if mixtures is None else (
+        timing.run("network", mixtures, number))
+    n = step.count
+    pixel = np.zeros((n, CHANNELS), np.int64)
+    for channel in range(CHANNELS):
+      if counts[channel] == 1:
+        pixel[:, channel] = q_low[channel] * b
+        continue
+      window = int(windows[channel])
+      group = group_size(window)
+      args = (mixture, pixel, channel, int(q_low[channel]), int(counts[channel]), tau)
+      starts = None
+
+      def coarse_rows():
+        nonlocal starts
+        rows, starts = timing.run("cdf", em.coarse_rows, window, group, *args, tables)
+        return rows, starts
+
+      def fine_rows(groups, inside):
+        rows = timing.run("cdf", em.fine_rows, window, group, *args, starts, groups, tables)
+        return rows[inside]
+
+      indexes = _code_channel(coding, timing, number, channel, n, window, int(counts[channel]),
+                              coarse_rows, fine_rows)
+      pixel[:, channel] = (indexes + q_low[channel]) * b
+    r_hat[step.image_index] = pixel
+    if buffer is not None:
+      buffer[step.cell_index] = pixel
+    timing.count("steps")
+  return r_hat
+
+
 def _first_pass(exported, plan: StepPlan, u_flat: jax.Array, tau: int, r_hat: np.ndarray,
                 profile: Profile | None = None):
   """(bits [3], mass outside each window [windows, 3], mixtures(number)) of the
   encoder: every step's mixture with the decoder's `step_mixture` (module doc)."""
+  if getattr(exported, "exact", None) is not None:
+    return _first_pass_exact(exported, plan, u_flat, tau, r_hat, profile)
   residual = exported.residual_model
   taps = context_taps(exported)
   corrected, tau_h = head_tau(residual, tau)
@@ -249,6 +333,39 @@ def _first_pass(exported, plan: StepPlan, u_flat: jax.Array, tau: int, r_hat: np
   outside = np.sum([np.asarray(o, np.float64) for _, o in stats], axis=0)
   return bits, outside, mixtures
 
+
+
+def _first_pass_exact(exported, plan: StepPlan, u_flat, tau: int, r_hat: np.ndarray,
+                      profile: Profile | None = None):
+  """`_first_pass` of the exact head: its mixtures from the full buffer (the decoder's,
+  as in the module doc), their bits and escapes from the float form of the same
+  mixtures (they only choose the windows, which the file states)."""
+  flat = r_hat.reshape(-1, CHANNELS)
+  buffer = np.zeros((plan.cells, CHANNELS), np.int32)
+  buffer[plan.pixel_cells] = flat
+  network = _exact_network(exported, plan, np.asarray(u_flat), tau)
+  tau_j = jnp.int32(tau)
+  low, high = (jnp.asarray(v, jnp.float32) for v in (flat.min(axis=0), flat.max(axis=0)))
+  size = flat.shape[0] * 5 * CHANNELS * exported.residual_model.components * 8
+  keep = size <= _KEEP_MIXTURES_BYTES
+  kept, stats = [], []
+  timing = _timing(profile)
+  for step, (_, count, _) in zip(plan.steps, plan.device_steps):
+    mixture = timing.run("network", network, step, buffer)
+    if keep:
+      kept.append(mixture)
+    padded = np.zeros(mixture.shape[:2] + (step.bucket,) + mixture.shape[3:], np.float32)
+    padded[:, :, :step.count] = em.as_float(mixture)
+    pixel = np.zeros((step.bucket, CHANNELS), np.float32)
+    pixel[:step.count] = flat[step.image_index]
+    stats.append(timing.run("stats", step_stats, padded, pixel, count, tau_j, low, high))
+
+  def mixtures(number):
+    return kept[number] if keep else network(plan.steps[number], buffer)
+
+  bits = np.sum([np.asarray(b, np.float64) for b, _ in stats], axis=0)
+  outside = np.sum([np.asarray(o, np.float64) for _, o in stats], axis=0)
+  return bits, outside, mixtures
 
 
 # --- Encoding and decoding. ---

@@ -292,7 +292,7 @@ def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate,
     encoded = codec.encode_residual(model, rgb, tau, tau_rate, base)
     chosen_at = None
   encoded_at = time.perf_counter()
-  flat = encoded.header.mode == container.Mode.FLAT_RESIDUAL
+  flat = encoded.header.mode in container.FLAT_MODES
   row["base"] = "flat" if flat else "lossy"
   decoded = codec.decompress(model, encoded.data)
   row.update(rate=float(encoded.header.rate), tau=tau, encode_seconds=encoded_at - start,

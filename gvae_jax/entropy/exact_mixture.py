@@ -1,0 +1,214 @@
+"""The logistic mixture's integer CDF rows in exact integer arithmetic (exact decoding).
+
+Everything here is int64 NumPy on integers, so its results are the same on
+every CPU, vector width and library build (docs/decoding.md, "Exact
+decoding"). The inputs are the exact head's raw outputs (fixed point with
+ACT_BITS fraction bits, gvae_jax.coding.exact_head); the nonlinearities are
+tables stored in the converted model (built once by `build_tables`, checked
+by `check_tables`), so not even the tables depend on the reader's libm.
+
+Fixed point (f = fraction bits):
+  raw outputs, means, edges    f = ACT_BITS (16)
+  mixture weights              exp, 2^16 for the largest component
+  inverse scales               f = INV_SCALE_BITS (20), log scale in [-7, 8]
+  AR coefficients (tanh)       f = COEF_BITS (16)
+  sigmoid                      f = SIG_BITS (24), argument in [-20, 20]
+Every table is on a 2^-8 grid of its argument and linearly interpolated
+(the remaining input bits are the fraction).
+
+Rows follow gvae_jax.coding.residual_cdfs (same windows, escapes, two levels
+and row layout) with its float fractions replaced by integer quotients: with
+F the mixture's CDF times D = (sum of weights) 2^SIG_BITS,
+
+  coarse   cdf[k] = 2 S k + floor((F_k - F_0) spare_W / D)
+  fine     A_f = 2 f + floor((F'_f - F'_0) spare_W / D),
+           cdf[f] = 2 f + floor(A_f spare_S / A_S)
+
+Every table is monotone, so F rises with the edge and every row rises
+strictly by construction. Bounds (in the comments where they bind):
+|edge - mean| < 2^30, inverse scale < 2^31, so the sigmoid argument (2^-36
+units) stays below 2^61; F < 2^43, and F spare < 2^59.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PRECISION = 16
+ACT_BITS = 16
+INV_SCALE_BITS = 20
+COEF_BITS = 16
+SIG_BITS = 24
+WEIGHT_ONE = 1 << 16  # the largest component's weight
+
+GRID_BITS = 8  # tables are on a 2^-8 grid of their argument
+SIG_RANGE = 20  # sigmoid(+-20) is within 2^-28 of 0 / 1
+EXP_RANGE = 24  # components more than 24 nats below the largest weigh 0
+LOG_SCALE_MIN, LOG_SCALE_MAX = -7, 8  # as logistic_mixture.LOG_SCALE_MIN; the upper end
+TANH_RANGE = 8
+MEAN_LIMIT = 1 << 29  # |conditional mean| in 2^-16 grey levels (garbage stays in bounds)
+
+TABLES = ("sigmoid", "exp", "inv_scale", "tanh")
+
+
+def build_tables() -> dict[str, np.ndarray]:
+  """The four tables (int64). Built once, at conversion, and stored with the model."""
+  g = 1 << GRID_BITS
+  z = np.arange(-SIG_RANGE * g, SIG_RANGE * g + 2, dtype=np.float64) / g  # + 1 for interpolation
+  sigmoid = np.rint((1 << SIG_BITS) / (1.0 + np.exp(-z)))
+  d = np.arange(EXP_RANGE * g + 1, dtype=np.float64) / g
+  exp = np.rint(WEIGHT_ONE * np.exp(-d))
+  exp[-1] = 0
+  log_s = np.arange(LOG_SCALE_MIN * g, LOG_SCALE_MAX * g + 1, dtype=np.float64) / g
+  inv_scale = np.rint((1 << INV_SCALE_BITS) * np.exp(-log_s))
+  t = np.arange(-TANH_RANGE * g, TANH_RANGE * g + 1, dtype=np.float64) / g
+  tanh = np.rint((1 << COEF_BITS) * np.tanh(t))
+  return {name: a.astype(np.int64) for name, a in
+          zip(TABLES, (sigmoid, exp, inv_scale, tanh))}
+
+
+def check_tables(tables: dict[str, np.ndarray]) -> None:
+  """ValueError unless the tables have the shapes and the monotonicity (and ranges)
+  the row construction's guarantees rest on."""
+  expected = {name: a.shape for name, a in build_tables().items()}
+  for name in TABLES:
+    a = tables.get(name)
+    if a is None or a.dtype != np.int64 or a.shape != expected[name]:
+      raise ValueError(f"exact table {name!r} is missing or has the wrong shape or type")
+  s, e, v, t = (tables[name] for name in TABLES)
+  if np.any(np.diff(s) < 0) or s[0] < 0 or s[-1] > (1 << SIG_BITS):
+    raise ValueError("exact sigmoid table is not a rising table in [0, 2^24]")
+  if np.any(np.diff(e) > 0) or e[0] != WEIGHT_ONE or e[-1] != 0:
+    raise ValueError("exact exp table is not a falling table from 2^16 to 0")
+  if np.any(np.diff(v) > 0) or v[-1] < 1 or v[0] >= (1 << 31):
+    raise ValueError("exact inverse-scale table is not a falling table in [1, 2^31)")
+  if np.any(np.diff(t) < 0) or np.any(np.abs(t) > (1 << COEF_BITS)):
+    raise ValueError("exact tanh table is not a rising table in [-2^16, 2^16]")
+
+
+def _lookup(table: np.ndarray, x: np.ndarray, low: int) -> np.ndarray:
+  """table at x (2^-16 fixed point; the table's grid starts at `low`), linearly
+  interpolated, x clipped to the grid. Monotone tables give monotone results."""
+  frac = ACT_BITS - GRID_BITS
+  u = np.clip(x - (low << ACT_BITS), 0, (table.size - 1) << frac)
+  j = u >> frac
+  below = table[j]
+  above = table[np.minimum(j + 1, table.size - 1)]
+  return below + (((above - below) * (u & ((1 << frac) - 1))) >> frac)  # step < 2^23
+
+
+def rshift_round(x: np.ndarray, bits: int) -> np.ndarray:
+  """round(x / 2^bits), halves up (exact integer arithmetic)."""
+  return (x + (1 << (bits - 1))) >> bits if bits > 0 else x
+
+
+def mixture(raw: np.ndarray, tables: dict[str, np.ndarray], components: int,
+            share_weights: bool, ar_on_errors: bool) -> np.ndarray:
+  """int64 [5, 3, N, K]: (weights, means, inverse scales, coefficient of R,
+  coefficient of G) per channel from raw outputs [N, P] (2^-16), the layout of
+  residual_cdfs.prepare. Mirrors logistic_mixture.split_params and
+  ResidualModel._reparameterise (mean_scale is folded into the weights at
+  conversion)."""
+  k, c = components, 3
+  n = raw.shape[0]
+  pos = 0
+
+  def take(m):
+    nonlocal pos
+    pos += m
+    return raw[:, pos - m:pos]
+
+  logits = np.broadcast_to(take(k)[:, None, :], (n, c, k)) if share_weights else (
+      take(c * k).reshape(n, c, k))
+  means = take(c * k).reshape(n, c, k)
+  log_scales = take(c * k).reshape(n, c, k)
+  coef_raw = take(3 * k).reshape(n, 3, k)
+  coeffs = _lookup(tables["tanh"], coef_raw, -TANH_RANGE)  # 2^-16
+  if ar_on_errors:  # means of G, B on the earlier channels' prediction errors
+    m_r, m_g, m_b = means[:, 0], means[:, 1], means[:, 2]
+    means = np.stack([m_r, m_g - rshift_round(coeffs[:, 0] * m_r, COEF_BITS),
+                      m_b - rshift_round(coeffs[:, 1] * m_r + coeffs[:, 2] * m_g, COEF_BITS)],
+                     axis=1)
+  gap = logits.max(axis=-1, keepdims=True) - logits  # >= 0
+  weights = _lookup(tables["exp"], gap, 0)
+  inv_scales = _lookup(tables["inv_scale"], log_scales, LOG_SCALE_MIN)
+  zero = np.zeros_like(coeffs[:, 0])
+  coef_r = np.stack([zero, coeffs[:, 0], coeffs[:, 1]], axis=1)
+  coef_g = np.stack([zero, zero, coeffs[:, 2]], axis=1)
+  parts = (weights, np.clip(means, -MEAN_LIMIT, MEAN_LIMIT), inv_scales, coef_r, coef_g)
+  return np.stack([np.moveaxis(np.asarray(a, np.int64), 1, 0) for a in parts])
+
+
+def as_float(mix: np.ndarray) -> np.ndarray:
+  """float32 [5, 3, N, K] in residual_cdfs.prepare's units (for the encoder's window
+  choice only, which is side information and need not be exact)."""
+  w, m, s, cr, cg = (mix[i].astype(np.float64) for i in range(5))
+  return np.stack([w / w.sum(-1, keepdims=True), m / (1 << ACT_BITS), s / (1 << INV_SCALE_BITS),
+                   cr / (1 << COEF_BITS), cg / (1 << COEF_BITS)]).astype(np.float32)
+
+
+def _channel(mix, pixel, channel):
+  """(weights, conditional means (2^-16), inverse scales) [N, K] of one channel;
+  pixel [N, 3]: the decoded r_hat (integers) of the channels before it."""
+  w, m, s, cr, cg = (mix[i, channel] for i in range(5))
+  ar = cr * pixel[:, 0:1].astype(np.int64) + cg * pixel[:, 1:2].astype(np.int64)
+  m = np.clip(m + rshift_round(ar, COEF_BITS - ACT_BITS), -MEAN_LIMIT, MEAN_LIMIT)
+  return w, m, s
+
+
+def _sigmoid(z: np.ndarray, table: np.ndarray) -> np.ndarray:
+  """sigmoid of z (2^-36 fixed point) from the 2^-8 grid, linearly interpolated (2^-24)."""
+  frac = ACT_BITS + INV_SCALE_BITS - GRID_BITS  # 28 bits below the grid
+  limit = SIG_RANGE << (ACT_BITS + INV_SCALE_BITS)
+  u = np.clip(z, -limit, limit - 1) + limit
+  j, f = u >> frac, u & ((1 << frac) - 1)
+  low = table[j]
+  return low + (((table[j + 1] - low) * f) >> frac)  # step < 2^15, product < 2^43
+
+
+def _cdf_at(value, q_low, count, tau, weights, means, inv_scales, table):
+  """F (times D = sum w 2^24) at the lower edge of value indexes [N, E] of [0, count):
+  0 at or below index 0, D at or above count (the end bins take the tails), and D."""
+  b = 2 * tau + 1
+  edges = (((q_low + value) * b - tau) << ACT_BITS) - (1 << (ACT_BITS - 1))  # [N, E]
+  z = (edges[..., None] - means[:, None, :]) * inv_scales[:, None, :]  # < 2^26 * 2^35
+  f = np.sum(weights[:, None, :] * _sigmoid(z, table), axis=-1)
+  total = np.sum(weights, axis=-1, keepdims=True) << SIG_BITS
+  return np.where(value <= 0, 0, np.where(value >= count, total, f)), total
+
+
+def _spare(window: int) -> int:
+  return (1 << PRECISION) - 2 * window - 1
+
+
+def _rows(body: np.ndarray) -> np.ndarray:
+  top = np.full((body.shape[0], 1), 1 << PRECISION, np.int64)
+  return np.concatenate([body, top], axis=1).astype(np.int32)
+
+
+def coarse_rows(window: int, group: int, mix, pixel, channel: int, q_low: int, count: int,
+                tau: int, tables) -> tuple[np.ndarray, np.ndarray]:
+  """(rows [N, window / group + 2] int32, window starts [N]): residual_cdfs.coarse_cdf."""
+  weights, means, inv_scales = _channel(mix, pixel, channel)
+  b = 2 * tau + 1
+  d = np.sum(weights, axis=-1) * (b << ACT_BITS)
+  centre = (2 * np.sum(weights * means, axis=-1) + d) // (2 * d) - q_low  # rounded mean / b
+  start = np.clip(centre - window // 2, 0, max(count - window, 0))
+  n = window // group
+  value = start[:, None] + group * np.arange(n + 1, dtype=np.int64)[None, :]
+  f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, tables["sigmoid"])
+  g = np.clip(f - f[:, :1], 0, total)
+  body = 2 * group * np.arange(n + 1, dtype=np.int64) + (g * _spare(window)) // total
+  return _rows(body), start
+
+
+def fine_rows(window: int, group: int, mix, pixel, channel: int, q_low: int, count: int,
+              tau: int, start: np.ndarray, groups: np.ndarray, tables) -> np.ndarray:
+  """Rows [N, group + 2] int32 of the values of group groups[n] of row n's window."""
+  weights, means, inv_scales = _channel(mix, pixel, channel)
+  f_idx = np.arange(group + 1, dtype=np.int64)
+  value = (start + group * groups)[:, None] + f_idx[None, :]
+  f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, tables["sigmoid"])
+  g = np.clip(f - f[:, :1], 0, total)
+  counts = 2 * f_idx + (g * _spare(window)) // total  # one-level counts summed, <= 2^16
+  body = 2 * f_idx + (counts * _spare(group)) // counts[:, -1:]
+  return _rows(body)

@@ -1,0 +1,86 @@
+"""Regenerates the golden exact flat-base model and files (mode EXACT_FLAT_RESIDUAL, format version 3).
+
+    python tests/golden/regenerate_exact.py               # model, files and hashes
+    python tests/golden/regenerate_exact.py --hashes-only # keep the model
+
+tiny_exact_flat_model is the golden tiny scalable model with the tiny flat
+head (codec_helpers.tiny_flat_config / tiny_flat_params) converted to exact
+arithmetic (gvae_jax.coding.exact_head) as its flat_head/; exact_hashes.json
+and exact/ hold files coded with base="flat" and the constriction coder
+(installed in every profile). Unlike the float golden sets they carry no
+platform: they must decode to the same pixels everywhere. Only for an
+intended change of the exact format or numerics; say so in the commit.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from codec_helpers import GOLDEN_DIR, tiny_flat_config, tiny_flat_params  # noqa: E402
+from golden.regenerate import GOLDEN_SCALABLE_MODEL, case_image  # noqa: E402
+from gvae_jax.coding import codec, export, flat_head  # noqa: E402
+from gvae_jax.coding.coder import CONSTRICTION_RANGE_CODER_ID  # noqa: E402
+
+GOLDEN_EXACT_MODEL = GOLDEN_DIR / "tiny_exact_flat_model"
+EXACT_HASHES = GOLDEN_DIR / "exact_hashes.json"
+EXACT_FILES = GOLDEN_DIR / "exact"
+
+# (name, height, width, seed, tau, grayscale), coded with base="flat".
+EXACT_CASES = (
+    ("exact_lossless_24x40_t0", 24, 40, 5, 0, False),
+    ("exact_near_33x70_t1", 33, 70, 6, 1, False),  # two patches side by side
+    ("exact_near_70x20_t5", 70, 20, 7, 5, False),  # two patches, one above the other
+    ("exact_gray_20x12_t2", 20, 12, 8, 2, True),
+)
+
+
+def compute_exact_hashes(model: export.ExportedModel) -> dict:
+  hashes = {}
+  for name, height, width, seed, tau, grayscale in EXACT_CASES:
+    data = codec.compress(model, case_image(height, width, seed, grayscale), tau=tau, base="flat",
+                          coder=CONSTRICTION_RANGE_CODER_ID)
+    pixels = codec.decompress(model, data)
+    hashes[name] = {"gvae_sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                    "decoded_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
+    EXACT_FILES.mkdir(exist_ok=True)
+    (EXACT_FILES / f"{name}.gvae").write_bytes(data)
+  return hashes
+
+
+def write_exact_model() -> None:
+  import shutil
+  import tempfile
+
+  config = tiny_flat_config()
+  config.data.folder = ""
+  config.train.export_dir = ""
+  with tempfile.TemporaryDirectory() as temp:
+    head = flat_head.write_flat_head(config, tiny_flat_params(config), Path(temp) / "head")
+    if GOLDEN_EXACT_MODEL.exists():
+      shutil.rmtree(GOLDEN_EXACT_MODEL)
+    export.attach_flat_head(GOLDEN_SCALABLE_MODEL, head, GOLDEN_EXACT_MODEL, exact=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--hashes-only", action="store_true", help="keep the committed model")
+  args = parser.parse_args()
+  if not args.hashes_only:
+    write_exact_model()
+  model = export.load_model(GOLDEN_EXACT_MODEL)
+  hashes = {"model_fingerprint": model.fingerprint.hex(), "cases": compute_exact_hashes(model)}
+  EXACT_HASHES.write_text(json.dumps(hashes, indent=2) + "\n")
+  print(f"wrote {EXACT_HASHES} and {EXACT_FILES}/ ({len(EXACT_CASES)} cases, "
+        f"model {model.fingerprint.hex()})")
+
+
+if __name__ == "__main__":
+  main()
