@@ -76,7 +76,11 @@ def test_rows_rise_strictly_to_2_16_for_any_raw_output(window):
     count = 511 // (2 * tau + 1) + 1
     for channel in range(3):
       rows, starts = em.coarse_rows(window, group, mix, pixel, channel, -count // 2, count, tau,
-                                    tables)
+                                    tables["sigmoid"])
+      again = em.coarse_rows_xla(window, group, mix, pixel, channel, -count // 2, count, tau,
+                                 tables["sigmoid"])  # the compiled form: the same integers
+      np.testing.assert_array_equal(again[0], rows)
+      np.testing.assert_array_equal(again[1], starts)
       assert rows.shape == (n, window // group + 2) and rows.dtype == np.int32
       assert np.all(rows[:, 0] == 0) and np.all(rows[:, -1] == 1 << 16)
       assert np.all(np.diff(rows, axis=1) > 0)
@@ -84,7 +88,10 @@ def test_rows_rise_strictly_to_2_16_for_any_raw_output(window):
       if group > 1:
         groups = rng.integers(0, window // group, n)
         fine = em.fine_rows(window, group, mix, pixel, channel, -count // 2, count, tau,
-                            starts, groups, tables)
+                            starts, groups, tables["sigmoid"])
+        np.testing.assert_array_equal(
+            em.fine_rows_xla(window, group, mix, pixel, channel, -count // 2, count, tau,
+                             starts, groups, tables["sigmoid"]), fine)
         assert np.all(fine[:, 0] == 0) and np.all(fine[:, -1] == 1 << 16)
         assert np.all(np.diff(fine, axis=1) > 0)
 
@@ -108,7 +115,9 @@ def test_exact_head_matches_the_float_head():
                       method=ResidualModel.mixture_from_features)
     want = np.asarray(residual_cdfs.prepare(lm.split_params(raw[:, 0, 0], model.components,
                                                             model.share_weights)))
-    got = em.as_float(exact.mixture(context, u, tau, corrected))
+    reference = exact.mixture(context, u, tau, corrected)  # NumPy
+    np.testing.assert_array_equal(exact.mixture_xla(context, u, tau, corrected), reference)
+    got = em.as_float(reference)
     np.testing.assert_allclose(got[0], want[0], atol=2e-4)  # weights
     np.testing.assert_allclose(got[1], want[1], atol=5e-3)  # means, grey levels
     np.testing.assert_allclose(got[2], want[2], rtol=5e-3)  # inverse scales

@@ -29,9 +29,12 @@ still decode only on the kind of machine that wrote them; README, Portability).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import zipfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gvae_jax.entropy import exact_mixture as em
@@ -60,10 +63,18 @@ class IntLayer:
   shift: np.ndarray  # int64 [out] >= 1: accumulator -> 2^-16
   relu: bool
 
+  def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return self.weight, self.bias, self.shift
+
   def __call__(self, x: np.ndarray) -> np.ndarray:
-    acc = (x.astype(np.float64) @ self.weight).astype(np.int64) + self.bias
-    y = np.clip((acc + (np.int64(1) << (self.shift - 1))) >> self.shift, -ACT_LIMIT, ACT_LIMIT)
-    return np.maximum(y, 0) if self.relu else y
+    return _apply(x, *self.arrays(), self.relu, np)
+
+
+def _apply(x, weight, bias, shift, relu: bool, xp):
+  """An IntLayer on integers x [N, in] (NumPy or, under enable_x64, jax.numpy)."""
+  acc = (x.astype(xp.float64) @ weight).astype(xp.int64) + bias
+  y = xp.clip((acc + (xp.int64(1) << (shift - 1))) >> shift, -ACT_LIMIT, ACT_LIMIT)
+  return xp.maximum(y, 0) if relu else y
 
 
 def _quantise(weight: np.ndarray, bias: np.ndarray, input_bits: int, input_frac: int,
@@ -95,22 +106,48 @@ class ExactHead:
   share_weights: bool
   ar_on_errors: bool
 
+  def layers(self, tau_head: int, corrected: bool) -> tuple:
+    """The arrays of the layers a step runs: context, main head, and the correction."""
+    chosen = [self.context, *self.main] + (list(self.delta[tau_head - 1]) if corrected else [])
+    return tuple(layer.arrays() for layer in chosen)
+
   def mixture(self, context: np.ndarray, u: np.ndarray, tau_head: int,
               corrected: bool) -> np.ndarray:
     """int64 [5, 3, N, K] (exact_mixture.mixture) at N pixels from their causal taps
-    context [N, taps * 3] (decoded r_hat) and flags u [N, prior channels] (0 / 1)."""
-    features = self.context(context)
-    h = np.concatenate([features, u.astype(np.int64) << em.ACT_BITS], axis=1)
-    g = h
-    for layer in self.main:
-      g = layer(g)
-    raw = g
-    if corrected:
-      d = h
-      for layer in self.delta[tau_head - 1]:
-        d = layer(d)
-      raw = raw + d
-    return em.mixture(raw, self.tables, self.components, self.share_weights, self.ar_on_errors)
+    context [N, taps * 3] (decoded r_hat) and flags u [N, prior channels] (0 / 1):
+    the NumPy reference of `mixture_xla`."""
+    return _mixture(self.layers(tau_head, corrected), self.tables, context, u, corrected,
+                    self.components, self.share_weights, self.ar_on_errors, np)
+
+  def mixture_xla(self, context: np.ndarray, u: np.ndarray, tau_head: int,
+                  corrected: bool) -> np.ndarray:
+    """`mixture` compiled by XLA (float64 matmuls and int64 arithmetic under
+    enable_x64): the same integers. Pad N to a few sizes (one compile per size)."""
+    with em.enable_x64():
+      return np.asarray(_mixture_jit(self.layers(tau_head, corrected), self.tables, context, u,
+                                     corrected, self.components, self.share_weights,
+                                     self.ar_on_errors))
+
+
+def _mixture(layers, tables, context, u, corrected, components, share_weights, ar_on_errors,
+             xp):
+  h = xp.concatenate([_apply(context, *layers[0], False, xp),
+                      u.astype(xp.int64) << em.ACT_BITS], axis=1)
+  g = h
+  for i in range(3):
+    g = _apply(g, *layers[1 + i], i < 2, xp)
+  if corrected:
+    d = h
+    for i in range(3):
+      d = _apply(d, *layers[4 + i], i < 2, xp)
+    g = g + d
+  return em.mixture(g, tables, components, share_weights, ar_on_errors, xp)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _mixture_jit(layers, tables, context, u, corrected, components, share_weights, ar_on_errors):
+  return _mixture(layers, tables, context, u, corrected, components, share_weights,
+                  ar_on_errors, jnp)
 
 
 def _conv(params) -> tuple[np.ndarray, np.ndarray]:

@@ -236,14 +236,17 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
 
 def _exact_network(exported, plan: StepPlan, u_host: np.ndarray, tau: int):
   """mixture(step, buffer) of the exact head (gvae_jax.coding.exact_head) at a step's
-  pixels, from the decoded values in `buffer` (int32 [cells, 3])."""
+  pixels, from the decoded values in `buffer` (int32 [cells, 3]): int64
+  [5, 3, bucket, K], the padding rows copies of the first pixel's."""
   exact = exported.exact
   corrected, tau_h = head_tau(exported.residual_model, tau)
 
   def mixture(step, buffer):
-    context = buffer[step.cell_index[:, None] + plan.tap_shift[None, :]]  # [n, taps, 3]
-    u = u_host[step.u_index[:step.count]]
-    return exact.mixture(context.reshape(step.count, -1), u, tau_h, corrected)
+    rows = np.concatenate([np.arange(step.count), np.zeros(step.bucket - step.count, np.int64)])
+    cells = step.cell_index[rows]
+    context = buffer[cells[:, None] + plan.tap_shift[None, :]]  # [bucket, taps, 3]
+    u = u_host[step.u_index[rows]]
+    return exact.mixture_xla(context.reshape(step.bucket, -1), u, tau_h, corrected)
 
   return mixture
 
@@ -252,8 +255,10 @@ def _code_steps_exact(exported, plan: StepPlan, u_flat, tau: int, q_low: np.ndar
                       counts: np.ndarray, windows: np.ndarray, coding: _Coding,
                       profile: Profile | None, mixtures) -> np.ndarray:
   """`_code_steps` with the exact head: the same steps, windows, rows and coder
-  calls, every number from exact integer arithmetic (gvae_jax.entropy.exact_mixture)."""
-  tables = exported.exact.tables
+  calls, every number from exact integer arithmetic (gvae_jax.entropy.exact_mixture;
+  the rows by its XLA-compiled int64 form, on batches padded to the step's bucket
+  with copies of the first pixel, so each size compiles once)."""
+  sigmoid = exported.exact.tables["sigmoid"]
   b = 2 * tau + 1
   r_hat = np.zeros((plan.height * plan.width, CHANNELS), np.int32)
   buffer = np.zeros((plan.cells, CHANNELS), np.int32) if mixtures is None else None
@@ -263,7 +268,7 @@ def _code_steps_exact(exported, plan: StepPlan, u_flat, tau: int, q_low: np.ndar
     mixture = timing.run("network", network, step, buffer) if mixtures is None else (
         timing.run("network", mixtures, number))
     n = step.count
-    pixel = np.zeros((n, CHANNELS), np.int64)
+    pixel = np.zeros((step.bucket, CHANNELS), np.int64)
     for channel in range(CHANNELS):
       if counts[channel] == 1:
         pixel[:, channel] = q_low[channel] * b
@@ -275,19 +280,21 @@ def _code_steps_exact(exported, plan: StepPlan, u_flat, tau: int, q_low: np.ndar
 
       def coarse_rows():
         nonlocal starts
-        rows, starts = timing.run("cdf", em.coarse_rows, window, group, *args, tables)
-        return rows, starts
+        rows, starts = timing.run("cdf", em.coarse_rows_xla, window, group, *args, sigmoid)
+        return rows[:n], starts[:n]
 
       def fine_rows(groups, inside):
-        rows = timing.run("cdf", em.fine_rows, window, group, *args, starts, groups, tables)
-        return rows[inside]
+        padded = np.zeros(step.bucket, np.int64)
+        padded[:n] = groups
+        rows = timing.run("cdf", em.fine_rows_xla, window, group, *args, starts, padded, sigmoid)
+        return rows[:n][inside]
 
       indexes = _code_channel(coding, timing, number, channel, n, window, int(counts[channel]),
                               coarse_rows, fine_rows)
-      pixel[:, channel] = (indexes + q_low[channel]) * b
-    r_hat[step.image_index] = pixel
+      pixel[:n, channel] = (indexes + q_low[channel]) * b
+    r_hat[step.image_index] = pixel[:n]
     if buffer is not None:
-      buffer[step.cell_index] = pixel
+      buffer[step.cell_index] = pixel[:n]
     timing.count("steps")
   return r_hat
 
@@ -346,7 +353,8 @@ def _first_pass_exact(exported, plan: StepPlan, u_flat, tau: int, r_hat: np.ndar
   network = _exact_network(exported, plan, np.asarray(u_flat), tau)
   tau_j = jnp.int32(tau)
   low, high = (jnp.asarray(v, jnp.float32) for v in (flat.min(axis=0), flat.max(axis=0)))
-  size = flat.shape[0] * 5 * CHANNELS * exported.residual_model.components * 8
+  size = (sum(step.bucket for step in plan.steps) * 5 * CHANNELS
+          * exported.residual_model.components * 8)
   keep = size <= _KEEP_MIXTURES_BYTES
   kept, stats = [], []
   timing = _timing(profile)
@@ -354,11 +362,10 @@ def _first_pass_exact(exported, plan: StepPlan, u_flat, tau: int, r_hat: np.ndar
     mixture = timing.run("network", network, step, buffer)
     if keep:
       kept.append(mixture)
-    padded = np.zeros(mixture.shape[:2] + (step.bucket,) + mixture.shape[3:], np.float32)
-    padded[:, :, :step.count] = em.as_float(mixture)
     pixel = np.zeros((step.bucket, CHANNELS), np.float32)
     pixel[:step.count] = flat[step.image_index]
-    stats.append(timing.run("stats", step_stats, padded, pixel, count, tau_j, low, high))
+    stats.append(timing.run("stats", step_stats, em.as_float(mixture), pixel, count, tau_j, low,
+                            high))
 
   def mixtures(number):
     return kept[number] if keep else network(plan.steps[number], buffer)

@@ -31,6 +31,10 @@ units) stays below 2^61; F < 2^43, and F spare < 2^59.
 """
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 PRECISION = 16
@@ -85,14 +89,14 @@ def check_tables(tables: dict[str, np.ndarray]) -> None:
     raise ValueError("exact tanh table is not a rising table in [-2^16, 2^16]")
 
 
-def _lookup(table: np.ndarray, x: np.ndarray, low: int) -> np.ndarray:
+def _lookup(table, x, low: int, xp=np):
   """table at x (2^-16 fixed point; the table's grid starts at `low`), linearly
   interpolated, x clipped to the grid. Monotone tables give monotone results."""
   frac = ACT_BITS - GRID_BITS
-  u = np.clip(x - (low << ACT_BITS), 0, (table.size - 1) << frac)
+  u = xp.clip(x - (low << ACT_BITS), 0, (table.size - 1) << frac)
   j = u >> frac
   below = table[j]
-  above = table[np.minimum(j + 1, table.size - 1)]
+  above = table[xp.minimum(j + 1, table.size - 1)]
   return below + (((above - below) * (u & ((1 << frac) - 1))) >> frac)  # step < 2^23
 
 
@@ -101,8 +105,8 @@ def rshift_round(x: np.ndarray, bits: int) -> np.ndarray:
   return (x + (1 << (bits - 1))) >> bits if bits > 0 else x
 
 
-def mixture(raw: np.ndarray, tables: dict[str, np.ndarray], components: int,
-            share_weights: bool, ar_on_errors: bool) -> np.ndarray:
+def mixture(raw, tables: dict, components: int, share_weights: bool, ar_on_errors: bool,
+            xp=np):
   """int64 [5, 3, N, K]: (weights, means, inverse scales, coefficient of R,
   coefficient of G) per channel from raw outputs [N, P] (2^-16), the layout of
   residual_cdfs.prepare. Mirrors logistic_mixture.split_params and
@@ -117,25 +121,25 @@ def mixture(raw: np.ndarray, tables: dict[str, np.ndarray], components: int,
     pos += m
     return raw[:, pos - m:pos]
 
-  logits = np.broadcast_to(take(k)[:, None, :], (n, c, k)) if share_weights else (
+  logits = xp.broadcast_to(take(k)[:, None, :], (n, c, k)) if share_weights else (
       take(c * k).reshape(n, c, k))
   means = take(c * k).reshape(n, c, k)
   log_scales = take(c * k).reshape(n, c, k)
   coef_raw = take(3 * k).reshape(n, 3, k)
-  coeffs = _lookup(tables["tanh"], coef_raw, -TANH_RANGE)  # 2^-16
+  coeffs = _lookup(tables["tanh"], coef_raw, -TANH_RANGE, xp)  # 2^-16
   if ar_on_errors:  # means of G, B on the earlier channels' prediction errors
     m_r, m_g, m_b = means[:, 0], means[:, 1], means[:, 2]
-    means = np.stack([m_r, m_g - rshift_round(coeffs[:, 0] * m_r, COEF_BITS),
+    means = xp.stack([m_r, m_g - rshift_round(coeffs[:, 0] * m_r, COEF_BITS),
                       m_b - rshift_round(coeffs[:, 1] * m_r + coeffs[:, 2] * m_g, COEF_BITS)],
                      axis=1)
   gap = logits.max(axis=-1, keepdims=True) - logits  # >= 0
-  weights = _lookup(tables["exp"], gap, 0)
-  inv_scales = _lookup(tables["inv_scale"], log_scales, LOG_SCALE_MIN)
-  zero = np.zeros_like(coeffs[:, 0])
-  coef_r = np.stack([zero, coeffs[:, 0], coeffs[:, 1]], axis=1)
-  coef_g = np.stack([zero, zero, coeffs[:, 2]], axis=1)
-  parts = (weights, np.clip(means, -MEAN_LIMIT, MEAN_LIMIT), inv_scales, coef_r, coef_g)
-  return np.stack([np.moveaxis(np.asarray(a, np.int64), 1, 0) for a in parts])
+  weights = _lookup(tables["exp"], gap, 0, xp)
+  inv_scales = _lookup(tables["inv_scale"], log_scales, LOG_SCALE_MIN, xp)
+  zero = xp.zeros_like(coeffs[:, 0])
+  coef_r = xp.stack([zero, coeffs[:, 0], coeffs[:, 1]], axis=1)
+  coef_g = xp.stack([zero, zero, coeffs[:, 2]], axis=1)
+  parts = (weights, xp.clip(means, -MEAN_LIMIT, MEAN_LIMIT), inv_scales, coef_r, coef_g)
+  return xp.stack([xp.moveaxis(xp.asarray(a, xp.int64), 1, 0) for a in parts])
 
 
 def as_float(mix: np.ndarray) -> np.ndarray:
@@ -146,69 +150,106 @@ def as_float(mix: np.ndarray) -> np.ndarray:
                    cr / (1 << COEF_BITS), cg / (1 << COEF_BITS)]).astype(np.float32)
 
 
-def _channel(mix, pixel, channel):
+def _channel(mix, pixel, channel, xp=np):
   """(weights, conditional means (2^-16), inverse scales) [N, K] of one channel;
   pixel [N, 3]: the decoded r_hat (integers) of the channels before it."""
   w, m, s, cr, cg = (mix[i, channel] for i in range(5))
-  ar = cr * pixel[:, 0:1].astype(np.int64) + cg * pixel[:, 1:2].astype(np.int64)
-  m = np.clip(m + rshift_round(ar, COEF_BITS - ACT_BITS), -MEAN_LIMIT, MEAN_LIMIT)
+  ar = cr * pixel[:, 0:1].astype(xp.int64) + cg * pixel[:, 1:2].astype(xp.int64)
+  m = xp.clip(m + rshift_round(ar, COEF_BITS - ACT_BITS), -MEAN_LIMIT, MEAN_LIMIT)
   return w, m, s
 
 
-def _sigmoid(z: np.ndarray, table: np.ndarray) -> np.ndarray:
+def _sigmoid(z, table, xp=np):
   """sigmoid of z (2^-36 fixed point) from the 2^-8 grid, linearly interpolated (2^-24)."""
   frac = ACT_BITS + INV_SCALE_BITS - GRID_BITS  # 28 bits below the grid
   limit = SIG_RANGE << (ACT_BITS + INV_SCALE_BITS)
-  u = np.clip(z, -limit, limit - 1) + limit
+  u = xp.clip(z, -limit, limit - 1) + limit
   j, f = u >> frac, u & ((1 << frac) - 1)
   low = table[j]
   return low + (((table[j + 1] - low) * f) >> frac)  # step < 2^15, product < 2^43
 
 
-def _cdf_at(value, q_low, count, tau, weights, means, inv_scales, table):
+def _cdf_at(value, q_low, count, tau, weights, means, inv_scales, table, xp=np):
   """F (times D = sum w 2^24) at the lower edge of value indexes [N, E] of [0, count):
   0 at or below index 0, D at or above count (the end bins take the tails), and D."""
   b = 2 * tau + 1
   edges = (((q_low + value) * b - tau) << ACT_BITS) - (1 << (ACT_BITS - 1))  # [N, E]
   z = (edges[..., None] - means[:, None, :]) * inv_scales[:, None, :]  # < 2^26 * 2^35
-  f = np.sum(weights[:, None, :] * _sigmoid(z, table), axis=-1)
-  total = np.sum(weights, axis=-1, keepdims=True) << SIG_BITS
-  return np.where(value <= 0, 0, np.where(value >= count, total, f)), total
+  f = xp.sum(weights[:, None, :] * _sigmoid(z, table, xp), axis=-1)
+  total = xp.sum(weights, axis=-1, keepdims=True) << SIG_BITS
+  return xp.where(value <= 0, 0, xp.where(value >= count, total, f)), total
 
 
 def _spare(window: int) -> int:
   return (1 << PRECISION) - 2 * window - 1
 
 
-def _rows(body: np.ndarray) -> np.ndarray:
-  top = np.full((body.shape[0], 1), 1 << PRECISION, np.int64)
-  return np.concatenate([body, top], axis=1).astype(np.int32)
+def _rows(body, xp=np):
+  top = xp.full((body.shape[0], 1), 1 << PRECISION, xp.int64)
+  return xp.concatenate([body, top], axis=1).astype(xp.int32)
 
 
-def coarse_rows(window: int, group: int, mix, pixel, channel: int, q_low: int, count: int,
-                tau: int, tables) -> tuple[np.ndarray, np.ndarray]:
+def coarse_rows(window: int, group: int, mix, pixel, channel, q_low, count, tau, sigmoid,
+                xp=np):
   """(rows [N, window / group + 2] int32, window starts [N]): residual_cdfs.coarse_cdf."""
-  weights, means, inv_scales = _channel(mix, pixel, channel)
+  weights, means, inv_scales = _channel(mix, pixel, channel, xp)
   b = 2 * tau + 1
-  d = np.sum(weights, axis=-1) * (b << ACT_BITS)
-  centre = (2 * np.sum(weights * means, axis=-1) + d) // (2 * d) - q_low  # rounded mean / b
-  start = np.clip(centre - window // 2, 0, max(count - window, 0))
+  d = xp.sum(weights, axis=-1) * (b << ACT_BITS)
+  centre = (2 * xp.sum(weights * means, axis=-1) + d) // (2 * d) - q_low  # rounded mean / b
+  start = xp.clip(centre - window // 2, 0, xp.maximum(count - window, 0))
   n = window // group
-  value = start[:, None] + group * np.arange(n + 1, dtype=np.int64)[None, :]
-  f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, tables["sigmoid"])
-  g = np.clip(f - f[:, :1], 0, total)
-  body = 2 * group * np.arange(n + 1, dtype=np.int64) + (g * _spare(window)) // total
-  return _rows(body), start
+  value = start[:, None] + group * xp.arange(n + 1, dtype=xp.int64)[None, :]
+  f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, sigmoid, xp)
+  g = xp.clip(f - f[:, :1], 0, total)
+  body = 2 * group * xp.arange(n + 1, dtype=xp.int64) + (g * _spare(window)) // total
+  return _rows(body, xp), start
 
 
-def fine_rows(window: int, group: int, mix, pixel, channel: int, q_low: int, count: int,
-              tau: int, start: np.ndarray, groups: np.ndarray, tables) -> np.ndarray:
+def fine_rows(window: int, group: int, mix, pixel, channel, q_low, count, tau, start, groups,
+              sigmoid, xp=np):
   """Rows [N, group + 2] int32 of the values of group groups[n] of row n's window."""
-  weights, means, inv_scales = _channel(mix, pixel, channel)
-  f_idx = np.arange(group + 1, dtype=np.int64)
+  weights, means, inv_scales = _channel(mix, pixel, channel, xp)
+  f_idx = xp.arange(group + 1, dtype=xp.int64)
   value = (start + group * groups)[:, None] + f_idx[None, :]
-  f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, tables["sigmoid"])
-  g = np.clip(f - f[:, :1], 0, total)
+  f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, sigmoid, xp)
+  g = xp.clip(f - f[:, :1], 0, total)
   counts = 2 * f_idx + (g * _spare(window)) // total  # one-level counts summed, <= 2^16
   body = 2 * f_idx + (counts * _spare(group)) // counts[:, -1:]
-  return _rows(body)
+  return _rows(body, xp)
+
+
+# --- The same functions compiled by XLA, in 64-bit integers (exact on every backend). ---
+
+def enable_x64():
+  """JAX's scoped 64-bit mode: jax.enable_x64 in newer JAX, jax.experimental.enable_x64
+  in older (both profiles' versions checked)."""
+  if hasattr(jax, "enable_x64"):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64 as scoped
+  return scoped()
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _coarse_jit(window, group, mix, pixel, channel, q_low, count, tau, sigmoid):
+  return coarse_rows(window, group, mix, pixel, channel, q_low, count, tau, sigmoid, jnp)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fine_jit(window, group, mix, pixel, channel, q_low, count, tau, start, groups, sigmoid):
+  return fine_rows(window, group, mix, pixel, channel, q_low, count, tau, start, groups,
+                   sigmoid, jnp)
+
+
+def coarse_rows_xla(window, group, mix, pixel, channel, q_low, count, tau, sigmoid):
+  """coarse_rows compiled (int64 under enable_x64); the same integers, faster on big steps.
+  Inputs are padded by the caller to a few batch sizes (one compile per size)."""
+  with enable_x64():
+    rows, start = _coarse_jit(window, group, mix, pixel, np.int64(channel), np.int64(q_low),
+                              np.int64(count), np.int64(tau), sigmoid)
+    return np.asarray(rows), np.asarray(start)
+
+
+def fine_rows_xla(window, group, mix, pixel, channel, q_low, count, tau, start, groups, sigmoid):
+  with enable_x64():
+    return np.asarray(_fine_jit(window, group, mix, pixel, np.int64(channel), np.int64(q_low),
+                                np.int64(count), np.int64(tau), start, groups, sigmoid))
