@@ -31,6 +31,7 @@ units) stays below 2^61; F < 2^43, and F spare < 2^59.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -220,13 +221,18 @@ def fine_rows(window: int, group: int, mix, pixel, channel, q_low, count, tau, s
 
 # --- The same functions compiled by XLA, in 64-bit integers (exact on every backend). ---
 
+@contextlib.contextmanager
 def enable_x64():
-  """JAX's scoped 64-bit mode: jax.enable_x64 in newer JAX, jax.experimental.enable_x64
-  in older (both profiles' versions checked)."""
+  """JAX's scoped 64-bit mode (jax.enable_x64 in newer JAX, jax.experimental.enable_x64
+  in older; both profiles' versions checked), on the host CPU: accelerators need not
+  have float64 (TPUs do not), and a CPU gives these integers everywhere."""
   if hasattr(jax, "enable_x64"):
-    return jax.enable_x64(True)
-  from jax.experimental import enable_x64 as scoped
-  return scoped()
+    x64 = jax.enable_x64(True)
+  else:
+    from jax.experimental import enable_x64 as scoped
+    x64 = scoped()
+  with x64, jax.default_device(jax.devices("cpu")[0]):
+    yield
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
