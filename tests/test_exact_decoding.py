@@ -227,7 +227,7 @@ def test_exact_files_cost_what_float_files_cost(shipped):
   (the issue allows 1 %), every value within tau."""
   float_model, exact_model = shipped
   pixels = photo_crop(96, 128)
-  for tau in (0, 1, 5):
+  for tau in (0, 5):
     a = codec.compress(float_model, pixels, tau=tau, base="flat")
     b = codec.compress(exact_model, pixels, tau=tau, base="flat")
     assert abs(len(b) - len(a)) <= 0.005 * len(a) + 16, (tau, len(a), len(b))
@@ -256,36 +256,45 @@ model = export.attach(base, flat_head.build_flat_head(head.config, head.params, 
                                                        exact=True))
 pixels = np.asarray(Image.open(sys.argv[3]).convert("RGB"))[:80, :100]
 out = {}
-for path in sys.argv[4:]:
+for path in sys.argv[5:]:
   data = open(path, "rb").read()
   out[path] = hashlib.sha256(codec.decompress(model, data).tobytes()).hexdigest()
   tau = codec.read_header(data).tau
-  open(path + ".child", "wb").write(codec.compress(model, pixels, tau=tau, base="flat"))
+  open(path + "." + sys.argv[4], "wb").write(codec.compress(model, pixels, tau=tau, base="flat"))
 print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("cpu", sorted(OTHER_CPUS))
-def test_exact_files_decode_alike_on_other_cpu_kinds(shipped, cpu, tmp_path):
-  """Files written here decode there to the same pixels, and files written there
-  decode here (the issue's failing case: lossless and near-lossless)."""
+@pytest.fixture(scope="module")
+def files_here(shipped, tmp_path_factory):
+  """(paths, pixel digests) of files the shipped exact head writes here."""
   _, exact_model = shipped
   pixels = photo_crop(80, 100)
+  folder = tmp_path_factory.mktemp("exact_files")
   paths, digests = [], {}
-  for tau in (0, 1, 2, 5):
-    path = tmp_path / f"t{tau}.gvae"
+  for tau in (0, 2):
+    path = folder / f"t{tau}.gvae"
     path.write_bytes(codec.compress(exact_model, pixels, tau=tau, base="flat"))
     paths.append(str(path))
     digests[str(path)] = hashlib.sha256(codec.decompress(exact_model, path.read_bytes())
                                         .tobytes()).hexdigest()
+  return paths, digests
+
+
+@pytest.mark.parametrize("cpu", sorted(OTHER_CPUS))
+def test_exact_files_decode_alike_on_other_cpu_kinds(shipped, files_here, cpu):
+  """Files written here decode there to the same pixels, and files written there
+  decode here (the issue's failing case: lossless and near-lossless)."""
+  _, exact_model = shipped
+  paths, digests = files_here
   env = {**os.environ, **OTHER_CPUS[cpu], "JAX_PLATFORMS": "cpu"}
   result = subprocess.run([sys.executable, "-c", _CHILD, str(SHIPPED_HEAD),
                            str(REPO / "gvae_jax" / "default_models" / "scalable"), str(PHOTO),
-                           *paths], capture_output=True, text=True, env=env, cwd=REPO,
+                           cpu, *paths], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.strip().splitlines()[-1]) == digests
   for path in paths:  # the other direction
-    there = open(path + ".child", "rb").read()
+    there = open(f"{path}.{cpu}", "rb").read()
     here = codec.decompress(exact_model, there)
     assert hashlib.sha256(here.tobytes()).hexdigest() == digests[path]
