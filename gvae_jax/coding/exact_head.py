@@ -169,7 +169,7 @@ def convert(head) -> ExactHead:
   means = slice(start, start + c * k)
 
   kernel = np.asarray(params["context"]["kernel"], np.float64)
-  mask = _mask(model)
+  mask = causal_mask(model.kernel_size, model.order)
   taps = kernel[mask] * RESIDUAL_INPUT_SCALE  # [T, 3, C]: rows in MaskedConv.taps order
   context = _quantise(taps.reshape(-1, taps.shape[-1]),
                       np.asarray(params["context"]["bias"], np.float64), _RESIDUAL_BITS, 0,
@@ -206,10 +206,6 @@ def convert(head) -> ExactHead:
                    bool(model.ar_on_errors))
 
 
-def _mask(model) -> np.ndarray:
-  return causal_mask(model.kernel_size, model.order)
-
-
 # --- exact.npz: the stored form (owned here; gvae_jax.coding.flat_head loads it). ---
 
 def _layers(head: ExactHead) -> dict[str, IntLayer]:
@@ -234,7 +230,7 @@ def to_bytes(head: ExactHead) -> bytes:
 
 
 def _expected_shapes(model, prior_channels: int) -> dict[str, tuple[int, ...]]:
-  taps = int(_mask(model).sum()) * lm.CHANNELS
+  taps = int(causal_mask(model.kernel_size, model.order).sum()) * lm.CHANNELS
   inputs = model.context_channels + prior_channels
   out = lm.num_raw_params(model.components, model.share_weights)
   dims = {"context": (taps, model.context_channels)}

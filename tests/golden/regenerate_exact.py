@@ -14,7 +14,6 @@ intended change of the exact format or numerics; say so in the commit.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -24,9 +23,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codec_helpers import GOLDEN_DIR, tiny_flat_config, tiny_flat_params  # noqa: E402
-from golden.regenerate import GOLDEN_SCALABLE_MODEL, case_image  # noqa: E402
-from gvae_jax.coding import codec, export, flat_head  # noqa: E402
+from codec_helpers import GOLDEN_DIR  # noqa: E402
+from golden.regenerate_flat import code_flat_cases, write_tiny_flat_model  # noqa: E402
+from gvae_jax.coding import export  # noqa: E402
 from gvae_jax.coding.coder import CONSTRICTION_RANGE_CODER_ID  # noqa: E402
 
 GOLDEN_EXACT_MODEL = GOLDEN_DIR / "tiny_exact_flat_model"
@@ -43,30 +42,11 @@ EXACT_CASES = (
 
 
 def compute_exact_hashes(model: export.ExportedModel) -> dict:
-  hashes = {}
-  for name, height, width, seed, tau, grayscale in EXACT_CASES:
-    data = codec.compress(model, case_image(height, width, seed, grayscale), tau=tau, base="flat",
-                          coder=CONSTRICTION_RANGE_CODER_ID)
-    pixels = codec.decompress(model, data)
-    hashes[name] = {"gvae_sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                    "decoded_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
-    EXACT_FILES.mkdir(exist_ok=True)
-    (EXACT_FILES / f"{name}.gvae").write_bytes(data)
-  return hashes
+  return code_flat_cases(model, EXACT_CASES, EXACT_FILES, CONSTRICTION_RANGE_CODER_ID)
 
 
 def write_exact_model() -> None:
-  import shutil
-  import tempfile
-
-  config = tiny_flat_config()
-  config.data.folder = ""
-  config.train.export_dir = ""
-  with tempfile.TemporaryDirectory() as temp:
-    head = flat_head.write_flat_head(config, tiny_flat_params(config), Path(temp) / "head")
-    if GOLDEN_EXACT_MODEL.exists():
-      shutil.rmtree(GOLDEN_EXACT_MODEL)
-    export.attach_flat_head(GOLDEN_SCALABLE_MODEL, head, GOLDEN_EXACT_MODEL, exact=True)
+  write_tiny_flat_model(GOLDEN_EXACT_MODEL, exact=True)
 
 
 def main():

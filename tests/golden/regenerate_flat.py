@@ -42,22 +42,27 @@ FLAT_CASES = (
 
 
 
-def compute_flat_hashes(model: export.ExportedModel) -> dict:
-  """The flat cases' hashes; writes their .gvae files to FLAT_FILES."""
+def code_flat_cases(model: export.ExportedModel, cases, files: Path, coder: int) -> dict:
+  """The hashes of `cases` coded with base="flat"; writes their .gvae files to `files`."""
   hashes = {}
-  for name, height, width, seed, tau, grayscale in FLAT_CASES:
+  for name, height, width, seed, tau, grayscale in cases:
     data = codec.compress(model, case_image(height, width, seed, grayscale), tau=tau, base="flat",
-                          coder=TFC_RANGE_CODER_ID)
+                          coder=coder)
     pixels = codec.decompress(model, data)
     hashes[name] = {"gvae_sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                     "decoded_sha256": hashlib.sha256(pixels.tobytes()).hexdigest()}
-    FLAT_FILES.mkdir(exist_ok=True)
-    (FLAT_FILES / f"{name}.gvae").write_bytes(data)
+    files.mkdir(exist_ok=True)
+    (files / f"{name}.gvae").write_bytes(data)
   return hashes
 
 
-def write_flat_model() -> None:
-  """GOLDEN_FLAT_MODEL: the golden scalable model with the tiny flat head."""
+def compute_flat_hashes(model: export.ExportedModel) -> dict:
+  """The flat cases' hashes; writes their .gvae files to FLAT_FILES."""
+  return code_flat_cases(model, FLAT_CASES, FLAT_FILES, TFC_RANGE_CODER_ID)
+
+
+def write_tiny_flat_model(out: Path, exact: bool = False) -> None:
+  """`out`: the golden scalable model with the tiny flat head (converted if `exact`)."""
   import shutil
   import tempfile
 
@@ -66,9 +71,14 @@ def write_flat_model() -> None:
   config.train.export_dir = ""
   with tempfile.TemporaryDirectory() as temp:
     head = flat_head.write_flat_head(config, tiny_flat_params(config), Path(temp) / "head")
-    if GOLDEN_FLAT_MODEL.exists():
-      shutil.rmtree(GOLDEN_FLAT_MODEL)
-    export.attach_flat_head(GOLDEN_SCALABLE_MODEL, head, GOLDEN_FLAT_MODEL)
+    if out.exists():
+      shutil.rmtree(out)
+    export.attach_flat_head(GOLDEN_SCALABLE_MODEL, head, out, exact=exact)
+
+
+def write_flat_model() -> None:
+  """GOLDEN_FLAT_MODEL: the golden scalable model with the tiny flat head."""
+  write_tiny_flat_model(GOLDEN_FLAT_MODEL)
 
 
 
