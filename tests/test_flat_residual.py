@@ -294,6 +294,16 @@ def test_trainer_runs_resumes_and_exports(tmp_path):
   assert head.manifest["step"] == 6 and (workdir / "exports" / "step_0000006").is_dir()
   _, _, shapes, jpegs = trainer.load_training_pixels(folder, 2)
   assert jpegs == 1 and sorted(map(tuple, shapes)) == [(30, 15), (40, 50)]  # JPEG halved
+  # A warm start from the export resumes the schedule at its step (not at warm-up).
+  config.train.num_steps = 12
+  config.train.warmup_steps = 2
+  state = trainer.create_state(config, trainer.build_model(config),
+                               len(trainer.tap_offsets(config.model.residual.kernel_size,
+                                                     config.model.residual.order)))
+  state, _ = trainer._warm_start(state, str(tmp_path / "latest"))
+  assert int(state.step) == 6
+  assert trainer.learning_rate(config, state) == pytest.approx(float(trainer.schedule(config)(6)))
+  assert trainer.learning_rate(config, state) < config.train.learning_rate
 
 
 # --- Golden flat-base bitstreams (tests/golden: tiny_flat_model, flat/, flat_hashes.json). ---

@@ -229,8 +229,10 @@ def make_train_step(config, model: ResidualModel):
 
 
 def _warm_start(state: TrainState, head_dir: str) -> tuple[TrainState, float]:
-  """The parameters and step of an exported head (the optimiser restarts): resumes a
-  run whose workdir is gone from its committed export."""
+  """The parameters and step of an exported head: resumes a run whose workdir is gone
+  from its committed export. Adam's moments restart; the learning-rate schedule
+  resumes at the export's step (its count lives in the optimiser state, so a fresh
+  state would otherwise rerun warm-up and the whole cosine from its peak)."""
   head = flat_head.load_flat_head(head_dir)
   params = jax.tree_util.tree_map(jnp.asarray, head.params)
   if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(state.params):
@@ -238,7 +240,19 @@ def _warm_start(state: TrainState, head_dir: str) -> tuple[TrainState, float]:
   step = int(head.manifest.get("step") or 0)
   logging.warning("warm start from %s (step %d)", head_dir, step)
   seconds = float(head.manifest.get("train_seconds") or 0.0)
-  return state.replace(params=params, opt_state=state.tx.init(params), step=step), seconds
+  opt_state = jax.tree_util.tree_map(
+      lambda leaf: (leaf._replace(count=jnp.asarray(step, leaf.count.dtype))
+                    if isinstance(leaf, optax.ScaleByScheduleState) else leaf),
+      state.tx.init(params), is_leaf=lambda leaf: isinstance(leaf, optax.ScaleByScheduleState))
+  return state.replace(params=params, opt_state=opt_state, step=step), seconds
+
+
+def learning_rate(config, state: TrainState) -> float:
+  """The learning rate the next step uses (from the schedule count in the optimiser state)."""
+  counts = [leaf.count for leaf in jax.tree_util.tree_leaves(
+      state.opt_state, is_leaf=lambda leaf: isinstance(leaf, optax.ScaleByScheduleState))
+      if isinstance(leaf, optax.ScaleByScheduleState)]
+  return float(schedule(config)(counts[0]))
 
 
 def _progress_path(workdir: Path) -> Path:
@@ -315,7 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path,
       row = {"step": step, "train_seconds": round(seconds, 1),
              "bpsp_tau0": float(np.mean([m["bpsp_tau0"] for m in interval])),
              "grad_norm": float(np.mean([m["grad_norm"] for m in interval])),
-             "learning_rate": float(schedule(config)(step))}
+             "learning_rate": learning_rate(config, state)}
       if "tau_count" in interval[0]:
         sums = np.sum([m["bpsp_tau_sum"] for m in interval], axis=0)
         counts = np.maximum(np.sum([m["tau_count"] for m in interval], axis=0), 1)
