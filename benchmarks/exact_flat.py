@@ -45,7 +45,7 @@ def main():
   from gvae_jax.eval.images import load_images
 
   head = flat_head.load_flat_head(args.head)
-  base = export.load_model(args.model)
+  base = export.detach(export.load_model(args.model))  # the head under test replaces its own
   models = {"float": export.attach(base, head),
             "exact": export.attach(base, flat_head.build_flat_head(head.config, head.params,
                                                                    head.manifest, exact=True))}

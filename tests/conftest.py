@@ -41,6 +41,9 @@ _ISOLATED_CHILD = "GVAE_TESTS_ISOLATED_CHILD"
 
 
 def pytest_collection_modifyitems(config, items):
+  # The few long end-to-end tests first: with several workers (README, "Tests")
+  # the short ones then fill in beside them instead of waiting at the end.
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
   if os.environ.get(_ISOLATED_CHILD):
     return
   for item in items:

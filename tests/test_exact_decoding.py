@@ -36,7 +36,7 @@ def golden_model():
 def shipped():
   """The committed flat head, float and exact, on the shipped scalable model."""
   head = flat_head.load_flat_head(SHIPPED_HEAD)
-  base = export.load_model(REPO / "gvae_jax" / "default_models" / "scalable")
+  base = export.detach(export.load_model(REPO / "gvae_jax" / "default_models" / "scalable"))
   exact = flat_head.build_flat_head(head.config, head.params, head.manifest, exact=True)
   return export.attach(base, head), export.attach(base, exact)
 
@@ -251,7 +251,7 @@ import numpy as np
 from PIL import Image
 from gvae_jax.coding import codec, export, flat_head
 head = flat_head.load_flat_head(sys.argv[1])
-base = export.load_model(sys.argv[2])
+base = export.detach(export.load_model(sys.argv[2]))
 model = export.attach(base, flat_head.build_flat_head(head.config, head.params, head.manifest,
                                                        exact=True))
 pixels = np.asarray(Image.open(sys.argv[3]).convert("RGB"))[:80, :100]

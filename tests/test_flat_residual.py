@@ -185,9 +185,30 @@ def test_model_directory_with_flat_head(scalable, tmp_path):
   loaded = export.load_model(combined)
   assert loaded.flat is not None and loaded.flat.manifest["step"] == 7
   assert loaded.fingerprint == tiny_flat_model(scalable).fingerprint != scalable.fingerprint
+  manifest = json.loads((combined / export.MANIFEST_FILE).read_text())
+  assert manifest["fingerprint"] == scalable.fingerprint.hex()  # found by either
+  assert manifest["fingerprint_with_flat_head"] == loaded.fingerprint.hex()
   pixels = make_image(16, 16, seed=4)
   data = codec.encode_flat(loaded, pixels, 0).data
   np.testing.assert_array_equal(codec.decompress(tiny_flat_model(scalable), data), pixels)
+  with pytest.raises(codec.ModelMismatchError):  # a flat-base file needs the head
+    codec.decompress(scalable, data)
+  # The model with the head decodes the lossy and lossy-base files of the one without.
+  lossy_base = codec.compress(scalable, pixels, 1.0, tau=1)
+  assert codec.read_header(lossy_base).mode == Mode.RESIDUAL
+  np.testing.assert_array_equal(codec.decompress(loaded, lossy_base),
+                                codec.decompress(scalable, lossy_base))
+  lossy = codec.compress(scalable, pixels, 1.0)
+  np.testing.assert_array_equal(codec.decompress(loaded, lossy), codec.decompress(scalable, lossy))
+  assert export.detach(loaded).fingerprint == scalable.fingerprint
+  with pytest.raises(flat_head.FlatHeadError, match="already has a flat head"):
+    export.attach_flat_head(combined, head_dir, tmp_path / "twice")
+  # A manifest whose combined fingerprint is not the head's is refused.
+  (combined / export.MANIFEST_FILE).write_text(json.dumps(
+      {**manifest, "fingerprint_with_flat_head": "00" * 16}))
+  with pytest.raises(export.ExportError, match="fingerprint_with_flat_head"):
+    export.load_model(combined)
+  (combined / export.MANIFEST_FILE).write_text(json.dumps(manifest))
   params = combined / flat_head.FLAT_HEAD_DIR / flat_head.PARAMS_FILE
   params.write_bytes(params.read_bytes()[:-1] + b"\x00")
   with pytest.raises(export.ExportError, match="fingerprint"):

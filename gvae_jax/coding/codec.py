@@ -527,7 +527,7 @@ def read_header(data: bytes) -> Header:
 def _check_header_for_model(model: ExportedModel, header: Header,
                             sections: list[bytes]) -> np.float32:
   """Everything about the header that must hold before decoding; returns s."""
-  if header.fingerprint != model.fingerprint:
+  if not model.accepts(header.fingerprint, header.mode):
     raise ModelMismatchError(
         f"this file was made by a different model (fingerprint {header.fingerprint.hex()}, "
         f"the loaded model is {model.fingerprint.hex()}); decode it with the model that "
@@ -596,7 +596,7 @@ def _at_most_stored(model: ExportedModel, pixels, data: bytes) -> bytes:
 
 
 def _decode_stored(model: ExportedModel, header: Header, sections: list[bytes]) -> Decoded:
-  if header.fingerprint != model.fingerprint:
+  if not model.accepts(header.fingerprint, header.mode):
     raise ModelMismatchError(
         f"this file was made by a different model (fingerprint {header.fingerprint.hex()}, "
         f"the loaded model is {model.fingerprint.hex()})")

@@ -10,7 +10,9 @@ installed wheel has them; 17 MB together):
              weaker than `small`, so lossy files use `small`)
 
 `gvae decompress` without --model picks the shipped model whose fingerprint
-the file carries. Reads only the manifests here: no JAX.
+the file carries (the scalable model's with or without its flat head: files
+of the model before the head was attached decode with it too, see
+gvae_jax.coding.export). Reads only the manifests here: no JAX.
 """
 from __future__ import annotations
 
@@ -29,11 +31,13 @@ def default_model(near_lossless: bool) -> Path:
 
 def model_for_fingerprint(fingerprint: bytes) -> Path | None:
   """The shipped model whose manifest has this fingerprint, or None."""
+  wanted = fingerprint.hex()
   for directory in (LOSSY_MODEL, SCALABLE_MODEL):
     try:
       manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
       continue
-    if isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint.hex():
+    if isinstance(manifest, dict) and wanted in (manifest.get("fingerprint"),
+                                                 manifest.get("fingerprint_with_flat_head")):
       return directory
   return None

@@ -67,8 +67,12 @@ A scalable model directory may also hold a `flat_head/` subdirectory (a
 flat-base residual head, gvae_jax.coding.flat_head; made with
 `attach_flat_head` below): the model then codes residual files on a flat
 base as well, and its fingerprint is that of the directory without the head
-combined with the head's (`with_flat_fingerprint`), so no file of either
-model decodes with the other.
+combined with the head's (`with_flat_fingerprint`): its flat-base files
+decode only with it. Lossy, lossy-base and stored files need none of the head, so
+the model with the head also decodes those of the model it was attached to
+(`base_fingerprint`); the other way round is refused. The copied manifest
+records the combined fingerprint as `fingerprint_with_flat_head` (checked
+on load), so a model can be found by either without loading it.
 """
 from __future__ import annotations
 
@@ -136,6 +140,15 @@ class ExportedModel:
   fingerprint: bytes
   manifest: dict
   flat: Any = None  # gvae_jax.coding.flat_head.FlatHead: residual files on a flat base too
+  base_fingerprint: bytes | None = None  # with a flat head: the fingerprint without it
+
+  def accepts(self, fingerprint: bytes, mode) -> bool:
+    """Whether a file of this fingerprint and mode was made by this model (module doc:
+    a model with a flat head also decodes the lossy and lossy-base files of its base)."""
+    if fingerprint == self.fingerprint:
+      return True
+    return (self.base_fingerprint is not None and fingerprint == self.base_fingerprint
+            and mode in (container.Mode.LOSSY, container.Mode.RESIDUAL, container.Mode.STORED))
 
   @property
   def levels(self) -> int:
@@ -552,9 +565,15 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
       flat = flat_head.load_flat_head(model_dir / flat_head.FLAT_HEAD_DIR)
     except flat_head.FlatHeadError as e:
       raise ExportError(str(e)) from e
-    fingerprint = with_flat_fingerprint(fingerprint, flat.fingerprint)
+    combined = with_flat_fingerprint(fingerprint, flat.fingerprint)
+    recorded = manifest.get("fingerprint_with_flat_head")
+    if recorded is not None and recorded != combined.hex():
+      raise ExportError(f"{model_dir}: the flat head does not match the manifest's "
+                        "fingerprint_with_flat_head (modified or corrupt); attach it again")
+    return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
+                         combined, manifest, flat, base_fingerprint=fingerprint)
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
-                       fingerprint, manifest, flat)
+                       fingerprint, manifest)
 
 
 # --- Flat heads (gvae_jax.coding.flat_head) attached to a scalable model. ---
@@ -566,8 +585,16 @@ def attach(exported: "ExportedModel", head) -> "ExportedModel":
   if exported.flat is not None:
     raise flat_head.FlatHeadError("the model already has a flat head")
   return dataclasses.replace(
-      exported, flat=head,
+      exported, flat=head, base_fingerprint=exported.fingerprint,
       fingerprint=with_flat_fingerprint(exported.fingerprint, head.fingerprint))
+
+
+def detach(exported: "ExportedModel") -> "ExportedModel":
+  """`exported` without its flat head (as the model it was attached to), in memory."""
+  if exported.flat is None:
+    return exported
+  return dataclasses.replace(exported, flat=None, fingerprint=exported.base_fingerprint,
+                             base_fingerprint=None)
 
 
 def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
@@ -578,6 +605,8 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
   files decode alike on every platform."""
   model_dir, out_dir = Path(model_dir), Path(out_dir)
   base = load_model(model_dir)  # checks it
+  if base.flat is not None:
+    raise flat_head.FlatHeadError(f"{model_dir} already has a flat head")
   if not base.is_scalable:
     raise flat_head.FlatHeadError(f"{model_dir} is lossy-only: a flat head needs a "
                                   "scalable model")
@@ -601,6 +630,11 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
                                 kept, exact=True)
     else:
       shutil.copytree(head_dir, temp_dir / flat_head.FLAT_HEAD_DIR)
+    attached = flat_head.load_flat_head(temp_dir / flat_head.FLAT_HEAD_DIR)
+    manifest = json.loads((temp_dir / MANIFEST_FILE).read_text())
+    manifest["fingerprint_with_flat_head"] = with_flat_fingerprint(
+        base.fingerprint, attached.fingerprint).hex()
+    (temp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
   try:
     return fileio.write_directory_atomically(out_dir, fill)
