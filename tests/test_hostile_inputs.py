@@ -632,3 +632,32 @@ def test_first_run_compresses_the_shipped_sample_with_the_shipped_model(tmp_path
   result = gvae("decompress", "photo.gvae", "photo.png", cwd=tmp_path)
   assert result.returncode == 0 and result.stderr == "", result.stderr
   assert np.asarray(Image.open(tmp_path / "photo.png")).shape == (256, 384, 3)
+
+
+def test_every_file_mode_has_a_decoding_memory_figure():
+  for mode in container.Mode:
+    assert (mode.name.lower(), "decompress") in memory.PER_PIXEL, mode
+
+
+def test_first_lossless_run_uses_the_shipped_exact_flat_head(tmp_path):
+  """`--lossless` with no --model: the shipped scalable model's exact flat head writes
+  a file that decodes bit-exactly; and a file of that model before the head was
+  attached (fingerprint recorded in its manifest) still decodes with no --model."""
+  from gvae_jax.coding import codec
+  from gvae_jax.samples import SAMPLE_PHOTO
+
+  crop = np.asarray(Image.open(SAMPLE_PHOTO).convert("RGB"))[:48, :72].copy()
+  Image.fromarray(crop).save(tmp_path / "crop.png")
+  result = gvae("compress", "crop.png", "c.gvae", "--lossless", cwd=tmp_path)
+  assert result.returncode == 0 and result.stderr == "", result.stderr
+  header = container.unpack(container.read_file(tmp_path / "c.gvae"))[0]
+  assert header.mode == container.Mode.EXACT_FLAT_RESIDUAL
+  manifest = json.loads((defaults.SCALABLE_MODEL / "manifest.json").read_text())
+  assert header.fingerprint.hex() == manifest["fingerprint_with_flat_head"]
+  without_head = export.detach(export.load_model(defaults.SCALABLE_MODEL))
+  (tmp_path / "old.gvae").write_bytes(codec.compress(without_head, crop, tau=2, base="lossy"))
+  for name in ("c", "old"):
+    result = gvae("decompress", f"{name}.gvae", f"{name}.png", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    decoded = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(np.int16)
+    assert np.abs(decoded - crop).max() <= (0 if name == "c" else 2)

@@ -1,13 +1,16 @@
 """The models shipped inside the package, used when `gvae compress` gets no --model.
 
 gvae_jax/default_models/ holds two exported models (package data, so an
-installed wheel has them; 17 MB together):
+installed wheel has them; 23 MB together):
 
   lossy/     experiments/models/small: the best shipped lossy model
              (0.31-1.36 bpp on Kodak), for --rate / --bpp
-  scalable/  experiments/models/small_nearlossless_delta: the best shipped
-             scalable model, for --tau / --lossless (its lossy layer is
-             weaker than `small`, so lossy files use `small`)
+  scalable/  experiments/models/small_nearlossless_delta with the flat head
+             experiments/models/flat_residual attached in exact form
+             (`gvae attach-flat --exact`): for --tau / --lossless; its files
+             take the smaller of the flat and the lossy base (in practice the
+             flat one, which decodes alike on every platform). Its lossy layer
+             is weaker than `small`, so lossy files use `small`
 
 `gvae decompress` without --model picks the shipped model whose fingerprint
 the file carries (the scalable model's with or without its flat head: files
