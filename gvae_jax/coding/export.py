@@ -143,12 +143,12 @@ class ExportedModel:
   base_fingerprint: bytes | None = None  # with a flat head: the fingerprint without it
 
   def accepts(self, fingerprint: bytes, mode) -> bool:
-    """Whether a file of this fingerprint and mode was made by this model (module doc:
-    a model with a flat head also decodes the lossy and lossy-base files of its base)."""
+    """Whether this model decodes a file of this fingerprint and mode (module doc: a
+    model with a flat head also decodes its base's files, which use no flat head)."""
     if fingerprint == self.fingerprint:
       return True
     return (self.base_fingerprint is not None and fingerprint == self.base_fingerprint
-            and mode in (container.Mode.LOSSY, container.Mode.RESIDUAL, container.Mode.STORED))
+            and mode not in container.FLAT_MODES)
 
   @property
   def levels(self) -> int:
@@ -557,7 +557,7 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     raise ExportError(f"{model_dir}: files do not match the manifest's fingerprint "
                       "(modified or corrupt); export the model again")
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  flat = None
+  flat = base_fingerprint = None
   if (model_dir / "flat_head").exists():
     if not is_scalable(model):
       raise ExportError(f"{model_dir}: a flat head needs a scalable model")
@@ -565,15 +565,14 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
       flat = flat_head.load_flat_head(model_dir / flat_head.FLAT_HEAD_DIR)
     except flat_head.FlatHeadError as e:
       raise ExportError(str(e)) from e
-    combined = with_flat_fingerprint(fingerprint, flat.fingerprint)
+    base_fingerprint = fingerprint
+    fingerprint = with_flat_fingerprint(base_fingerprint, flat.fingerprint)
     recorded = manifest.get("fingerprint_with_flat_head")
-    if recorded is not None and recorded != combined.hex():
+    if recorded is not None and recorded != fingerprint.hex():
       raise ExportError(f"{model_dir}: the flat head does not match the manifest's "
                         "fingerprint_with_flat_head (modified or corrupt); attach it again")
-    return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
-                         combined, manifest, flat, base_fingerprint=fingerprint)
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
-                       fingerprint, manifest)
+                       fingerprint, manifest, flat, base_fingerprint)
 
 
 # --- Flat heads (gvae_jax.coding.flat_head) attached to a scalable model. ---
@@ -630,10 +629,12 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
                                 kept, exact=True)
     else:
       shutil.copytree(head_dir, temp_dir / flat_head.FLAT_HEAD_DIR)
-    attached = flat_head.load_flat_head(temp_dir / flat_head.FLAT_HEAD_DIR)
+    # The head's fingerprint as written (the converted one's for --exact); load_model checks it.
+    head_manifest = temp_dir / flat_head.FLAT_HEAD_DIR / flat_head.MANIFEST_FILE
+    head_fingerprint = bytes.fromhex(json.loads(head_manifest.read_text())["fingerprint"])
     manifest = json.loads((temp_dir / MANIFEST_FILE).read_text())
     manifest["fingerprint_with_flat_head"] = with_flat_fingerprint(
-        base.fingerprint, attached.fingerprint).hex()
+        base.fingerprint, head_fingerprint).hex()
     (temp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
   try:

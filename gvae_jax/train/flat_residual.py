@@ -240,19 +240,20 @@ def _warm_start(state: TrainState, head_dir: str) -> tuple[TrainState, float]:
   step = int(head.manifest.get("step") or 0)
   logging.warning("warm start from %s (step %d)", head_dir, step)
   seconds = float(head.manifest.get("train_seconds") or 0.0)
-  opt_state = jax.tree_util.tree_map(
-      lambda leaf: (leaf._replace(count=jnp.asarray(step, leaf.count.dtype))
-                    if isinstance(leaf, optax.ScaleByScheduleState) else leaf),
-      state.tx.init(params), is_leaf=lambda leaf: isinstance(leaf, optax.ScaleByScheduleState))
+  opt_state = optax.tree_utils.tree_set(state.tx.init(params), _schedule_count,
+                                        count=jnp.asarray(step, jnp.int32))
   return state.replace(params=params, opt_state=opt_state, step=step), seconds
+
+
+def _schedule_count(path, _) -> bool:
+  """optax.tree_utils filter: the learning-rate schedule's step count (not Adam's)."""
+  return getattr(path[-1], "tuple_name", None) == optax.ScaleByScheduleState.__name__
 
 
 def learning_rate(config, state: TrainState) -> float:
   """The learning rate the next step uses (from the schedule count in the optimiser state)."""
-  counts = [leaf.count for leaf in jax.tree_util.tree_leaves(
-      state.opt_state, is_leaf=lambda leaf: isinstance(leaf, optax.ScaleByScheduleState))
-      if isinstance(leaf, optax.ScaleByScheduleState)]
-  return float(schedule(config)(counts[0]))
+  count = optax.tree_utils.tree_get(state.opt_state, "count", filtering=_schedule_count)
+  return float(schedule(config)(count))
 
 
 def _progress_path(workdir: Path) -> Path:
