@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from scipy import special
 
+import jax
 import jax.numpy as jnp
 
 from codec_helpers import golden_params, make_image, tiny_config
@@ -75,6 +76,67 @@ def test_tails_keep_their_relative_accuracy_in_float32():
       representable = exact > 1e-30  # float32 normals end at 1.2e-38
       assert representable.sum() >= 3
       np.testing.assert_allclose(got[representable], exact[representable], rtol=1e-3)
+
+
+def _log_half_gaussian_mass(lo, hi):
+  """float64 reference: log(Phi(hi) - Phi(lo)), mirrored to the lower tail."""
+  if lo + hi > 0:
+    lo, hi = -hi, -lo
+  log_hi = special.log_ndtr(hi)
+  return log_hi + np.log(-np.expm1(special.log_ndtr(lo) - log_hi))
+
+
+def test_log_likelihood_is_finite_and_accurate_far_into_the_tails():
+  # Bins hundreds of scales out, where float32 ndtr is 0: the log mass must
+  # match float64 and keep a gradient that widens the scale (issue 15: the
+  # floored likelihood's zero gradient left overconfident scales).
+  rng = np.random.default_rng(1)
+  for _ in range(40):
+    a, b = np.exp(rng.uniform(np.log(0.11), np.log(256.0), 2))
+    v = rng.uniform(-300, 300, 64)
+    got = np.asarray(ag.log_likelihood(jnp.asarray(v, jnp.float32), a, b), np.float64)
+    v32 = np.asarray(jnp.asarray(v, jnp.float32), np.float64)
+    expected = []
+    for x in v32:
+      if x + 0.5 <= 0:
+        expected.append(np.log(2 * a / (a + b)) + _log_half_gaussian_mass((x - .5) / a, (x + .5) / a))
+      elif x - 0.5 >= 0:
+        expected.append(np.log(2 * b / (a + b)) + _log_half_gaussian_mass((x - .5) / b, (x + .5) / b))
+      else:
+        expected.append(np.log(ag.likelihood_np(x, a, b)))
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+  grad_scale = jax.vmap(jax.grad(lambda v, a, b: -ag.log_likelihood(v, a, b), argnums=(1, 2)))
+  v = jnp.asarray([-40.0, -6.0, 6.0, 40.0, 300.0], jnp.float32)
+  g_left, g_right = grad_scale(v, jnp.full_like(v, 0.2), jnp.full_like(v, 0.2))
+  # A value far left of the mean: widening the left scale lowers its bits.
+  assert np.all(np.isfinite(g_left)) and np.all(np.isfinite(g_right))
+  assert np.all(np.asarray(g_left)[:2] < -10) and np.all(np.asarray(g_right)[2:] < -10)
+
+
+def test_log_likelihood_with_equal_scales_is_the_gaussian_one():
+  values = jnp.asarray(np.linspace(-200, 200, 4001), jnp.float32)
+  for scale in (0.11, 0.7, 3.0, 40.0, 256.0):
+    asym = np.asarray(ag.log_likelihood(values, scale, scale), np.float64)
+    sym = np.asarray(gaussian.log_likelihood(values, scale), np.float64)
+    np.testing.assert_allclose(asym, sym, rtol=1e-5, atol=1e-5)
+    # Where the linear likelihood is representable, the log is its log.
+    lin = np.asarray(gaussian.likelihood(values, scale), np.float64)
+    ok = lin > 1e-30
+    np.testing.assert_allclose(sym[ok], np.log(lin[ok]), rtol=1e-4, atol=1e-5)
+
+
+def test_gaussian_log_likelihood_matches_float64_and_keeps_its_gradient():
+  v = np.linspace(-400, 400, 1601)
+  for scale in (0.11, 1.3, 256.0):
+    got = np.asarray(gaussian.log_likelihood(jnp.asarray(v, jnp.float32), scale), np.float64)
+    expected = [_log_half_gaussian_mass((x - .5) / scale, (x + .5) / scale) for x in v]
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+  grad = jax.vmap(jax.grad(lambda v, s: -gaussian.log_likelihood(v, s), argnums=(0, 1)))
+  vv = jnp.asarray(np.linspace(-500, 500, 2001), jnp.float32)
+  g_value, g_scale = grad(vv, jnp.full_like(vv, 0.11))
+  assert np.all(np.isfinite(g_value)) and np.all(np.isfinite(g_scale))
+  # Beyond a few scales, more scale means fewer bits (the floored form gave 0 here).
+  assert np.all(np.asarray(g_scale)[np.abs(np.asarray(vv)) > 2] < 0)
 
 
 # --- The integer tables. ---
