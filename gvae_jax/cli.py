@@ -203,9 +203,10 @@ def _compress(args, overrides):
   cap, source = _memory_cap(args)
   # The largest image the cap allows (for the reference model size), checked on
   # the file's header before a pixel is decoded; refined below for the model.
-  max_pixels, note = memory.MAX_CODEC_PIXELS, "the codec's limit"
+  max_pixels = memory.MAX_LOSSY_PIXELS if mode == "lossy" else memory.MAX_CODEC_PIXELS
+  note = "the codec's limit"
   if cap is not None:
-    fitting = max(0, (cap - memory.BASE_BYTES) // memory.PER_PIXEL[mode, "compress"])
+    fitting = memory.max_fitting_pixels(cap, mode, "compress")
     if fitting < max_pixels:
       max_pixels, note = fitting, f"what the memory cap of {cap / 2**30:.1f} GiB ({source}) allows"
   pixels, info = image_io.read_image(args.input, max_pixels=max_pixels, limit_note=note)
@@ -258,6 +259,7 @@ def _base_note(header) -> str:
   from gvae_jax.coding.container import Mode
 
   return {Mode.LOSSY: "none (lossy file)",
+          Mode.LOSSY_TILED: "none (lossy file, networks run in tiles)",
           Mode.RESIDUAL: f"lossy layer at rate s {header.rate:.9g}",
           Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)",
           Mode.EXACT_FLAT_RESIDUAL: "flat (every value 128; no lossy layer), coded in "

@@ -317,6 +317,11 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None,
                     "remove it first, e.g. `magick IN -background white -alpha remove "
                     "-alpha off OUT.png`")
     file.seek(0)
+    # Pillow's own bomb limit (a warning on stderr above it, an error above twice it)
+    # would cut below max_pixels, which is already checked: raise it to max_pixels.
+    bomb_limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels is not None and bomb_limit is not None and max_pixels > bomb_limit:
+      Image.MAX_IMAGE_PIXELS = max_pixels
     try:
       image = Image.open(file)
     except UnidentifiedImageError:
@@ -325,6 +330,8 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = None,
       raise ImageError(f"{path}: {error}") from None
     except Exception as error:  # Pillow raises many types for bad bytes; all mean "corrupt"
       raise ImageError(f"{_describe_unreadable(path, header)} ({error})") from error
+    finally:
+      Image.MAX_IMAGE_PIXELS = bomb_limit
     with image:
       _check_pixel_count(path, image.size[0], image.size[1], max_pixels, limit_note)
       source_mode = _check_opened(path, image)

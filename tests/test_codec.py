@@ -155,7 +155,9 @@ def test_valid_headers_the_decoder_cannot_use_are_refused(tiny):
       (dict(channels=2), "channels"),
       (dict(rate=1.5), "out of range"),
       (dict(rate=0.1), "not a float32"),
-      (dict(height=2**14, width=2**14), "too large"),
+      # (Larger than the lossy limit is refused by the container itself: test_container.)
+      (dict(height=4096, width=4096), "coded in tiles"),  # mode 0 must run whole: refused
+      (dict(mode=Mode.LOSSY_TILED), "coded whole"),
       (dict(coder_id=77), "unknown entropy coder"),
   ]
   for changes, message in cases:

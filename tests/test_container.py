@@ -57,7 +57,7 @@ FLAT = dataclasses.replace(HEADER, mode=Mode.FLAT_RESIDUAL, rate=0.0)
 def test_exact_flat_mode_is_version_3():
   exact = dataclasses.replace(FLAT, mode=Mode.EXACT_FLAT_RESIDUAL)
   data = pack(exact, SECTIONS[:3])
-  assert data[4] == 3 == FORMAT_VERSION and data[5] == Mode.EXACT_FLAT_RESIDUAL
+  assert data[4] == 3 <= FORMAT_VERSION and data[5] == Mode.EXACT_FLAT_RESIDUAL
   assert unpack(data) == (exact, SECTIONS[:3])
   old = bytearray(data)
   old[4] = 2  # a version-2 file has no mode 4
@@ -115,8 +115,8 @@ def test_every_single_bit_flip_raises_format_error():
 def test_messages():
   with pytest.raises(FormatError, match=r"not a \.gvae file \(bad magic\)"):
     unpack(b"\x89PNG\r\n\x1a\n" + bytes(100))
-  with pytest.raises(FormatError, match="unsupported format version 4"):
-    unpack(MAGIC + b"\x04" + VALID[5:])
+  with pytest.raises(FormatError, match="unsupported format version 5"):
+    unpack(MAGIC + b"\x05" + VALID[5:])
   payload = bytearray(VALID)
   payload[-1] ^= 0x10
   with pytest.raises(FormatError, match="checksum mismatch: file is corrupt"):

@@ -68,7 +68,7 @@ def crafted(height: int, width: int, mode=container.Mode.LOSSY, tau=0, seed=0,
             section_bytes=64) -> bytes:
   """A .gvae file with a valid header and CRC claiming height x width; garbage streams."""
   rng = np.random.default_rng(seed)
-  count = 2 if mode == container.Mode.LOSSY else 5
+  count = 2 if mode in container.LOSSY_MODES else 5
   sections = [rng.integers(0, 256, section_bytes, dtype=np.uint8).tobytes()
               for _ in range(count)]
   if mode == container.Mode.RESIDUAL:
@@ -406,23 +406,27 @@ def test_memory_limits_match_the_codec():
 
 
 def test_crafted_8192_file_is_refused_before_allocating(tmp_path):
-  (tmp_path / "big.gvae").write_bytes(crafted(8192, 8192))
+  # Lossy files of this size run tiled (their bound is ~11 GiB at 16384x16384); residual
+  # ones whole (~40 GiB at 8192x8192).
+  (tmp_path / "big.gvae").write_bytes(crafted(16384, 16384, container.Mode.LOSSY_TILED))
   (tmp_path / "big_lossless.gvae").write_bytes(crafted(8192, 8192, container.Mode.RESIDUAL))
 
-  for name in ("big.gvae", "big_lossless.gvae"):
+  for name, side in (("big.gvae", 16384), ("big_lossless.gvae", 8192)):
     # 6 GiB of address space, far below what decoding takes: only a refusal survives it.
     result = gvae("decompress", name, "out.png", "--model", MODEL, "--max-memory", "8G",
                   cwd=tmp_path, memory_limit=6 << 30, timeout=120)
-    assert_fails(result, "of 8192x8192 pixels needs about")
+    assert_fails(result, f"of {side}x{side} pixels needs about")
     assert "more than the cap of 8.0 GiB (--max-memory)" in result.stderr
   # The info command needs no model and no memory: it still reads the header.
   result = gvae("info", "big.gvae", cwd=tmp_path, timeout=60)
-  assert result.returncode == 0 and "8192x8192" in result.stdout
+  assert result.returncode == 0 and "16384x16384" in result.stdout
 
 
 def test_out_of_memory_in_cxx_is_one_error_line(tmp_path):
-  """XLA aborts on std::bad_alloc under a memory limit: the CLI still prints one line."""
-  Image.new("RGB", (8192, 8192), (90, 120, 200)).save(tmp_path / "a.png")  # 80 KB, flat
+  """Out of memory under an address-space limit (in XLA's C++, which aborts on
+  std::bad_alloc, or in NumPy): the CLI still prints one line. 16384x16384 is tiled,
+  but its whole-image arrays alone exceed 3 GiB (an 8192x8192 image now fits)."""
+  Image.new("RGB", (16384, 16384), (90, 120, 200)).save(tmp_path / "a.png")  # flat
 
   # The cap is switched off, so the coder really runs out of its 3 GiB of address space.
   result = gvae("compress", "a.png", "a.gvae", "--model", MODEL, "--rate", 1,

@@ -100,7 +100,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gvae_jax.coding import container, residual_codec
+from gvae_jax.coding import container, residual_codec, tiling
 from gvae_jax.coding.coder import CodingError, EntropyCoder, default_coder_id, get_coder
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
@@ -110,10 +110,13 @@ from gvae_jax.errors import UserError
 from gvae_jax.models import flat_base
 from gvae_jax.ops import pad_to_multiple
 
-# The largest image (after padding) either side accepts: 8192 x 8192. Bigger
-# needs tens of GB of activations; the decoder also refuses a crafted header
-# claiming more before it allocates anything.
+# The largest image (after padding) either side accepts with a residual
+# layer: 8192 x 8192 (its networks and coder run on the whole image, tens of
+# GB beyond that); lossy files, whose networks run in tiles above
+# tiling.TILED_ABOVE, up to 16384 x 16384. The decoder also refuses a crafted
+# header claiming more before it allocates anything.
 MAX_CODEC_PIXELS = 2**26
+MAX_LOSSY_PIXELS = 2**28
 Z_SECTION, Y_SECTION = 0, 1
 NUM_SECTIONS = 2
 SIDE_INFO_SECTION, STREAMS_SECTION, CHECK_SECTION = 2, 3, 4  # residual mode only
@@ -207,6 +210,65 @@ def synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: i
   return np.asarray(padded[0, :height, :width, :]), u
 
 
+# --- The same stages tile by tile, for large lossy images (gvae_jax.coding.tiling). ---
+
+def _run_tiled(fn, inputs, tile: int, halo: int, align: int = 1) -> list[np.ndarray]:
+  """fn(*windows) on windows of `inputs` (arrays [1, H, W, C] of one H, W), each
+  output cropped to its tile and placed in a numpy array of the whole output.
+
+  Every output of fn is [1, h, w, C] with h / H = w / W a fixed ratio (upsampling
+  or strided), so a tile's rows in it are the tile's rows times that ratio.
+  """
+  height, width = inputs[0].shape[1:3]
+  rows = tiling.axis_tiles(height, tile, halo, align)
+  cols = tiling.axis_tiles(width, tile, halo, align)
+  outputs = None
+  for r in rows:
+    for c in cols:
+      windows = [jnp.asarray(a[:, r.start:r.start + r.size, c.start:c.start + c.size])
+                 for a in inputs]
+      results = [np.asarray(o) for o in fn(*windows)]
+      if outputs is None:
+        outputs = [np.empty((1, height * o.shape[1] // r.size, width * o.shape[2] // c.size,
+                             o.shape[3]), o.dtype) for o in results]
+      for whole, part in zip(outputs, results):
+        fy, fx = part.shape[1] / r.size, part.shape[2] / c.size  # exact: tile grid aligned
+        y0, y1 = int((r.lo - r.start) * fy), int((r.hi - r.start) * fy)
+        x0, x1 = int((c.lo - c.start) * fx), int((c.hi - c.start) * fx)
+        whole[:, int(r.lo * fy):int(r.hi * fy), int(c.lo * fx):int(c.hi * fx)] = \
+            part[:, y0:y1, x0:x1]
+  return outputs
+
+
+def _analyze_tiled(model, params, x_padded: np.ndarray, s):
+  """analyze() in tiles: (y' float32, z_sym int32) as numpy. Encoder only, so the
+  tiles need not reproduce the whole-image values bit for bit (nothing else does)."""
+  return _run_tiled(lambda x: analyze(model, params, x, s), [x_padded],
+                    tiling.TILE_PIXELS, tiling.ANALYSIS_HALO_PIXELS, align=int(model.stride))
+
+
+def hyper_tiled(model, params, z_sym, s, y_index_bounds):
+  """hyper() in tiles of z: (mean, y table row) as numpy. The encoder and the decoder
+  of a LOSSY_TILED file both call this."""
+  tile = tiling.TILE_PIXELS // int(model.stride)
+  return _run_tiled(lambda z: hyper(model, params, z, s, y_index_bounds), [np.asarray(z_sym)],
+                    tile, tiling.HYPER_HALO)
+
+
+def _synthesize_tiled(model: ExportedModel, y_sym, mean, s, height: int,
+                      width: int) -> np.ndarray:
+  """synthesize_image() (without the prior) in tiles of y: cropped uint8 [H, W, 3]."""
+  tile = tiling.TILE_PIXELS // (int(model.lossy_model.stride) // 4)  # y is 1/16 of x
+  (pixels,) = _run_tiled(
+      lambda y, m: _synthesize(model.lossy_model, model.lossy_params, y, m, s, False)[:1],
+      [np.asarray(y_sym), np.asarray(mean)], tile, tiling.SYNTHESIS_HALO)
+  return pixels[0, :height, :width, :]
+
+
+def _padded_size(height: int, width: int, stride: int) -> tuple[int, int]:
+  return -(-height // stride) * stride, -(-width // stride) * stride
+
+
 # --- Rates and images. ---
 
 def as_rgb(pixels) -> tuple[np.ndarray, int]:
@@ -223,13 +285,17 @@ def as_rgb(pixels) -> tuple[np.ndarray, int]:
   return pixels, 3
 
 
-def _check_size(height: int, width: int, stride: int, error=UserError) -> None:
+def _check_size(height: int, width: int, stride: int, error=UserError,
+                lossy: bool = False) -> None:
+  """The codec's size limits: MAX_LOSSY_PIXELS for a lossy file, else MAX_CODEC_PIXELS."""
   if height < 1 or width < 1:
     raise error(f"image of {height}x{width} pixels has no pixels")
-  padded = (-(-height // stride) * stride) * (-(-width // stride) * stride)
-  if padded > MAX_CODEC_PIXELS:
-    raise error(f"image of {height}x{width} pixels is too large for this codec "
-                f"(limit {MAX_CODEC_PIXELS} pixels after padding to a multiple of {stride})")
+  padded_height, padded_width = _padded_size(height, width, stride)
+  limit = MAX_LOSSY_PIXELS if lossy else MAX_CODEC_PIXELS
+  if padded_height * padded_width > limit:
+    what = "lossy files" if lossy else "near-lossless and lossless files"
+    raise error(f"image of {height}x{width} pixels is too large for {what} of this codec "
+                f"(limit {limit} pixels after padding to a multiple of {stride})")
 
 
 def _latent_shapes(model, height: int, width: int) -> tuple[tuple, tuple]:
@@ -270,12 +336,24 @@ class Decoded:
 
 
 def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
-                  coder: EntropyCoder):
-  """(z_sym, y_sym, y_index, mean) of the lossy layer, and the z and y streams."""
+                  coder: EntropyCoder, tiled: bool = False):
+  """(z_sym, y_sym, y_index, mean) of the lossy layer, and the z and y streams.
+
+  tiled: the networks run in tiles (mode LOSSY_TILED).
+  """
   s = jnp.full((1,), s_value, jnp.float32)
-  x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(model.lossy_model.stride))
-  y, z_sym = analyze(model.lossy_model, model.lossy_params, x_padded, s)
-  mean, y_index = hyper(model.lossy_model, model.lossy_params, z_sym, s, model.y_index_bounds)
+  lossy, params = model.lossy_model, model.lossy_params
+  if tiled:
+    stride = int(lossy.stride)
+    ph, pw = (-rgb.shape[0]) % stride, (-rgb.shape[1]) % stride
+    x_padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")[None]  # as pad_to_multiple
+    y, z_sym = _analyze_tiled(lossy, params, x_padded, s)
+    del x_padded
+    mean, y_index = hyper_tiled(lossy, params, z_sym, s, model.y_index_bounds)
+  else:
+    x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(lossy.stride))
+    y, z_sym = analyze(lossy, params, x_padded, s)
+    mean, y_index = hyper(lossy, params, z_sym, s, model.y_index_bounds)
   y_sym = quantize_y(y, mean)
   z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
   z_bytes = coder.encode(z_np, z_indexes(z_np.shape), model.z_table)
@@ -321,10 +399,15 @@ def _backend(coder: int | None) -> EntropyCoder:
   return get_coder(default_coder_id() if coder is None else coder)
 
 
-def _checked_rgb(model: ExportedModel, pixels) -> tuple[np.ndarray, int]:
+def _checked_rgb(model: ExportedModel, pixels, lossy: bool = False) -> tuple[np.ndarray, int]:
   rgb, channels = as_rgb(pixels)
-  _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride))
+  _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride), lossy=lossy)
   return rgb, channels
+
+
+def is_tiled(model: ExportedModel, height: int, width: int) -> bool:
+  """Whether a lossy file of this image size is coded in tiles (mode LOSSY_TILED)."""
+  return tiling.is_tiled(*_padded_size(height, width, int(model.lossy_model.stride)))
 
 
 def encode(model: ExportedModel, pixels, rate, tau=None,
@@ -346,7 +429,7 @@ def encode(model: ExportedModel, pixels, rate, tau=None,
     s_value, lossy = base.layer.s_value, base.layer
   else:
     s_value, lossy = check_rate(rate, model.levels), None
-  rgb, channels = _checked_rgb(model, pixels)
+  rgb, channels = _checked_rgb(model, pixels, lossy=tau is None)
   return _encode(model, rgb, channels, s_value, tau, backend, profile, lossy)
 
 
@@ -355,11 +438,15 @@ def _encode(model: ExportedModel, rgb: np.ndarray, channels: int, s_value: np.fl
             profile: residual_codec.Profile | None = None,
             lossy: _LossyLayer | None = None) -> Encoded:
   """encode() on checked arguments; `lossy`: the layer already coded at s_value."""
-  if lossy is None or lossy.coder_id != coder.coder_id:
-    lossy = _code_lossy(model, rgb, s_value, with_base=tau is not None, coder=coder)
   height, width = rgb.shape[:2]
+  tiled = tau is None and is_tiled(model, height, width)
+  if tiled:
+    (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder, True)
+    lossy = _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, coder.coder_id)
+  elif lossy is None or lossy.coder_id != coder.coder_id:
+    lossy = _code_lossy(model, rgb, s_value, with_base=tau is not None, coder=coder)
   sections = list(lossy.sections)
-  mode, layer = Mode.LOSSY, None
+  mode, layer = (Mode.LOSSY_TILED if tiled else Mode.LOSSY), None
   if tau is not None:
     layer = residual_codec.encode(model, coder, rgb, lossy.base, lossy.u, tau, profile)
     sections += [layer.side_info, layer.streams,
@@ -391,6 +478,9 @@ def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
   if encoded.residual is not None:
     return _residual_pixels(encoded.base, encoded.residual.r_hat)
   s = jnp.full((1,), np.float32(encoded.header.rate), jnp.float32)
+  if encoded.header.mode == Mode.LOSSY_TILED:
+    return _synthesize_tiled(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
+                             encoded.header.width)
   return synthesize_image(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
                            encoded.header.width)[0]
 
@@ -542,12 +632,25 @@ def _check_header_for_model(model: ExportedModel, header: Header,
       (header.mode == Mode.EXACT_FLAT_RESIDUAL) != (model.flat.exact is not None)):
     raise FormatError(f"invalid header: mode {header.mode.name} with a flat head that is "
                       f"{'not ' if model.flat.exact is None else ''}exact")
-  if header.mode not in (Mode.LOSSY, Mode.RESIDUAL) + container.FLAT_MODES:
+  if header.mode not in container.LOSSY_MODES + container.RESIDUAL_MODES:
     raise FormatError(f"mode {header.mode.name} is not supported by this decoder")
+  lossy = header.mode in container.LOSSY_MODES
+  _check_size(header.height, header.width, int(model.lossy_model.stride), FormatError, lossy)
+  tiled = tiling.is_tiled(*_padded_size(header.height, header.width,
+                                        int(model.lossy_model.stride)))
+  # Each lossy image size has one mode; refusing the other is also a memory guard
+  # (a whole-image decode of a large image is beyond gvae_jax.coding.memory's bound).
+  if header.mode == Mode.LOSSY and tiled:
+    raise FormatError(f"invalid header: a whole-image lossy file of {header.width}x"
+                      f"{header.height} pixels (images this large are coded in tiles)")
+  if header.mode == Mode.LOSSY_TILED and not tiled:
+    raise FormatError(f"invalid header: a tiled lossy file of {header.width}x"
+                      f"{header.height} pixels (images this small are coded whole)")
   if header.channels not in (1, 3):
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
   expected, kind, check = {
       Mode.LOSSY: (NUM_SECTIONS, "lossy", None),
+      Mode.LOSSY_TILED: (NUM_SECTIONS, "lossy", None),
       Mode.RESIDUAL: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION),
       Mode.FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
       Mode.EXACT_FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
@@ -563,7 +666,6 @@ def _check_header_for_model(model: ExportedModel, header: Header,
     raise FormatError(f"invalid header: {e}") from None
   if float(s) != header.rate:  # the encoder stores the float32 it used, exactly
     raise FormatError(f"invalid header: rate {header.rate!r} is not a float32 value")
-  _check_size(header.height, header.width, int(model.lossy_model.stride), FormatError)
   return s
 
 
@@ -630,6 +732,12 @@ def decode(model: ExportedModel, data: bytes,
   z_shape, y_shape = _latent_shapes(model.lossy_model, header.height, header.width)
 
   z_np = coder.decode(sections[Z_SECTION], z_indexes(z_shape), model.z_table)
+  if header.mode == Mode.LOSSY_TILED:
+    mean, index_np = hyper_tiled(model.lossy_model, model.lossy_params, z_np, s,
+                                 model.y_index_bounds)
+    y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
+    pixels = _synthesize_tiled(model, y_np, mean, s, header.height, header.width)
+    return Decoded(_to_channels(pixels, header), header, z_np, y_np, index_np)
   mean, y_index = hyper(model.lossy_model, model.lossy_params, jnp.asarray(z_np), s,
                          model.y_index_bounds)
   index_np = np.asarray(y_index)
@@ -805,7 +913,7 @@ def compress_to_bpp(model: ExportedModel, pixels, target_bpp: float,
     raise UserError(f"target bpp must be a number, got {target_bpp!r}") from None
   if not math.isfinite(target) or target <= 0:
     raise UserError(f"target bpp must be a positive number, got {target_bpp}")
-  rgb, channels = _checked_rgb(model, pixels)
+  rgb, channels = _checked_rgb(model, pixels, lossy=True)
   backend = _backend(coder)
   budget = target * rgb.shape[0] * rgb.shape[1] / 8.0  # bytes
 

@@ -1,18 +1,22 @@
 """The `.gvae` file format: a fixed header, a section table, a CRC, payload.
 
-All integers are little-endian. Format version 3 (version 2 is the same
-without mode 4, version 1 without modes 2 to 4):
+All integers are little-endian. Format version 4 (version 3 is the same
+without mode 5, version 2 without modes 4 and 5, version 1 without modes 2
+to 5):
 
   offset    size  type    field
   0         4     bytes   magic b"GVAE"
-  4         1     u8      format version (1 to 3: the lowest that has the mode)
+  4         1     u8      format version (1 to 4: the lowest that has the mode)
   5         1     u8      mode: 0 lossy, 1 residual on the lossy layer
                           (near-lossless / lossless), 2 residual on a flat
                           base x_base = 128 (no lossy layer; version 2 only),
                           3 stored (the pixels, zlib-deflated; lossless;
                           version 2 on), 4 residual on a flat base coded
                           by the exact head (mode 2's sections; decodes
-                          alike on every platform; version 3 on)
+                          alike on every platform; version 3 on),
+                          5 lossy with its networks run in tiles (mode
+                          0's sections; images above 2048x2048 padded
+                          pixels, gvae_jax.coding.tiling; version 4 on)
   6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
@@ -29,7 +33,8 @@ without mode 4, version 1 without modes 2 to 4):
 Writers give a file the lowest version that has its mode, so lossy and
 lossy-base residual files are byte for byte what version 1 wrote (and
 version-1 readers still read them), flat and stored ones what version 2
-wrote; a file claiming a mode newer than its version is refused.
+wrote, exact flat ones what version 3 wrote; a file claiming a mode newer
+than its version is refused.
 
 `unpack` raises FormatError for any malformed input and never anything else
 (for bytes-like input); it runs in time linear in the input and never trusts
@@ -55,8 +60,8 @@ from typing import Sequence
 from gvae_jax.errors import UserError
 
 MAGIC = b"GVAE"
-FORMAT_VERSION = 3  # the newest this module reads and writes
-SUPPORTED_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest this module reads and writes
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 FINGERPRINT_SIZE = 16
 MAX_SECTIONS = 64
 MAX_PIXELS = 2**28
@@ -82,11 +87,15 @@ class Mode(enum.IntEnum):
   # FLAT_RESIDUAL's layer coded with exact integer arithmetic
   # (gvae_jax.coding.exact_head): decodes alike on every platform. Version 3.
   EXACT_FLAT_RESIDUAL = 4
+  # LOSSY's sections, with the lossy layer's networks run tile by tile
+  # (gvae_jax.coding.tiling): large images in bounded memory. Version 4.
+  LOSSY_TILED = 5
 
 
 # The first format version with each mode (what the writer uses).
 MODE_VERSION = {Mode.LOSSY: 1, Mode.RESIDUAL: 1, Mode.FLAT_RESIDUAL: 2, Mode.STORED: 2,
-                Mode.EXACT_FLAT_RESIDUAL: 3}
+                Mode.EXACT_FLAT_RESIDUAL: 3, Mode.LOSSY_TILED: 4}
+LOSSY_MODES = (Mode.LOSSY, Mode.LOSSY_TILED)
 FLAT_MODES = (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL)
 RESIDUAL_MODES = (Mode.RESIDUAL,) + FLAT_MODES
 
@@ -116,7 +125,7 @@ def _header_problem(header: Header) -> str | None:
     return f"unknown mode {header.mode}"
   if not 0 <= header.tau <= 0xFFFF:
     return f"tau {header.tau} not in [0, 65535]"
-  if header.mode in (Mode.LOSSY, Mode.STORED) and header.tau != 0:
+  if header.mode in LOSSY_MODES + (Mode.STORED,) and header.tau != 0:
     return f"tau must be 0 in {header.mode.name.lower()} mode"
   if header.mode in FLAT_MODES and header.rate != 0:
     return "rate must be 0 with a flat base"

@@ -25,8 +25,23 @@ measured, 1.5 GiB used; at 1 Mpixel a lossless compress measured 1.68 GB
 (benchmarks/results/memory_lossless.json).) So at the default cap on a 24
 GiB machine (12 GiB) the largest image is about 44 Mpixel lossy (e.g.
 6600x6600) and 18 Mpixel near-lossless / lossless (4300x4300) for decoding;
-MAX_CODEC_PIXELS (8192x8192) needs about 17.3 GiB to decode lossily. Bounded-memory tiling is not implemented. Wider
-models scale these with their channel counts (`model_scale`).
+a whole-image lossy decode at 8192x8192 would need about 17.3 GiB.
+
+Lossy files above tiling.TILED_ABOVE (2048x2048 padded) run their networks in
+tiles (mode LOSSY_TILED, gvae_jax.coding.tiling), so only the whole-image
+arrays grow with the image: the input or output pixels, y', its means and
+table rows, the streams. Their peak is
+
+  peak = BASE_BYTES + PER_PIXEL["lossy", op] * tiling.window_pixels()
+         + TILED_PER_PIXEL * padded pixels
+
+where the network term is one tile window's (1408x1408 pixels) and
+TILED_PER_PIXEL is an upper bound counted from the arrays held at once
+(about 16 bytes per pixel: 3 + 3 for the image and its padded copy, 3 x 1.5
+for y', mean and rows at M=96, the streams, PNG buffers), doubled for
+margin; not yet measured above 4 Mpixel (benchmarks/memory.py is the
+check). At 16384x16384 (MAX_LOSSY_PIXELS) that is about 10.9 GiB. Wider
+models scale the network terms with their channel counts (`model_scale`).
 
 The cap: `--max-memory` on the command line, else the GVAE_MAX_MEMORY
 environment variable ("16G", "800M", a byte count, or "off"), else half of
@@ -36,16 +51,19 @@ and decompress the .gvae header against it before decoding or allocating
 anything, and refuse with one `gvae: error:` line saying how much the image
 needs; an out-of-memory error that happens anyway (the estimate is a model,
 other processes use memory too) is caught by the CLI and reported as one
-line as well. No JAX or NumPy import here.
+line as well. No JAX or NumPy import here (tiling has none either).
 """
 from __future__ import annotations
 
 import os
 import re
 
+from gvae_jax.coding import tiling
 from gvae_jax.errors import UserError
 
-MAX_CODEC_PIXELS = 2**26  # the codec's own size limit (codec.MAX_CODEC_PIXELS; a test checks)
+# The codec's own size limits (codec.MAX_CODEC_PIXELS / MAX_LOSSY_PIXELS; a test checks).
+MAX_CODEC_PIXELS = 2**26
+MAX_LOSSY_PIXELS = 2**28
 # 2.5 GiB: measured intercepts 0.77 GB lossy, 1.35 GB residual (tfc profile);
 # on the default profile (jax 0.12) one process decoding several crafted files
 # peaked at 2.48 GB where 1.5 GiB + slope predicted 2.09 (tests/test_hostile_inputs).
@@ -54,6 +72,7 @@ BASE_BYTES = 5 << 29
 PER_PIXEL = {
     ("lossy", "compress"): 250,
     ("lossy", "decompress"): 252,
+    ("lossy_tiled", "decompress"): 252,  # of the tile window only (TILED_PER_PIXEL below)
     ("residual", "compress"): 520,
     ("residual", "decompress"): 600,
     ("stored", "decompress"): 8,  # container mode STORED: inflating the pixels, no network
@@ -62,6 +81,8 @@ PER_PIXEL = {
     ("flat_residual", "decompress"): 600,
     ("exact_flat_residual", "decompress"): 600,  # the same coder in exact arithmetic
 }
+# Whole-image arrays of a tiled lossy file, bytes per padded pixel (module doc).
+TILED_PER_PIXEL = 32
 _REFERENCE_CHANNELS = 64 + 96  # the `small` models the slopes were measured on
 ENV_VAR = "GVAE_MAX_MEMORY"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -122,11 +143,30 @@ def padded_pixels(height: int, width: int, multiple: int = 64) -> int:
   return (-(-height // multiple) * multiple) * (-(-width // multiple) * multiple)
 
 
+def _tiled(mode: str, pixels: int) -> bool:
+  """Whether a lossy image of this many padded pixels runs its networks in tiles."""
+  return mode == "lossy_tiled" or (mode == "lossy" and pixels > tiling.TILED_ABOVE)
+
+
 def estimate_peak_bytes(height: int, width: int, mode: str, operation: str,
                         scale: float = 1.0, extra_bytes: int = 0) -> int:
-  """Estimated peak memory of one compress/decompress (mode 'lossy' or 'residual')."""
-  per_pixel = PER_PIXEL[mode, operation] * scale
-  return int(BASE_BYTES + per_pixel * padded_pixels(height, width) + extra_bytes)
+  """Estimated peak memory of one compress/decompress (mode: a container mode's
+  lower-case name; 'lossy' above tiling.TILED_ABOVE is coded tiled)."""
+  pixels = padded_pixels(height, width)
+  key = ("lossy" if mode == "lossy_tiled" else mode, operation)
+  if _tiled(mode, pixels):
+    networks = PER_PIXEL[key] * scale * tiling.window_pixels()
+    return int(BASE_BYTES + networks + TILED_PER_PIXEL * pixels + extra_bytes)
+  return int(BASE_BYTES + PER_PIXEL[key] * scale * pixels + extra_bytes)
+
+
+def max_fitting_pixels(cap: int, mode: str, operation: str, scale: float = 1.0) -> int:
+  """The most padded pixels whose estimated peak fits in `cap` ('lossy' or 'residual')."""
+  whole = max(0, int((cap - BASE_BYTES) // (PER_PIXEL[mode, operation] * scale)))
+  if mode != "lossy" or whole <= tiling.TILED_ABOVE:
+    return whole
+  networks = PER_PIXEL[mode, operation] * scale * tiling.window_pixels()
+  return max(whole, int((cap - BASE_BYTES - networks) // TILED_PER_PIXEL))
 
 
 def _gib(value: int) -> str:
@@ -139,10 +179,11 @@ def check(height: int, width: int, mode: str, operation: str, cap: int | None,
   need = estimate_peak_bytes(height, width, mode, operation, scale, extra_bytes)
   if cap is not None and need > cap:
     verb = "compressing" if operation == "compress" else "decoding"
-    kind = {"lossy": "a lossy", "stored": "a stored"}.get(mode, "a near-lossless/lossless")
+    kind = {"lossy": "a lossy", "lossy_tiled": "a lossy", "stored": "a stored"}.get(
+        mode, "a near-lossless/lossless")
     raise MemoryLimitError(
         f"{verb} {kind} image of {width}x{height} pixels needs about {_gib(need)} of memory "
-        f"(about {PER_PIXEL[mode, operation] * scale:.0f} bytes per pixel), more than the cap "
+        f"(about {need / max(1, padded_pixels(height, width)):.0f} bytes per pixel), more than the cap "
         f"of {_gib(cap)} ({source}); raise it with --max-memory SIZE or {ENV_VAR}=SIZE if "
         "the machine has the memory, or use a smaller image")
   return need
