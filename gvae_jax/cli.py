@@ -199,11 +199,14 @@ def _compress(args, overrides):
     raise UserError("--base is for near-lossless and lossless files (--tau / --lossless)")
   _check_output(args.output, args.force)
   from gvae_jax.coding import memory
-  mode = "lossy" if tau is None else "residual"
+  # Large images are coded in tiles when lossy, and on the flat base in tiles
+  # when near-lossless / lossless (unless --base lossy); the model may refine it.
+  mode = ("lossy" if tau is None else "residual" if args.base == "lossy"
+          else "exact_flat_residual_tiled")
   cap, source = _memory_cap(args)
   # The largest image the cap allows (for the reference model size), checked on
   # the file's header before a pixel is decoded; refined below for the model.
-  max_pixels = memory.MAX_LOSSY_PIXELS if mode == "lossy" else memory.MAX_CODEC_PIXELS
+  max_pixels = memory.MAX_CODEC_PIXELS if mode == "residual" else memory.MAX_TILED_PIXELS
   note = "the codec's limit"
   if cap is not None:
     fitting = memory.max_fitting_pixels(cap, mode, "compress")
@@ -215,6 +218,11 @@ def _compress(args, overrides):
   from gvae_jax.coding import codec, export
   _enable_compilation_cache()
   model = export.load_model(args.model or _default_model(tau is not None))
+  if tau is not None:
+    flat_tiled = (args.base != "lossy" and model.flat is not None
+                  and codec.is_tiled(model, pixels.shape[0], pixels.shape[1]))
+    mode = (("exact_flat_residual_tiled" if model.flat.exact is not None
+             else "flat_residual_tiled") if flat_tiled else "residual")
   memory.check(pixels.shape[0], pixels.shape[1], mode, "compress", cap, source,
                _model_scale(model))
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
@@ -250,7 +258,8 @@ def _tau_note(header) -> str:
 
   if header.mode == Mode.STORED:
     return ", lossless (pixels stored: smaller than coding them)"
-  if header.mode not in (Mode.RESIDUAL, Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL):
+  if header.mode not in (Mode.RESIDUAL, Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL,
+                         Mode.FLAT_RESIDUAL_TILED, Mode.EXACT_FLAT_RESIDUAL_TILED):
     return ""
   return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
 
@@ -264,7 +273,12 @@ def _base_note(header) -> str:
           Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)",
           Mode.EXACT_FLAT_RESIDUAL: "flat (every value 128; no lossy layer), coded in "
                                     "exact integer arithmetic (decodes alike on every "
-                                    "platform)"}[header.mode]
+                                    "platform)",
+          Mode.FLAT_RESIDUAL_TILED: "flat (every value 128; no lossy layer), residual "
+                                    "coded in tiles",
+          Mode.EXACT_FLAT_RESIDUAL_TILED: "flat (every value 128; no lossy layer), residual "
+                                          "coded in tiles in exact integer arithmetic "
+                                          "(decodes alike on every platform)"}[header.mode]
 
 
 def _write_png(path: str, pixels, overwrite: bool) -> None:
@@ -360,12 +374,13 @@ def _coder_name(coder_id: int) -> str:
 
 
 def _section_names(header, count: int) -> list[str]:
+  from gvae_jax.coding import container
   from gvae_jax.coding.container import Mode
 
   if header.mode == Mode.STORED:
     return ["pixels (zlib)"] if count == 1 else [""] * count
   residual = ["residual side info", "residual streams", "pixel check"]
-  if header.mode in (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL):
+  if header.mode in container.FLAT_MODES:
     names = residual
   else:
     names = ["z", "y"] + (residual if header.mode == Mode.RESIDUAL else [])

@@ -212,6 +212,26 @@ def test_golden_exact_files_decode_to_the_same_pixels(golden_model):
     assert hashlib.sha256(again).hexdigest() == expected["gvae_sha256"], name
 
 
+def test_golden_tiled_exact_files_decode_to_the_same_pixels(golden_model):
+  """Format version 5's tiled exact files (at golden_tiles' small tile size): the
+  committed files decode to the stored pixels everywhere, and are written again."""
+  from golden.regenerate import case_image
+  from golden.regenerate_exact import EXACT_FILES, EXACT_HASHES, TILED_CASES, golden_tiles
+
+  stored = json.loads(EXACT_HASHES.read_text())["tiled_cases"]
+  with golden_tiles():
+    for name, height, width, seed, tau, grayscale in TILED_CASES:
+      golden = (EXACT_FILES / f"{name}.gvae").read_bytes()
+      assert hashlib.sha256(golden).hexdigest() == stored[name]["gvae_sha256"], name
+      assert golden[4] == 5 and golden[5] == Mode.EXACT_FLAT_RESIDUAL_TILED
+      decoded = codec.decompress(golden_model, golden)
+      assert hashlib.sha256(decoded.tobytes()).hexdigest() == stored[name]["decoded_sha256"]
+      pixels = case_image(height, width, seed, grayscale)
+      assert np.abs(decoded.astype(int) - pixels).max() <= tau
+      again = codec.compress(golden_model, pixels, tau=tau, coder=CONSTRICTION_RANGE_CODER_ID)
+      assert hashlib.sha256(again).hexdigest() == stored[name]["gvae_sha256"], name
+
+
 def test_a_checksum_mismatch_says_what_it_means(golden_model):
   pixels = make_image(20, 20, 1)
   data = codec.compress(golden_model, pixels, tau=0, base="flat")

@@ -126,7 +126,7 @@ def test_tiled_mode_needs_format_version_4():
 
 
 def test_the_tiled_memory_bound_grows_only_with_the_whole_image_arrays():
-  assert memory.MAX_LOSSY_PIXELS == codec.MAX_LOSSY_PIXELS
+  assert memory.MAX_TILED_PIXELS == codec.MAX_TILED_PIXELS
   side = 16384
   need = memory.estimate_peak_bytes(side, side, "lossy", "decompress")
   assert need == memory.estimate_peak_bytes(side, side, "lossy_tiled", "decompress")

@@ -63,6 +63,11 @@ Three sections: [residual side information, residual streams, check].
 With an exact flat head (gvae_jax.coding.exact_head) the same layer is coded
 in exact integer arithmetic, as mode EXACT_FLAT_RESIDUAL (format version 3),
 which decodes to the same pixels on every platform.
+Above tiling.TILED_ABOVE padded pixels flat-base files code their residual
+tile by tile (modes FLAT_RESIDUAL_TILED, EXACT_FLAT_RESIDUAL_TILED, format
+version 5; tiling.residual_tiles): each tile an independent layer on its own
+flat base, the side information of all tiles in one section, the check over
+the whole image; base="auto" then always takes the flat base.
 Choosing the base (`encode_residual`, base="auto"): the encoder estimates
 both files (the flat one: the flat head's one-pass bits; the lossy-base one:
 choose_rate's smallest estimate, or the estimate at the given rate) and
@@ -100,7 +105,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gvae_jax.coding import container, residual_codec, tiling
+from gvae_jax.coding import container, residual_codec, residual_layout, tiling
 from gvae_jax.coding.coder import CodingError, EntropyCoder, default_coder_id, get_coder
 from gvae_jax.coding.container import FormatError, Header, Mode
 from gvae_jax.coding.export import ExportedModel
@@ -111,12 +116,12 @@ from gvae_jax.models import flat_base
 from gvae_jax.ops import pad_to_multiple
 
 # The largest image (after padding) either side accepts with a residual
-# layer: 8192 x 8192 (its networks and coder run on the whole image, tens of
-# GB beyond that); lossy files, whose networks run in tiles above
-# tiling.TILED_ABOVE, up to 16384 x 16384. The decoder also refuses a crafted
-# header claiming more before it allocates anything.
+# layer on the lossy base: 8192 x 8192 (its networks and coder run on the
+# whole image, tens of GB beyond that); lossy and flat-base files, which are
+# coded in tiles above tiling.TILED_ABOVE, up to 16384 x 16384. The decoder
+# also refuses a crafted header claiming more before it allocates anything.
 MAX_CODEC_PIXELS = 2**26
-MAX_LOSSY_PIXELS = 2**28
+MAX_TILED_PIXELS = 2**28
 Z_SECTION, Y_SECTION = 0, 1
 NUM_SECTIONS = 2
 SIDE_INFO_SECTION, STREAMS_SECTION, CHECK_SECTION = 2, 3, 4  # residual mode only
@@ -286,14 +291,16 @@ def as_rgb(pixels) -> tuple[np.ndarray, int]:
 
 
 def _check_size(height: int, width: int, stride: int, error=UserError,
-                lossy: bool = False) -> None:
-  """The codec's size limits: MAX_LOSSY_PIXELS for a lossy file, else MAX_CODEC_PIXELS."""
+                tileable: bool = False) -> None:
+  """The codec's size limits: MAX_TILED_PIXELS for a file that is coded in tiles
+  when large (lossy, flat base), else MAX_CODEC_PIXELS."""
   if height < 1 or width < 1:
     raise error(f"image of {height}x{width} pixels has no pixels")
   padded_height, padded_width = _padded_size(height, width, stride)
-  limit = MAX_LOSSY_PIXELS if lossy else MAX_CODEC_PIXELS
+  limit = MAX_TILED_PIXELS if tileable else MAX_CODEC_PIXELS
   if padded_height * padded_width > limit:
-    what = "lossy files" if lossy else "near-lossless and lossless files"
+    what = ("lossy and flat-base files" if tileable
+            else "near-lossless and lossless files coded whole (lossy base)")
     raise error(f"image of {height}x{width} pixels is too large for {what} of this codec "
                 f"(limit {limit} pixels after padding to a multiple of {stride})")
 
@@ -401,12 +408,13 @@ def _backend(coder: int | None) -> EntropyCoder:
 
 def _checked_rgb(model: ExportedModel, pixels, lossy: bool = False) -> tuple[np.ndarray, int]:
   rgb, channels = as_rgb(pixels)
-  _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride), lossy=lossy)
+  _check_size(rgb.shape[0], rgb.shape[1], int(model.lossy_model.stride), tileable=lossy)
   return rgb, channels
 
 
 def is_tiled(model: ExportedModel, height: int, width: int) -> bool:
-  """Whether a lossy file of this image size is coded in tiles (mode LOSSY_TILED)."""
+  """Whether a lossy or flat-base file of this image size is coded in tiles (modes
+  LOSSY_TILED, FLAT_RESIDUAL_TILED, EXACT_FLAT_RESIDUAL_TILED)."""
   return tiling.is_tiled(*_padded_size(height, width, int(model.lossy_model.stride)))
 
 
@@ -540,17 +548,42 @@ def encode_flat(model: ExportedModel, pixels, tau,
   _require_flat(model)
   rgb, channels = as_rgb(pixels)
   height, width = rgb.shape[:2]
-  _check_size(height, width, int(model.lossy_model.stride))
+  _check_size(height, width, int(model.lossy_model.stride), tileable=True)
   coder = _backend(coder)
-  base, u = _flat_base(model, height, width)
-  layer = residual_codec.encode(_flat_view(model), coder, rgb, base, u, tau, profile)
-  sections = [layer.side_info, layer.streams, _pixel_check(_residual_pixels(base, layer.r_hat))]
-  mode = Mode.FLAT_RESIDUAL if model.flat.exact is None else Mode.EXACT_FLAT_RESIDUAL
+  exact = model.flat.exact is not None
+  empty = np.zeros((0,), np.int32)
+  if is_tiled(model, height, width):
+    sections = _encode_flat_tiled(model, rgb, tau, profile, coder)
+    mode = Mode.EXACT_FLAT_RESIDUAL_TILED if exact else Mode.FLAT_RESIDUAL_TILED
+    layer = base = None  # whole-image arrays of the layer are what tiling avoids
+  else:
+    base, u = _flat_base(model, height, width)
+    layer = residual_codec.encode(_flat_view(model), coder, rgb, base, u, tau, profile)
+    sections = [layer.side_info, layer.streams,
+                _pixel_check(_residual_pixels(base, layer.r_hat))]
+    mode = Mode.EXACT_FLAT_RESIDUAL if exact else Mode.FLAT_RESIDUAL
   header = Header(fingerprint=model.fingerprint, mode=mode, rate=0.0, tau=tau,
                   height=height, width=width, channels=channels, coder_id=coder.coder_id)
-  empty = np.zeros((0,), np.int32)
   return Encoded(container.pack(header, sections), header, empty, empty, empty, None, layer,
                  base)
+
+
+def _encode_flat_tiled(model: ExportedModel, rgb: np.ndarray, tau: int, profile,
+                       coder: EntropyCoder) -> list[bytes]:
+  """The three sections of a tiled flat-base file: each tile (tiling.residual_tiles)
+  an independent layer on its own flat base; the check covers the whole image."""
+  view = _flat_view(model)
+  sides, streams = [], []
+  decoded = np.empty_like(rgb)
+  for top, bottom, left, right in tiling.residual_tiles(*rgb.shape[:2]):
+    tile = np.ascontiguousarray(rgb[top:bottom, left:right])
+    base, u = _flat_base(model, bottom - top, right - left)
+    layer = residual_codec.encode(view, coder, tile, base, u, tau, profile)
+    sides.append(layer.side_info)
+    streams.append(layer.streams)
+    decoded[top:bottom, left:right] = _residual_pixels(base, layer.r_hat)
+  side = residual_layout.write_tiled_side_info(sides, [len(x) for x in streams])
+  return [side, b"".join(streams), _pixel_check(decoded)]
 
 
 def estimate_flat_size(model, pixels, tau) -> float:
@@ -579,6 +612,16 @@ def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "a
   if base not in BASES:
     raise UserError(f"base must be one of {', '.join(BASES)}, got {base!r}")
   tau = check_tau(tau, model)
+  shape = np.shape(pixels)
+  if base == "auto" and model.flat is not None and len(shape) >= 2 and is_tiled(
+      model, shape[0], shape[1]):
+    # Large images: the flat base, in tiles; a lossy base runs its layers whole
+    # (asked for with base="lossy", up to MAX_CODEC_PIXELS).
+    if rate is not None:
+      raise UserError(f"an image of {shape[1]}x{shape[0]} pixels is coded on the flat base "
+                      "in tiles, which has no rate; for a lossy base layer at this rate "
+                      "choose it with --base lossy (coded whole, up to 8192x8192)")
+    return encode_flat(model, pixels, tau, profile, coder)
   if base == "flat":
     if rate is not None:
       raise UserError("a flat base has no rate; --rate sets the lossy base layer")
@@ -629,22 +672,23 @@ def _check_header_for_model(model: ExportedModel, header: Header,
     raise FormatError("this file codes its residual on a flat base and needs a model with a "
                       f"flat head; {model.name} has none")
   if header.mode in container.FLAT_MODES and (
-      (header.mode == Mode.EXACT_FLAT_RESIDUAL) != (model.flat.exact is not None)):
+      (header.mode in container.EXACT_MODES) != (model.flat.exact is not None)):
     raise FormatError(f"invalid header: mode {header.mode.name} with a flat head that is "
                       f"{'not ' if model.flat.exact is None else ''}exact")
   if header.mode not in container.LOSSY_MODES + container.RESIDUAL_MODES:
     raise FormatError(f"mode {header.mode.name} is not supported by this decoder")
-  lossy = header.mode in container.LOSSY_MODES
-  _check_size(header.height, header.width, int(model.lossy_model.stride), FormatError, lossy)
-  tiled = tiling.is_tiled(*_padded_size(header.height, header.width,
-                                        int(model.lossy_model.stride)))
+  # Whole flat files (written before format version 5) keep the whole-image limit.
+  tileable = header.mode in container.LOSSY_MODES + container.TILED_FLAT_MODES
+  _check_size(header.height, header.width, int(model.lossy_model.stride), FormatError,
+              tileable)
+  tiled = is_tiled(model, header.height, header.width)
   # Each lossy image size has one mode; refusing the other is also a memory guard
   # (a whole-image decode of a large image is beyond gvae_jax.coding.memory's bound).
   if header.mode == Mode.LOSSY and tiled:
     raise FormatError(f"invalid header: a whole-image lossy file of {header.width}x"
                       f"{header.height} pixels (images this large are coded in tiles)")
-  if header.mode == Mode.LOSSY_TILED and not tiled:
-    raise FormatError(f"invalid header: a tiled lossy file of {header.width}x"
+  if header.mode in (Mode.LOSSY_TILED,) + container.TILED_FLAT_MODES and not tiled:
+    raise FormatError(f"invalid header: a tiled {header.mode.name} file of {header.width}x"
                       f"{header.height} pixels (images this small are coded whole)")
   if header.channels not in (1, 3):
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
@@ -654,6 +698,9 @@ def _check_header_for_model(model: ExportedModel, header: Header,
       Mode.RESIDUAL: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION),
       Mode.FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
       Mode.EXACT_FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
+      Mode.FLAT_RESIDUAL_TILED: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
+      Mode.EXACT_FLAT_RESIDUAL_TILED: (NUM_FLAT_SECTIONS, "flat-base residual",
+                                       FLAT_CHECK_SECTION),
   }[header.mode]
   if len(sections) != expected:
     raise FormatError(f"a {kind} file has {expected} sections, this one {len(sections)}")
@@ -783,13 +830,27 @@ def _to_channels(pixels: np.ndarray, header: Header) -> np.ndarray:
 
 def _decode_flat(model: ExportedModel, header: Header, sections: list[bytes], coder,
                  profile) -> Decoded:
+  empty = np.zeros((0,), np.int32)
+  exact = header.mode in container.EXACT_MODES
+  if header.mode in container.TILED_FLAT_MODES:
+    tiles = tiling.residual_tiles(header.height, header.width)
+    parts = residual_layout.split_tiled_side_info(sections[FLAT_SIDE_INFO_SECTION], len(tiles),
+                                                  len(sections[FLAT_STREAMS_SECTION]))
+    view = _flat_view(model)
+    pixels = np.empty((header.height, header.width, 3), np.uint8)
+    streams = sections[FLAT_STREAMS_SECTION]
+    for (top, bottom, left, right), (side, start, end) in zip(tiles, parts):
+      base, u = _flat_base(model, bottom - top, right - left)
+      pixels[top:bottom, left:right], _ = residual_codec.decode(
+          view, coder, side, streams[start:end], base, u, header.tau, profile)
+    _verify_pixels(pixels, sections[FLAT_CHECK_SECTION], exact)
+    return Decoded(_to_channels(pixels, header), header, empty, empty, empty)
   base, u = _flat_base(model, header.height, header.width)
   pixels, layer = residual_codec.decode(_flat_view(model), coder,
                                         sections[FLAT_SIDE_INFO_SECTION],
                                         sections[FLAT_STREAMS_SECTION], base, u, header.tau,
                                         profile)
-  _verify_pixels(pixels, sections[FLAT_CHECK_SECTION], header.mode == Mode.EXACT_FLAT_RESIDUAL)
-  empty = np.zeros((0,), np.int32)
+  _verify_pixels(pixels, sections[FLAT_CHECK_SECTION], exact)
   return Decoded(_to_channels(pixels, header), header, empty, empty, empty, layer, base)
 
 

@@ -1,12 +1,12 @@
 """The `.gvae` file format: a fixed header, a section table, a CRC, payload.
 
-All integers are little-endian. Format version 4 (version 3 is the same
-without mode 5, version 2 without modes 4 and 5, version 1 without modes 2
-to 5):
+All integers are little-endian. Format version 5 (version 4 is the same
+without modes 6 and 7, version 3 without modes 5 to 7, version 2 without
+modes 4 to 7, version 1 without modes 2 to 7):
 
   offset    size  type    field
   0         4     bytes   magic b"GVAE"
-  4         1     u8      format version (1 to 4: the lowest that has the mode)
+  4         1     u8      format version (1 to 5: the lowest that has the mode)
   5         1     u8      mode: 0 lossy, 1 residual on the lossy layer
                           (near-lossless / lossless), 2 residual on a flat
                           base x_base = 128 (no lossy layer; version 2 only),
@@ -16,11 +16,15 @@ to 5):
                           alike on every platform; version 3 on),
                           5 lossy with its networks run in tiles (mode
                           0's sections; images above 2048x2048 padded
-                          pixels, gvae_jax.coding.tiling; version 4 on)
+                          pixels, gvae_jax.coding.tiling; version 4 on),
+                          6 and 7: modes 2 and 4 with the residual
+                          coded tile by tile (tiles of 2048 pixels,
+                          each its own layer: images above 2048x2048
+                          padded pixels; version 5 on)
   6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
-  24        8     f64     rate s (finite, >= 0; 0 in modes 2 to 4)
+  24        8     f64     rate s (finite, >= 0; 0 in modes 2, 3, 4, 6, 7)
   32        2     u16     tau: residual error bound (0 for lossy)
   34        4     u32     image height (>= 1)
   38        4     u32     image width (>= 1; height * width <= 2**28)
@@ -33,7 +37,8 @@ to 5):
 Writers give a file the lowest version that has its mode, so lossy and
 lossy-base residual files are byte for byte what version 1 wrote (and
 version-1 readers still read them), flat and stored ones what version 2
-wrote, exact flat ones what version 3 wrote; a file claiming a mode newer
+wrote, exact flat ones what version 3 wrote, tiled lossy ones what version 4
+wrote; a file claiming a mode newer
 than its version is refused.
 
 `unpack` raises FormatError for any malformed input and never anything else
@@ -60,8 +65,8 @@ from typing import Sequence
 from gvae_jax.errors import UserError
 
 MAGIC = b"GVAE"
-FORMAT_VERSION = 4  # the newest this module reads and writes
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # the newest this module reads and writes
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 FINGERPRINT_SIZE = 16
 MAX_SECTIONS = 64
 MAX_PIXELS = 2**28
@@ -90,13 +95,22 @@ class Mode(enum.IntEnum):
   # LOSSY's sections, with the lossy layer's networks run tile by tile
   # (gvae_jax.coding.tiling): large images in bounded memory. Version 4.
   LOSSY_TILED = 5
+  # FLAT_RESIDUAL's and EXACT_FLAT_RESIDUAL's layer coded tile by tile
+  # (gvae_jax.coding.tiling.residual_tiles; side information of every tile in
+  # one section, gvae_jax.coding.residual_layout): large images in bounded
+  # memory. Version 5.
+  FLAT_RESIDUAL_TILED = 6
+  EXACT_FLAT_RESIDUAL_TILED = 7
 
 
 # The first format version with each mode (what the writer uses).
 MODE_VERSION = {Mode.LOSSY: 1, Mode.RESIDUAL: 1, Mode.FLAT_RESIDUAL: 2, Mode.STORED: 2,
-                Mode.EXACT_FLAT_RESIDUAL: 3, Mode.LOSSY_TILED: 4}
+                Mode.EXACT_FLAT_RESIDUAL: 3, Mode.LOSSY_TILED: 4,
+                Mode.FLAT_RESIDUAL_TILED: 5, Mode.EXACT_FLAT_RESIDUAL_TILED: 5}
 LOSSY_MODES = (Mode.LOSSY, Mode.LOSSY_TILED)
-FLAT_MODES = (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL)
+TILED_FLAT_MODES = (Mode.FLAT_RESIDUAL_TILED, Mode.EXACT_FLAT_RESIDUAL_TILED)
+EXACT_MODES = (Mode.EXACT_FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL_TILED)
+FLAT_MODES = (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL) + TILED_FLAT_MODES
 RESIDUAL_MODES = (Mode.RESIDUAL,) + FLAT_MODES
 
 

@@ -1,7 +1,8 @@
 """How much memory coding an image takes, checked before anything is allocated.
 
-The codec runs its networks on the whole (padded) image at once, so its peak
-memory grows linearly with the number of pixels. `estimate_peak_bytes` is
+Up to tiling.TILED_ABOVE padded pixels the codec runs its networks on the
+whole (padded) image at once, so its peak memory grows linearly with the
+number of pixels; larger images are coded in tiles (below). `estimate_peak_bytes` is
 that line, measured on this project's `small` models (N=64, M=96) with
 `/usr/bin/time -f %M` (peak RSS of the whole `gvae` process) at 1024x1024
 and 2048x2048 (benchmarks/memory.py re-measures it):
@@ -18,14 +19,16 @@ and 2048x2048 (benchmarks/memory.py re-measures it):
 compress 94 bytes per pixel between 1 and 4 Mpixel but 198 between 4 and 16
 (the analysis transform's half-resolution activations dominate at large
 sizes), lossy decompress 201 and 197; residual compress 333 and decompress
-395 between 1 and 4 Mpixel (not measured larger: they get a 55 % margin
-instead of 25 %). BASE_BYTES is the intercept of those lines (the process
-with JAX, the coder and a model loaded): 0.77 GB lossy and 1.35 GB residual
-measured, 1.5 GiB used; at 1 Mpixel a lossless compress measured 1.68 GB
-(benchmarks/results/memory_lossless.json).) So at the default cap on a 24
-GiB machine (12 GiB) the largest image is about 44 Mpixel lossy (e.g.
-6600x6600) and 18 Mpixel near-lossless / lossless (4300x4300) for decoding;
-a whole-image lossy decode at 8192x8192 would need about 17.3 GiB.
+395 between 1 and 4 Mpixel on the lossy base. BASE_BYTES is the intercept of
+those lines (the process with JAX, the coder and a model loaded): 0.77 GB
+lossy and 1.35 GB residual measured. The shipped scalable model's
+`--lossless` (both bases estimated, the smaller coded;
+benchmarks/results/memory_lossless.json) measured compress 1.60 and 4.64 GB,
+decompress 1.24 and 3.91 GB at 1 and 4 Mpixel, against a line of 3.31 and
+5.04 GB.) Whole-image files only exist up to TILED_ABOVE for lossy and
+flat-base files; near-lossless / lossless files on a lossy base (`--base
+lossy`) are coded whole up to MAX_CODEC_PIXELS, about 17 Mpixel (4100x4100)
+at the default cap on a 24 GiB machine (12 GiB).
 
 Lossy files above tiling.TILED_ABOVE (2048x2048 padded) run their networks in
 tiles (mode LOSSY_TILED, gvae_jax.coding.tiling), so only the whole-image
@@ -39,9 +42,24 @@ where the network term is one tile window's (1408x1408 pixels) and
 TILED_PER_PIXEL is an upper bound counted from the arrays held at once
 (about 16 bytes per pixel: 3 + 3 for the image and its padded copy, 3 x 1.5
 for y', mean and rows at M=96, the streams, PNG buffers), doubled for
-margin; not yet measured above 4 Mpixel (benchmarks/memory.py is the
-check). At 16384x16384 (MAX_LOSSY_PIXELS) that is about 10.9 GiB. Wider
-models scale the network terms with their channel counts (`model_scale`).
+margin. Measured (benchmarks/results/memory_lossy_tiled.json, whole `gvae`
+processes at 16, 64 and 268 Mpixel): compress 0.92, 2.24 and 7.99 GB,
+decompress 0.78, 1.49 and 5.17 GB, i.e. 28 and 18 bytes per pixel between
+64 and 268 Mpixel, under the bound's 32; at 16384x16384 (MAX_TILED_PIXELS)
+the bound is 11.0 GiB.
+
+Near-lossless and lossless files on the flat base above TILED_ABOVE code
+their residual tile by tile (modes FLAT_RESIDUAL_TILED and
+EXACT_FLAT_RESIDUAL_TILED, tiles of tiling.RESIDUAL_TILE_PIXELS): the same
+line with the residual slope over one tile (2048x2048 pixels) as the
+network term, plus TILED_RESIDUAL_PER_PIXEL per pixel (the image, the
+decoded copy for the check, the streams). Measured
+(benchmarks/results/memory_lossless.json, `--lossless` with the shipped
+scalable model at 16 and 64 Mpixel): compress 5.20 and 5.69 GB, decompress
+4.99 and 5.65 GB, against a bound of 5.51 and 6.48 GB for both; at
+16384x16384 the bound is 9.8 GiB (not run: about 2 hours each way on 2
+cores). Wider models scale the network terms with
+their channel counts (`model_scale`).
 
 The cap: `--max-memory` on the command line, else the GVAE_MAX_MEMORY
 environment variable ("16G", "800M", a byte count, or "off"), else half of
@@ -61,9 +79,9 @@ import re
 from gvae_jax.coding import tiling
 from gvae_jax.errors import UserError
 
-# The codec's own size limits (codec.MAX_CODEC_PIXELS / MAX_LOSSY_PIXELS; a test checks).
+# The codec's own size limits (codec.MAX_CODEC_PIXELS / MAX_TILED_PIXELS; a test checks).
 MAX_CODEC_PIXELS = 2**26
-MAX_LOSSY_PIXELS = 2**28
+MAX_TILED_PIXELS = 2**28
 # 2.5 GiB: measured intercepts 0.77 GB lossy, 1.35 GB residual (tfc profile);
 # on the default profile (jax 0.12) one process decoding several crafted files
 # peaked at 2.48 GB where 1.5 GiB + slope predicted 2.09 (tests/test_hostile_inputs).
@@ -73,16 +91,28 @@ PER_PIXEL = {
     ("lossy", "compress"): 250,
     ("lossy", "decompress"): 252,
     ("lossy_tiled", "decompress"): 252,  # of the tile window only (TILED_PER_PIXEL below)
-    ("residual", "compress"): 520,
+    ("residual", "compress"): 600,  # measured 1.60 / 4.64 GB at 1 / 4 Mpixel (lossless)
     ("residual", "decompress"): 600,
     ("stored", "decompress"): 8,  # container mode STORED: inflating the pixels, no network
     # Flat-base residual files: the residual coder without the lossy layer's
     # networks; bounded by the lossy-base figure (not measured on its own).
     ("flat_residual", "decompress"): 600,
     ("exact_flat_residual", "decompress"): 600,  # the same coder in exact arithmetic
+    # Tiled flat-base files: of one residual tile only (TILED_RESIDUAL_PER_PIXEL
+    # below); compress as decompress: at 16 Mpixel its peak (5.20 GB) was above
+    # what the whole-image compress slope gives for a tile.
+    ("flat_residual_tiled", "compress"): 600,
+    ("flat_residual_tiled", "decompress"): 600,
+    ("exact_flat_residual_tiled", "compress"): 600,
+    ("exact_flat_residual_tiled", "decompress"): 600,
 }
-# Whole-image arrays of a tiled lossy file, bytes per padded pixel (module doc).
+# Whole-image arrays of a tiled file, bytes per padded pixel (module doc).
 TILED_PER_PIXEL = 32
+# Flat-base residual files coded tile by tile (container modes 6 and 7), and
+# their whole-image arrays per padded pixel: measured 10 (compress) and 14
+# (decompress) between 16 and 64 Mpixel, x 1.25 and rounded up (module doc).
+TILED_RESIDUAL_MODES = ("flat_residual_tiled", "exact_flat_residual_tiled")
+TILED_RESIDUAL_PER_PIXEL = 20
 _REFERENCE_CHANNELS = 64 + 96  # the `small` models the slopes were measured on
 ENV_VAR = "GVAE_MAX_MEMORY"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -143,9 +173,21 @@ def padded_pixels(height: int, width: int, multiple: int = 64) -> int:
   return (-(-height // multiple) * multiple) * (-(-width // multiple) * multiple)
 
 
-def _tiled(mode: str, pixels: int) -> bool:
-  """Whether a lossy image of this many padded pixels runs its networks in tiles."""
-  return mode == "lossy_tiled" or (mode == "lossy" and pixels > tiling.TILED_ABOVE)
+def _per_pixel_key(mode: str, operation: str) -> tuple[str, str]:
+  """The PER_PIXEL entry of a mode's networks (tiled modes: their whole-image form's)."""
+  if mode == "lossy_tiled":
+    return "lossy", operation
+  return mode, operation
+
+
+def _tiles(mode: str, pixels: int) -> tuple[int, int] | None:
+  """(pixels of the window the networks run on at once, bytes per pixel of the
+  whole-image arrays) if this file is tiled, else None."""
+  if mode == "lossy_tiled" or (mode == "lossy" and pixels > tiling.TILED_ABOVE):
+    return tiling.window_pixels(), TILED_PER_PIXEL
+  if mode in TILED_RESIDUAL_MODES:
+    return tiling.residual_tile_pixels(), TILED_RESIDUAL_PER_PIXEL
+  return None
 
 
 def estimate_peak_bytes(height: int, width: int, mode: str, operation: str,
@@ -153,20 +195,25 @@ def estimate_peak_bytes(height: int, width: int, mode: str, operation: str,
   """Estimated peak memory of one compress/decompress (mode: a container mode's
   lower-case name; 'lossy' above tiling.TILED_ABOVE is coded tiled)."""
   pixels = padded_pixels(height, width)
-  key = ("lossy" if mode == "lossy_tiled" else mode, operation)
-  if _tiled(mode, pixels):
-    networks = PER_PIXEL[key] * scale * tiling.window_pixels()
-    return int(BASE_BYTES + networks + TILED_PER_PIXEL * pixels + extra_bytes)
+  key = _per_pixel_key(mode, operation)
+  tiles = _tiles(mode, pixels)
+  if tiles is not None:
+    window, per_pixel = tiles
+    networks = PER_PIXEL[key] * scale * window
+    return int(BASE_BYTES + networks + per_pixel * pixels + extra_bytes)
   return int(BASE_BYTES + PER_PIXEL[key] * scale * pixels + extra_bytes)
 
 
 def max_fitting_pixels(cap: int, mode: str, operation: str, scale: float = 1.0) -> int:
-  """The most padded pixels whose estimated peak fits in `cap` ('lossy' or 'residual')."""
-  whole = max(0, int((cap - BASE_BYTES) // (PER_PIXEL[mode, operation] * scale)))
-  if mode != "lossy" or whole <= tiling.TILED_ABOVE:
+  """The most padded pixels whose estimated peak fits in `cap` (mode 'lossy',
+  'residual', or a tiled residual mode: whole up to tiling.TILED_ABOVE, tiled above)."""
+  key = _per_pixel_key(mode, operation)
+  whole = max(0, int((cap - BASE_BYTES) // (PER_PIXEL[key] * scale)))
+  if mode not in ("lossy",) + TILED_RESIDUAL_MODES or whole <= tiling.TILED_ABOVE:
     return whole
-  networks = PER_PIXEL[mode, operation] * scale * tiling.window_pixels()
-  return max(whole, int((cap - BASE_BYTES - networks) // TILED_PER_PIXEL))
+  window, per_pixel = _tiles(mode, tiling.TILED_ABOVE + 1)
+  networks = PER_PIXEL[key] * scale * window
+  return max(whole, int((cap - BASE_BYTES - networks) // per_pixel))
 
 
 def _gib(value: int) -> str:

@@ -527,7 +527,13 @@ def decode(exported, coder: EntropyCoder, side: bytes, streams: bytes, x_base: n
 
 # --- One pass of the model over the whole image: estimated bits. ---
 
-def _patches(image: jax.Array) -> jax.Array:
+# Patches per call of the one-pass estimate: the patches are independent, so
+# chunks bound its activations (160 features a pixel for the flat head) to a
+# fixed size whatever the image; one compiled shape for every image.
+ESTIMATE_CHUNK_PATCHES = 64
+
+
+def _patches(image: np.ndarray) -> np.ndarray:
   """[Hp, Wp, C] -> [patches, 64, 64, C] in row-major patch order."""
   hp, wp, c = image.shape
   tiles = image.reshape(hp // PATCH, PATCH, wp // PATCH, PATCH, c)
@@ -535,12 +541,9 @@ def _patches(image: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _one_shot_bits(residual: ResidualModel, corrected: bool, params, u_padded, r_hat_padded,
-                   valid, tau, tau_head, low, high):
-  """The model's bits per channel [3] with the coder's contexts, in one pass."""
-  u = _patches(u_padded[0])
-  r = _patches(r_hat_padded)
-  inside = _patches(valid[..., None])[..., 0]
+def _chunk_bits(residual: ResidualModel, corrected: bool, params, u, r, inside, tau, tau_head,
+                low, high):
+  """The model's bits per channel [3] of a chunk of patches, with the coder's contexts."""
   taus = jnp.full((1,), tau_head, jnp.int32)
   mixture = residual.apply({"params": params}, u, r, taus, corrected)
   means = lm.conditional_means(mixture, r)
@@ -555,11 +558,11 @@ def estimate_bits(exported, x: np.ndarray, x_base: np.ndarray, u_padded: jax.Arr
   -log2 of the float mixture likelihoods of r_hat with the coder's contexts:
   quantised residuals, zero outside each patch and outside the image, the
   same head and tau conditioning, and the same adaptive range (its end bins
-  take the tails). One full-image pass (not step-wise), so it differs from
-  the coder's float numbers (and from the encoder's `estimated_bits`, which
-  come from its step-wise first pass) by rounding only. Excludes side
-  information, the windows' escapes and the coder's integer-CDF and
-  per-stream overheads.
+  take the tails). One pass over the patches (not step-wise; in chunks of
+  ESTIMATE_CHUNK_PATCHES), so it differs from the coder's float numbers (and
+  from the encoder's `estimated_bits`, which come from its step-wise first
+  pass) by rounding only. Excludes side information, the windows' escapes
+  and the coder's integer-CDF and per-stream overheads.
   """
   check_inputs(exported, x_base, u_padded)
   height, width = x_base.shape[:2]
@@ -568,11 +571,21 @@ def estimate_bits(exported, x: np.ndarray, x_base: np.ndarray, u_padded: jax.Arr
   flat = r_hat.reshape(-1, CHANNELS)
   padded = np.zeros((hp, wp, CHANNELS), np.float32)
   padded[:height, :width] = r_hat
-  valid = np.zeros((hp, wp), bool)
+  valid = np.zeros((hp, wp, 1), bool)
   valid[:height, :width] = True
+  u = _patches(np.asarray(u_padded[0]))
+  r, inside = _patches(padded), _patches(valid)[..., 0]
   corrected, tau_h = head_tau(exported.residual_model, tau)
-  bits = _one_shot_bits(exported.residual_model, corrected, exported.residual_params, u_padded,
-                        jnp.asarray(padded), jnp.asarray(valid), jnp.int32(tau),
-                        jnp.int32(tau_h), jnp.asarray(flat.min(axis=0), jnp.float32),
-                        jnp.asarray(flat.max(axis=0), jnp.float32))
-  return np.asarray(bits, np.float64)
+  low = jnp.asarray(flat.min(axis=0), jnp.float32)
+  high = jnp.asarray(flat.max(axis=0), jnp.float32)
+  chunk = ESTIMATE_CHUNK_PATCHES
+  bits = np.zeros(CHANNELS, np.float64)
+  for start in range(0, len(r), chunk):
+    parts = [u[start:start + chunk], r[start:start + chunk], inside[start:start + chunk]]
+    missing = chunk - len(parts[1])  # the last chunk: padded with patches outside the image
+    if missing:
+      parts = [np.concatenate([p, np.zeros((missing,) + p.shape[1:], p.dtype)]) for p in parts]
+    bits += np.asarray(_chunk_bits(exported.residual_model, corrected,
+                                   exported.residual_params, *map(jnp.asarray, parts),
+                                   jnp.int32(tau), jnp.int32(tau_h), low, high), np.float64)
+  return bits

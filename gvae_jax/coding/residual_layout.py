@@ -7,6 +7,14 @@ Sections (inside a residual .gvae file; gvae_jax.coding.container):
                     q - min q), in coding order
   streams:          the streams (range-coder bytes only) back to back
 
+Tiled files (modes FLAT_RESIDUAL_TILED, EXACT_FLAT_RESIDUAL_TILED) hold one
+such layer per tile (gvae_jax.coding.tiling.residual_tiles, raster order),
+in the same two sections:
+  side information: LEB128 varints: for every tile, the byte length of its
+                    side information and of its streams; then every tile's
+                    side information (the layout above), back to back
+  streams:          every tile's streams, back to back
+
 Stream lengths: one per coder call for a coder with a stream per call (TFC),
 one for the whole layer for a one-stream coder (constriction), none if no
 channel is coded (gvae_jax.coding.coder, sessions).
@@ -73,3 +81,35 @@ def write_side_info(q_low: np.ndarray, counts: np.ndarray, windows: np.ndarray,
   """The side information of a layer (module doc); `parse_side_info` reads it."""
   fields = np.stack([varint.zigzag(q_low), counts - 1, windows // WINDOW_STEP], axis=1)
   return varint.encode(np.concatenate([fields.ravel(), np.asarray(lengths, np.int64), escaped]))
+
+
+def write_tiled_side_info(sides: list[bytes], stream_sizes: list[int]) -> bytes:
+  """The side information section of a tiled layer (module doc)."""
+  sizes = np.stack([[len(side) for side in sides], stream_sizes], axis=1).ravel()
+  return varint.encode(sizes) + b"".join(sides)
+
+
+def split_tiled_side_info(section: bytes, tiles: int, streams_size: int
+                          ) -> list[tuple[bytes, int, int]]:
+  """(side information, streams start, streams end) of each of `tiles` tiles,
+  the sizes checked against the sections (FormatError)."""
+  sizes, pos = [], 0
+  try:
+    for _ in range(2 * tiles):
+      value, pos = varint.read_one(section, pos)
+      sizes.append(value)
+  except varint.VarintError as e:
+    raise FormatError(f"invalid tiled residual side information: {e}") from None
+  side_sizes, stream_sizes = sizes[0::2], sizes[1::2]
+  if pos + sum(side_sizes) != len(section):
+    raise FormatError(f"invalid tiled residual side information: {sum(side_sizes)} bytes "
+                      f"of tile side information declared, {len(section) - pos} present")
+  if sum(stream_sizes) != streams_size:
+    raise FormatError(f"invalid tiled residual side information: {sum(stream_sizes)} bytes "
+                      f"of tile streams declared, {streams_size} present")
+  parts, stream_pos = [], 0
+  for side_size, stream_size in zip(side_sizes, stream_sizes):
+    parts.append((section[pos:pos + side_size], stream_pos, stream_pos + stream_size))
+    pos += side_size
+    stream_pos += stream_size
+  return parts

@@ -1,4 +1,4 @@
-"""Tiles for running the lossy layer's networks on large images in bounded memory.
+"""Tiles for coding large images in bounded memory.
 
 Above TILED_ABOVE padded pixels the codec runs g_a / h_a, the hyper
 synthesis and g_s one tile at a time instead of on the whole image, so the
@@ -16,6 +16,9 @@ mathematically. In float32 they may still differ in the last bits (another
 summation order), which is why tiled files are their own mode: what decides
 decoded bits, the hyper synthesis, is the same tiled function on both
 sides.
+
+The residual layer of flat-base files is tiled too, more simply
+(RESIDUAL_TILE_PIXELS below).
 
 Windows have one size per array (tile + 2 halo, or the whole axis if
 shorter), shifted inward at the borders, so each network compiles once per
@@ -70,6 +73,28 @@ def axis_tiles(length: int, tile: int, halo: int, align: int = 1) -> list[Tile]:
     start = min(max(lo - halo, 0), length - size)  # both multiples of align
     tiles.append(Tile(start, size, lo, hi))
   return tiles
+
+
+# Near-lossless / lossless files on the flat base above TILED_ABOVE code their
+# residual in tiles of this many pixels a side, each an independent residual
+# layer (modes FLAT_RESIDUAL_TILED, EXACT_FLAT_RESIDUAL_TILED). The residual
+# coder's 64x64 patches never see each other, so no halo is needed: a tile is
+# a block of whole patches, and its pixels get the mixtures of the whole-image
+# layer (only each tile's symbol ranges and coder streams are its own). A tile
+# is at most the largest image coded whole.
+RESIDUAL_TILE_PIXELS = 2048
+
+
+def residual_tiles(height: int, width: int) -> list[tuple[int, int, int, int]]:
+  """(top, bottom, left, right) of each residual tile of an image, in raster order."""
+  step = RESIDUAL_TILE_PIXELS
+  return [(top, min(top + step, height), left, min(left + step, width))
+          for top in range(0, height, step) for left in range(0, width, step)]
+
+
+def residual_tile_pixels() -> int:
+  """Padded pixels of the largest residual tile (the memory bound)."""
+  return RESIDUAL_TILE_PIXELS * RESIDUAL_TILE_PIXELS
 
 
 def window_pixels(scale: float = 1.0) -> int:

@@ -306,7 +306,8 @@ def _model_residual(model, name: str, rgb: np.ndarray, tau: int, tau_rate,
   row["tau_ok"] = row["max_error"] <= tau
   _, sections = container.unpack(encoded.data)
   lossy_estimate = 0.0 if flat else _lossy_estimate_bits(model, rgb, encoded.header.rate)
-  residual_estimate = float(np.sum(encoded.residual.estimated_bits))
+  residual_estimate = (float("nan") if encoded.residual is None  # tiled: no whole layer
+                       else float(np.sum(encoded.residual.estimated_bits)))
   estimate = lossy_estimate + residual_estimate
   lossy_sections = 0 if flat else 2
   row.update(lossy_bits=8.0 * sum(len(section) for section in sections[:lossy_sections]),

@@ -1,4 +1,5 @@
-"""Regenerates the golden exact flat-base model and files (mode EXACT_FLAT_RESIDUAL, format version 3).
+"""Regenerates the golden exact flat-base model and files (mode EXACT_FLAT_RESIDUAL, format
+version 3, and EXACT_FLAT_RESIDUAL_TILED, format version 5).
 
     python tests/golden/regenerate_exact.py               # model, files and hashes
     python tests/golden/regenerate_exact.py --hashes-only # keep the model
@@ -14,6 +15,7 @@ intended change of the exact format or numerics; say so in the commit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,8 +43,39 @@ EXACT_CASES = (
 )
 
 
+# Tiled exact files (mode EXACT_FLAT_RESIDUAL_TILED, format version 5), coded
+# and decoded with GOLDEN_TILES: the layout (tile order, the tile table, each
+# tile's layer) at a tile size that keeps the files small; the real policy's
+# 2048-pixel tiles run the same code.
+TILED_CASES = (
+    ("exact_tiled_70x100_t0", 70, 100, 9, 0, False),  # 2 x 2 tiles, edge tiles partial
+    ("exact_tiled_40x140_t3", 40, 140, 10, 3, False),  # 1 x 3 tiles, the last 12 wide
+)
+GOLDEN_TILES = {"RESIDUAL_TILE_PIXELS": 64, "TILED_ABOVE": 64 * 64}
+
+
+@contextlib.contextmanager
+def golden_tiles():
+  """gvae_jax.coding.tiling with GOLDEN_TILES' constants (restored after)."""
+  from gvae_jax.coding import tiling
+
+  saved = {name: getattr(tiling, name) for name in GOLDEN_TILES}
+  try:
+    for name, value in GOLDEN_TILES.items():
+      setattr(tiling, name, value)
+    yield
+  finally:
+    for name, value in saved.items():
+      setattr(tiling, name, value)
+
+
 def compute_exact_hashes(model: export.ExportedModel) -> dict:
   return code_flat_cases(model, EXACT_CASES, EXACT_FILES, CONSTRICTION_RANGE_CODER_ID)
+
+
+def compute_tiled_hashes(model: export.ExportedModel) -> dict:
+  with golden_tiles():
+    return code_flat_cases(model, TILED_CASES, EXACT_FILES, CONSTRICTION_RANGE_CODER_ID)
 
 
 def write_exact_model() -> None:
@@ -56,9 +89,10 @@ def main():
   if not args.hashes_only:
     write_exact_model()
   model = export.load_model(GOLDEN_EXACT_MODEL)
-  hashes = {"model_fingerprint": model.fingerprint.hex(), "cases": compute_exact_hashes(model)}
+  hashes = {"model_fingerprint": model.fingerprint.hex(), "cases": compute_exact_hashes(model),
+            "tiled_cases": compute_tiled_hashes(model)}
   EXACT_HASHES.write_text(json.dumps(hashes, indent=2) + "\n")
-  print(f"wrote {EXACT_HASHES} and {EXACT_FILES}/ ({len(EXACT_CASES)} cases, "
+  print(f"wrote {EXACT_HASHES} and {EXACT_FILES}/ ({len(EXACT_CASES) + len(TILED_CASES)} cases, "
         f"model {model.fingerprint.hex()})")
 
 
