@@ -122,8 +122,12 @@ def write_golden_set(coder: str) -> None:
 # CPU features that change XLA's float32 kernels (vector width, FMA), hence
 # the residual probabilities: files written with one signature may fail their
 # pixel check with another (README, Portability).
+# avx512_fp16 (Sapphire Rapids on): on 2026-12-04 a host that differs from the one
+# that wrote the constriction set only by it (same jaxlib) could not decode its
+# lossless file: XLA picks kernels by CPU generation, not only by the older flags.
 _FLOAT_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
-                   "avx512_vnni", "avx512_bf16", "amx_tile", "neon", "asimd", "sve")
+                   "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "neon", "asimd",
+                   "sve")
 
 
 def platform_signature() -> dict:
