@@ -617,6 +617,12 @@ def _run_supervised(argv: list[str]) -> int:
       bad_alloc or code == -signal.SIGKILL):
     print(f"gvae: error: {_OUT_OF_MEMORY}", file=sys.stderr)
     return 3
+  if code in (-signal.SIGSEGV, -signal.SIGBUS) and _address_space_limited():
+    # C++ code that does not check its allocations (LLVM while XLA compiles) crashes
+    # instead of throwing when an address-space limit is reached.
+    print(f"gvae: error: {_OUT_OF_MEMORY} (the coder crashed with signal {-code} under "
+          "this process's address-space limit, ulimit -v)", file=sys.stderr)
+    return 3
   if code == -signal.SIGTERM:
     return 143
   if code == -signal.SIGINT:
@@ -625,6 +631,13 @@ def _run_supervised(argv: list[str]) -> int:
     print(f"gvae: error: the coder process died with signal {-code}", file=sys.stderr)
     return 1
   return code
+
+
+def _address_space_limited() -> bool:
+  import resource
+
+  soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+  return soft != resource.RLIM_INFINITY
 
 
 def main(argv: list[str] | None = None) -> int:

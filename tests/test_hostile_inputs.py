@@ -665,3 +665,24 @@ def test_first_lossless_run_uses_the_shipped_exact_flat_head(tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     decoded = np.asarray(Image.open(tmp_path / f"{name}.png")).astype(np.int16)
     assert np.abs(decoded - crop).max() <= (0 if name == "c" else 2)
+
+
+@pytest.mark.parametrize("limited", [True, False])
+def test_a_crash_under_an_address_space_limit_is_reported_as_out_of_memory(
+    tmp_path, monkeypatch, capsys, limited):
+  """LLVM (XLA's compiler) may segfault instead of throwing when ulimit -v is
+  reached: under a limit that is out of memory (exit 3); without one, a crash."""
+  from gvae_jax import cli
+
+  crasher = tmp_path / "crash.sh"
+  crasher.write_text("#!/bin/sh\nkill -SEGV $$\n")
+  crasher.chmod(0o755)
+  monkeypatch.setattr(sys, "executable", str(crasher))
+  monkeypatch.setattr(cli, "_address_space_limited", lambda: limited)
+  code = cli._run_supervised(["compress", "a.png", "a.gvae"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("gvae: error:")
+  if limited:
+    assert code == 3 and "out of memory" in err[0] and "signal 11" in err[0]
+  else:
+    assert code == 1 and "died with signal 11" in err[0]
