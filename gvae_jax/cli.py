@@ -219,10 +219,8 @@ def _compress(args, overrides):
   _enable_compilation_cache()
   model = export.load_model(args.model or _default_model(tau is not None))
   if tau is not None:
-    flat_tiled = (args.base != "lossy" and model.flat is not None
-                  and codec.is_tiled(model, pixels.shape[0], pixels.shape[1]))
-    mode = (("exact_flat_residual_tiled" if model.flat.exact is not None
-             else "flat_residual_tiled") if flat_tiled else "residual")
+    tiled = codec.tiled_flat_mode(model, pixels.shape[0], pixels.shape[1], args.base)
+    mode = "residual" if tiled is None else tiled.name.lower()
   memory.check(pixels.shape[0], pixels.shape[1], mode, "compress", cap, source,
                _model_scale(model))
   if info.source_mode in (image_io.SourceMode.GRAYSCALE, image_io.SourceMode.BILEVEL):
@@ -254,12 +252,12 @@ def _default_model(near_lossless: bool) -> str:
 
 
 def _tau_note(header) -> str:
+  from gvae_jax.coding import container
   from gvae_jax.coding.container import Mode
 
   if header.mode == Mode.STORED:
     return ", lossless (pixels stored: smaller than coding them)"
-  if header.mode not in (Mode.RESIDUAL, Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL,
-                         Mode.FLAT_RESIDUAL_TILED, Mode.EXACT_FLAT_RESIDUAL_TILED):
+  if header.mode not in container.RESIDUAL_MODES:
     return ""
   return ", lossless" if header.tau == 0 else f", tau {header.tau} (near-lossless)"
 

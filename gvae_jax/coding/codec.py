@@ -418,6 +418,16 @@ def is_tiled(model: ExportedModel, height: int, width: int) -> bool:
   return tiling.is_tiled(*_padded_size(height, width, int(model.lossy_model.stride)))
 
 
+def tiled_flat_mode(model: ExportedModel, height: int, width: int, base: str = "auto"
+                    ) -> Mode | None:
+  """The mode of a near-lossless / lossless file of this size whose residual is coded
+  on the flat base in tiles (large images, base "auto" or "flat"), else None."""
+  if base == "lossy" or model.flat is None or not is_tiled(model, height, width):
+    return None
+  return Mode.EXACT_FLAT_RESIDUAL_TILED if model.flat.exact is not None else (
+      Mode.FLAT_RESIDUAL_TILED)
+
+
 def encode(model: ExportedModel, pixels, rate, tau=None,
            profile: residual_codec.Profile | None = None, coder: int | None = None,
            base: "ChosenBase | None" = None) -> Encoded:
@@ -550,18 +560,17 @@ def encode_flat(model: ExportedModel, pixels, tau,
   height, width = rgb.shape[:2]
   _check_size(height, width, int(model.lossy_model.stride), tileable=True)
   coder = _backend(coder)
-  exact = model.flat.exact is not None
   empty = np.zeros((0,), np.int32)
-  if is_tiled(model, height, width):
+  mode = tiled_flat_mode(model, height, width)
+  if mode is not None:
     sections = _encode_flat_tiled(model, rgb, tau, profile, coder)
-    mode = Mode.EXACT_FLAT_RESIDUAL_TILED if exact else Mode.FLAT_RESIDUAL_TILED
     layer = base = None  # whole-image arrays of the layer are what tiling avoids
   else:
     base, u = _flat_base(model, height, width)
     layer = residual_codec.encode(_flat_view(model), coder, rgb, base, u, tau, profile)
     sections = [layer.side_info, layer.streams,
                 _pixel_check(_residual_pixels(base, layer.r_hat))]
-    mode = Mode.EXACT_FLAT_RESIDUAL if exact else Mode.FLAT_RESIDUAL
+    mode = Mode.FLAT_RESIDUAL if model.flat.exact is None else Mode.EXACT_FLAT_RESIDUAL
   header = Header(fingerprint=model.fingerprint, mode=mode, rate=0.0, tau=tau,
                   height=height, width=width, channels=channels, coder_id=coder.coder_id)
   return Encoded(container.pack(header, sections), header, empty, empty, empty, None, layer,
@@ -613,8 +622,7 @@ def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "a
     raise UserError(f"base must be one of {', '.join(BASES)}, got {base!r}")
   tau = check_tau(tau, model)
   shape = np.shape(pixels)
-  if base == "auto" and model.flat is not None and len(shape) >= 2 and is_tiled(
-      model, shape[0], shape[1]):
+  if base == "auto" and len(shape) >= 2 and tiled_flat_mode(model, shape[0], shape[1]):
     # Large images: the flat base, in tiles; a lossy base runs its layers whole
     # (asked for with base="lossy", up to MAX_CODEC_PIXELS).
     if rate is not None:
@@ -696,11 +704,8 @@ def _check_header_for_model(model: ExportedModel, header: Header,
       Mode.LOSSY: (NUM_SECTIONS, "lossy", None),
       Mode.LOSSY_TILED: (NUM_SECTIONS, "lossy", None),
       Mode.RESIDUAL: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION),
-      Mode.FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
-      Mode.EXACT_FLAT_RESIDUAL: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
-      Mode.FLAT_RESIDUAL_TILED: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION),
-      Mode.EXACT_FLAT_RESIDUAL_TILED: (NUM_FLAT_SECTIONS, "flat-base residual",
-                                       FLAT_CHECK_SECTION),
+      **{mode: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION)
+         for mode in container.FLAT_MODES},
   }[header.mode]
   if len(sections) != expected:
     raise FormatError(f"a {kind} file has {expected} sections, this one {len(sections)}")
