@@ -107,6 +107,15 @@ def _attach_flat(args, overrides):
         f"fingerprint {model.fingerprint.hex()}")
 
 
+def _convert_exact(args, overrides):
+  from gvae_jax.coding import export
+
+  out = export.convert_exact(args.model, args.out, force=args.force)
+  model = export.load_model(out)
+  print(f"{out}: {model.name} converted to exact integer arithmetic (lossy files decode "
+        f"alike on every platform): fingerprint {model.fingerprint.hex()}")
+
+
 def _eval(args, overrides):
   """Rate-distortion on real files, with anchors (gvae_jax/eval/harness.py)."""
   from gvae_jax.eval import harness
@@ -267,6 +276,10 @@ def _base_note(header) -> str:
 
   return {Mode.LOSSY: "none (lossy file)",
           Mode.LOSSY_TILED: "none (lossy file, networks run in tiles)",
+          Mode.EXACT_LOSSY: "none (lossy file in exact integer arithmetic: decodes alike on "
+                            "every platform)",
+          Mode.EXACT_LOSSY_TILED: "none (lossy file, networks run in tiles in exact integer "
+                                  "arithmetic: decodes alike on every platform)",
           Mode.RESIDUAL: f"lossy layer at rate s {header.rate:.9g}",
           Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)",
           Mode.EXACT_FLAT_RESIDUAL: "flat (every value 128; no lossy layer), coded in "
@@ -533,6 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
                  "(docs/decoding.md, Exact decoding)")
   p.add_argument("--force", action="store_true", help="replace an existing exported model")
   p.set_defaults(run=_attach_flat)
+
+  p = sub.add_parser("convert-exact", help="copy an exported model converted to exact "
+                     "integer arithmetic: its lossy files (and, with a flat head, its "
+                     "near-lossless and lossless files) decode to the same pixels on every "
+                     "platform (docs/decoding.md, Exact decoding)")
+  p.add_argument("--model", required=True, help="exported model directory")
+  p.add_argument("--out", required=True, help="model directory to create")
+  p.add_argument("--force", action="store_true", help="replace an existing exported model")
+  p.set_defaults(run=_convert_exact)
 
   p = sub.add_parser("decompress", help="decompress a .gvae file to PNG")
   _add_codec_files(p, ".gvae file", "PNG file to write", "the exported model that compressed "

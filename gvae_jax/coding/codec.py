@@ -217,9 +217,11 @@ def synthesize_image(model: ExportedModel, y_sym, mean, s, height: int, width: i
 
 # --- The same stages tile by tile, for large lossy images (gvae_jax.coding.tiling). ---
 
-def _run_tiled(fn, inputs, tile: int, halo: int, align: int = 1) -> list[np.ndarray]:
+def _run_tiled(fn, inputs, tile: int, halo: int, align: int = 1,
+               window=jnp.asarray) -> list[np.ndarray]:
   """fn(*windows) on windows of `inputs` (arrays [1, H, W, C] of one H, W), each
   output cropped to its tile and placed in a numpy array of the whole output.
+  `window` makes each window (default a device array; np.asarray keeps int64).
 
   Every output of fn is [1, h, w, C] with h / H = w / W a fixed ratio (upsampling
   or strided), so a tile's rows in it are the tile's rows times that ratio.
@@ -230,7 +232,7 @@ def _run_tiled(fn, inputs, tile: int, halo: int, align: int = 1) -> list[np.ndar
   outputs = None
   for r in rows:
     for c in cols:
-      windows = [jnp.asarray(a[:, r.start:r.start + r.size, c.start:c.start + c.size])
+      windows = [window(a[:, r.start:r.start + r.size, c.start:c.start + c.size])
                  for a in inputs]
       results = [np.asarray(o) for o in fn(*windows)]
       if outputs is None:
@@ -268,6 +270,38 @@ def _synthesize_tiled(model: ExportedModel, y_sym, mean, s, height: int,
       lambda y, m: _synthesize(model.lossy_model, model.lossy_params, y, m, s, False)[:1],
       [np.asarray(y_sym), np.asarray(mean)], tile, tiling.SYNTHESIS_HALO)
   return pixels[0, :height, :width, :]
+
+
+# --- The same stages in exact integer arithmetic (gvae_jax.coding.exact_lossy). ---
+
+def exact_hyper(model: ExportedModel, z_sym, s_value, tiled: bool = False):
+  """(mean int64 in 2^-16 units, y table row int32) of an exact lossy file (modes
+  EXACT_LOSSY, EXACT_LOSSY_TILED); the encoder and the decoder both call this."""
+  exact, s = model.exact_lossy, float(s_value)
+  if not tiled:
+    return exact.hyper(np.asarray(z_sym), s)
+  tile = tiling.TILE_PIXELS // int(model.lossy_model.stride)
+  return _run_tiled(lambda z: exact.hyper(z, s), [np.asarray(z_sym)], tile, tiling.HYPER_HALO,
+                    window=np.asarray)
+
+
+def exact_synthesize(model: ExportedModel, y_sym, mean, s_value, height: int, width: int,
+                     tiled: bool = False) -> np.ndarray:
+  """The cropped uint8 image [H, W, 3] of an exact lossy file."""
+  exact, s = model.exact_lossy, float(s_value)
+  if not tiled:
+    return exact.synthesize(np.asarray(y_sym), mean, s)[0, :height, :width, :]
+  tile = tiling.TILE_PIXELS // (int(model.lossy_model.stride) // 4)  # y is 1/16 of x
+  (pixels,) = _run_tiled(lambda y, m: (exact.synthesize(y, m, s),),
+                         [np.asarray(y_sym), np.asarray(mean)], tile, tiling.SYNTHESIS_HALO,
+                         window=np.asarray)
+  return pixels[0, :height, :width, :]
+
+
+def _exact_quantize_y(y, mean: np.ndarray) -> np.ndarray:
+  """round(y' - mean) with the exact mean (2^-16 units; encoder only, float64)."""
+  residual = np.nan_to_num(np.asarray(y, np.float64) - mean / float(1 << 16))
+  return np.round(np.clip(residual, -_SYMBOL_LIMIT, _SYMBOL_LIMIT)).astype(np.int32)
 
 
 def _padded_size(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -343,10 +377,11 @@ class Decoded:
 
 
 def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
-                  coder: EntropyCoder, tiled: bool = False):
+                  coder: EntropyCoder, tiled: bool = False, exact: bool = False):
   """(z_sym, y_sym, y_index, mean) of the lossy layer, and the z and y streams.
 
-  tiled: the networks run in tiles (mode LOSSY_TILED).
+  tiled: the networks run in tiles (mode LOSSY_TILED). exact: the hyper synthesis in
+  exact arithmetic (modes EXACT_LOSSY*; mean int64 in 2^-16 units).
   """
   s = jnp.full((1,), s_value, jnp.float32)
   lossy, params = model.lossy_model, model.lossy_params
@@ -356,12 +391,16 @@ def _encode_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
     x_padded = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")[None]  # as pad_to_multiple
     y, z_sym = _analyze_tiled(lossy, params, x_padded, s)
     del x_padded
-    mean, y_index = hyper_tiled(lossy, params, z_sym, s, model.y_index_bounds)
   else:
     x_padded, _ = pad_to_multiple(jnp.asarray(rgb)[None], int(lossy.stride))
     y, z_sym = analyze(lossy, params, x_padded, s)
-    mean, y_index = hyper(lossy, params, z_sym, s, model.y_index_bounds)
-  y_sym = quantize_y(y, mean)
+  if exact:
+    mean, y_index = exact_hyper(model, z_sym, s_value, tiled)
+    y_sym = _exact_quantize_y(y, mean)
+  else:
+    hyper_fn = hyper_tiled if tiled else hyper
+    mean, y_index = hyper_fn(lossy, params, z_sym, s, model.y_index_bounds)
+    y_sym = quantize_y(y, mean)
   z_np, y_np, index_np = np.asarray(z_sym), np.asarray(y_sym), np.asarray(y_index)
   z_bytes = coder.encode(z_np, z_indexes(z_np.shape), model.z_table)
   y_bytes = coder.encode(y_np, index_np, model.y_table)
@@ -458,13 +497,18 @@ def _encode(model: ExportedModel, rgb: np.ndarray, channels: int, s_value: np.fl
   """encode() on checked arguments; `lossy`: the layer already coded at s_value."""
   height, width = rgb.shape[:2]
   tiled = tau is None and is_tiled(model, height, width)
-  if tiled:
-    (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder, True)
+  # Lossy files of a converted model are exact; residual files keep the float lossy layer.
+  exact = tau is None and model.exact_lossy is not None
+  if tau is None:
+    (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder, tiled,
+                                                           exact)
     lossy = _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, coder.coder_id)
   elif lossy is None or lossy.coder_id != coder.coder_id:
-    lossy = _code_lossy(model, rgb, s_value, with_base=tau is not None, coder=coder)
+    lossy = _code_lossy(model, rgb, s_value, with_base=True, coder=coder)
   sections = list(lossy.sections)
-  mode, layer = (Mode.LOSSY_TILED if tiled else Mode.LOSSY), None
+  mode = {(False, False): Mode.LOSSY, (True, False): Mode.LOSSY_TILED,
+          (False, True): Mode.EXACT_LOSSY, (True, True): Mode.EXACT_LOSSY_TILED}[tiled, exact]
+  layer = None
   if tau is not None:
     layer = residual_codec.encode(model, coder, rgb, lossy.base, lossy.u, tau, profile)
     sections += [layer.side_info, layer.streams,
@@ -495,6 +539,10 @@ def reconstruct(model: ExportedModel, encoded: Encoded) -> np.ndarray:
   """
   if encoded.residual is not None:
     return _residual_pixels(encoded.base, encoded.residual.r_hat)
+  header = encoded.header
+  if header.mode in container.EXACT_LOSSY_MODES:
+    return exact_synthesize(model, encoded.y_symbols, encoded.mean, np.float32(header.rate),
+                            header.height, header.width, header.mode == Mode.EXACT_LOSSY_TILED)
   s = jnp.full((1,), np.float32(encoded.header.rate), jnp.float32)
   if encoded.header.mode == Mode.LOSSY_TILED:
     return _synthesize_tiled(model, encoded.y_symbols, encoded.mean, s, encoded.header.height,
@@ -634,6 +682,11 @@ def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "a
     if rate is not None:
       raise UserError("a flat base has no rate; --rate sets the lossy base layer")
     return encode_flat(model, pixels, tau, profile, coder)
+  if (base == "auto" and rate is None and model.exact_lossy is not None
+      and model.flat is not None and model.flat.exact is not None):
+    # A converted model keeps its files portable: the exact flat base (a lossy base
+    # layer's residual is float; asked for with base="lossy" or a rate).
+    return encode_flat(model, pixels, tau, profile, coder)
   backend = _backend(coder)
   rgb, channels = _checked_rgb(model, pixels)
   if base == "lossy" or model.flat is None:
@@ -683,6 +736,9 @@ def _check_header_for_model(model: ExportedModel, header: Header,
       (header.mode in container.EXACT_MODES) != (model.flat.exact is not None)):
     raise FormatError(f"invalid header: mode {header.mode.name} with a flat head that is "
                       f"{'not ' if model.flat.exact is None else ''}exact")
+  if header.mode in container.EXACT_LOSSY_MODES and model.exact_lossy is None:
+    raise FormatError(f"mode {header.mode.name} needs a model converted to exact arithmetic "
+                      f"(gvae convert-exact); {model.name} is not")
   if header.mode not in container.LOSSY_MODES + container.RESIDUAL_MODES:
     raise FormatError(f"mode {header.mode.name} is not supported by this decoder")
   # Whole flat files (written before format version 5) keep the whole-image limit.
@@ -692,17 +748,16 @@ def _check_header_for_model(model: ExportedModel, header: Header,
   tiled = is_tiled(model, header.height, header.width)
   # Each lossy image size has one mode; refusing the other is also a memory guard
   # (a whole-image decode of a large image is beyond gvae_jax.coding.memory's bound).
-  if header.mode == Mode.LOSSY and tiled:
+  if header.mode in (Mode.LOSSY, Mode.EXACT_LOSSY) and tiled:
     raise FormatError(f"invalid header: a whole-image lossy file of {header.width}x"
                       f"{header.height} pixels (images this large are coded in tiles)")
-  if header.mode in (Mode.LOSSY_TILED,) + container.TILED_FLAT_MODES and not tiled:
+  if header.mode in container.TILED_LOSSY_MODES + container.TILED_FLAT_MODES and not tiled:
     raise FormatError(f"invalid header: a tiled {header.mode.name} file of {header.width}x"
                       f"{header.height} pixels (images this small are coded whole)")
   if header.channels not in (1, 3):
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
   expected, kind, check = {
-      Mode.LOSSY: (NUM_SECTIONS, "lossy", None),
-      Mode.LOSSY_TILED: (NUM_SECTIONS, "lossy", None),
+      **{mode: (NUM_SECTIONS, "lossy", None) for mode in container.LOSSY_MODES},
       Mode.RESIDUAL: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION),
       **{mode: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION)
          for mode in container.FLAT_MODES},
@@ -784,6 +839,12 @@ def decode(model: ExportedModel, data: bytes,
   z_shape, y_shape = _latent_shapes(model.lossy_model, header.height, header.width)
 
   z_np = coder.decode(sections[Z_SECTION], z_indexes(z_shape), model.z_table)
+  if header.mode in container.EXACT_LOSSY_MODES:
+    tiled = header.mode == Mode.EXACT_LOSSY_TILED
+    mean, index_np = exact_hyper(model, z_np, s_value, tiled)
+    y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
+    pixels = exact_synthesize(model, y_np, mean, s_value, header.height, header.width, tiled)
+    return Decoded(_to_channels(pixels, header), header, z_np, y_np, index_np)
   if header.mode == Mode.LOSSY_TILED:
     mean, index_np = hyper_tiled(model.lossy_model, model.lossy_params, z_np, s,
                                  model.y_index_bounds)

@@ -65,8 +65,8 @@ from typing import Sequence
 from gvae_jax.errors import UserError
 
 MAGIC = b"GVAE"
-FORMAT_VERSION = 5  # the newest this module reads and writes
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6  # the newest this module reads and writes
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
 FINGERPRINT_SIZE = 16
 MAX_SECTIONS = 64
 MAX_PIXELS = 2**28
@@ -101,13 +101,21 @@ class Mode(enum.IntEnum):
   # memory. Version 5.
   FLAT_RESIDUAL_TILED = 6
   EXACT_FLAT_RESIDUAL_TILED = 7
+  # LOSSY's and LOSSY_TILED's sections, with the hyper synthesis and the
+  # synthesis in exact integer arithmetic (gvae_jax.coding.exact_lossy):
+  # decodes to the same pixels on every platform. Version 6.
+  EXACT_LOSSY = 8
+  EXACT_LOSSY_TILED = 9
 
 
 # The first format version with each mode (what the writer uses).
 MODE_VERSION = {Mode.LOSSY: 1, Mode.RESIDUAL: 1, Mode.FLAT_RESIDUAL: 2, Mode.STORED: 2,
                 Mode.EXACT_FLAT_RESIDUAL: 3, Mode.LOSSY_TILED: 4,
-                Mode.FLAT_RESIDUAL_TILED: 5, Mode.EXACT_FLAT_RESIDUAL_TILED: 5}
-LOSSY_MODES = (Mode.LOSSY, Mode.LOSSY_TILED)
+                Mode.FLAT_RESIDUAL_TILED: 5, Mode.EXACT_FLAT_RESIDUAL_TILED: 5,
+                Mode.EXACT_LOSSY: 6, Mode.EXACT_LOSSY_TILED: 6}
+EXACT_LOSSY_MODES = (Mode.EXACT_LOSSY, Mode.EXACT_LOSSY_TILED)
+TILED_LOSSY_MODES = (Mode.LOSSY_TILED, Mode.EXACT_LOSSY_TILED)
+LOSSY_MODES = (Mode.LOSSY, Mode.LOSSY_TILED) + EXACT_LOSSY_MODES
 TILED_FLAT_MODES = (Mode.FLAT_RESIDUAL_TILED, Mode.EXACT_FLAT_RESIDUAL_TILED)
 EXACT_MODES = (Mode.EXACT_FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL_TILED)
 FLAT_MODES = (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL) + TILED_FLAT_MODES

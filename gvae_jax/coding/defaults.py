@@ -40,7 +40,8 @@ def model_for_fingerprint(fingerprint: bytes) -> Path | None:
       manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
       continue
-    if isinstance(manifest, dict) and wanted in (manifest.get("fingerprint"),
-                                                 manifest.get("fingerprint_with_flat_head")):
+    if isinstance(manifest, dict) and wanted in (
+        manifest.get(key) for key in ("fingerprint", "fingerprint_with_flat_head",
+                                      "fingerprint_exact", "source_fingerprint_with_flat_head")):
       return directory
   return None

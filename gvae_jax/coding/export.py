@@ -95,7 +95,7 @@ from scipy import special
 
 from gvae_jax import config as config_lib
 from gvae_jax import fileio
-from gvae_jax.coding import container, exact_head, flat_head
+from gvae_jax.coding import container, exact_head, exact_lossy, flat_head
 from gvae_jax.entropy import asymmetric_gaussian, gaussian
 from gvae_jax.entropy.cdf_tables import CdfTable
 from gvae_jax.errors import UserError
@@ -112,8 +112,9 @@ MODEL_FILES = (PARAMS_FILE, CONFIG_FILE, TABLES_FILE, MANIFEST_FILE)
 _TABLE_FIELDS = ("cdf", "lengths", "offsets", "precision")  # CdfTable.to_dict
 TABLE_MEMBERS = frozenset([f"{p}{f}" for p in ("z_", "y_") for f in _TABLE_FIELDS]
                           + ["y_scales", "y_index_bounds"])
+EXACT_LOSSY_FILE = exact_lossy.EXACT_LOSSY_FILE  # optional: `convert_exact`
 MAX_FILE_BYTES = {PARAMS_FILE: 1 << 30, CONFIG_FILE: 1 << 20, TABLES_FILE: 64 << 20,
-                  MANIFEST_FILE: 1 << 20}
+                  MANIFEST_FILE: 1 << 20, EXACT_LOSSY_FILE: 1 << 30}
 MAX_TABLE_MEMBER_BYTES = 64 << 20
 
 DEFAULT_TAIL_MASS = 1e-4  # total probability left to the escape, per row
@@ -141,14 +142,27 @@ class ExportedModel:
   manifest: dict
   flat: Any = None  # gvae_jax.coding.flat_head.FlatHead: residual files on a flat base too
   base_fingerprint: bytes | None = None  # with a flat head: the fingerprint without it
+  # gvae_jax.coding.exact_lossy.ExactLossy (`convert_exact`): lossy files in exact arithmetic.
+  exact_lossy: Any = None
+  # With exact_lossy: the fingerprints of the float model it was converted from
+  # (without, and with the flat head), whose files it also decodes.
+  float_fingerprint: bytes | None = None
+  float_flat_fingerprint: bytes | None = None
 
   def accepts(self, fingerprint: bytes, mode) -> bool:
     """Whether this model decodes a file of this fingerprint and mode (module doc: a
-    model with a flat head also decodes its base's files, which use no flat head)."""
+    model with a flat head also decodes its base's files, which use no flat head; a
+    converted model also decodes the files of the float model it came from)."""
     if fingerprint == self.fingerprint:
       return True
-    return (self.base_fingerprint is not None and fingerprint == self.base_fingerprint
-            and mode not in container.FLAT_MODES)
+    flat = mode in container.FLAT_MODES
+    if self.base_fingerprint is not None and fingerprint == self.base_fingerprint and not flat:
+      return True
+    if mode in container.EXACT_LOSSY_MODES:
+      return False
+    return ((fingerprint == self.float_fingerprint and not flat)
+            or (self.float_flat_fingerprint is not None
+                and fingerprint == self.float_flat_fingerprint))
 
   @property
   def levels(self) -> int:
@@ -501,6 +515,31 @@ def _known_table_members(npz) -> list[str]:
       raise ValueError(f"{TABLES_FILE} member {info.filename} declares {info.file_size} "
                        f"bytes, more than {MAX_TABLE_MEMBER_BYTES}")
   return sorted(names)
+def with_exact_fingerprint(fingerprint: bytes, exact_bytes: bytes) -> bytes:
+  """The fingerprint of a model converted to exact lossy decoding (`convert_exact`)."""
+  digest = hashlib.sha256(b"gvae-exported-model+exact-lossy/1\0" + fingerprint
+                          + hashlib.sha256(exact_bytes).digest())
+  return container.model_fingerprint(digest.digest())
+
+
+def _read_exact_lossy(model_dir: Path, model, scale_rows: int):
+  """(ExactLossy, its bytes) of model_dir's exact_lossy.npz, or (None, None)."""
+  import stat
+
+  path = model_dir / EXACT_LOSSY_FILE
+  if not (path.exists() or path.is_symlink()):
+    return None, None
+  info = path.stat()
+  if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES[EXACT_LOSSY_FILE]:
+    raise ExportError(f"{model_dir}: {EXACT_LOSSY_FILE} is not a regular file of at most "
+                      f"{MAX_FILE_BYTES[EXACT_LOSSY_FILE]} bytes; refusing to read it")
+  data = path.read_bytes()
+  try:
+    return exact_lossy.from_bytes(data, lossy_module(model), scale_rows), data
+  except exact_head.ConversionError as e:
+    raise ExportError(f"{model_dir}: {e}") from None
+
+
 def with_flat_fingerprint(fingerprint: bytes, head_fingerprint: bytes) -> bytes:
   """The fingerprint of a scalable model with a flat head attached (module doc)."""
   digest = hashlib.sha256(b"gvae-exported-model+flat-head/1\0" + fingerprint + head_fingerprint)
@@ -557,7 +596,15 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     raise ExportError(f"{model_dir}: files do not match the manifest's fingerprint "
                       "(modified or corrupt); export the model again")
   params = jax.tree_util.tree_map(jnp.asarray, params)
-  flat = base_fingerprint = None
+  exact, exact_bytes = _read_exact_lossy(model_dir, model, y_scales.size)
+  float_fingerprint = None
+  if exact is not None:
+    float_fingerprint = fingerprint
+    fingerprint = with_exact_fingerprint(fingerprint, exact_bytes)
+    if manifest.get("fingerprint_exact") != fingerprint.hex():
+      raise ExportError(f"{model_dir}: {EXACT_LOSSY_FILE} does not match the manifest's "
+                        "fingerprint_exact (modified or corrupt); convert the model again")
+  flat = base_fingerprint = float_flat_fingerprint = None
   if (model_dir / "flat_head").exists():
     if not is_scalable(model):
       raise ExportError(f"{model_dir}: a flat head needs a scalable model")
@@ -567,12 +614,15 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
       raise ExportError(str(e)) from e
     base_fingerprint = fingerprint
     fingerprint = with_flat_fingerprint(base_fingerprint, flat.fingerprint)
+    if float_fingerprint is not None:
+      float_flat_fingerprint = with_flat_fingerprint(float_fingerprint, flat.fingerprint)
     recorded = manifest.get("fingerprint_with_flat_head")
     if recorded is not None and recorded != fingerprint.hex():
       raise ExportError(f"{model_dir}: the flat head does not match the manifest's "
                         "fingerprint_with_flat_head (modified or corrupt); attach it again")
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
-                       fingerprint, manifest, flat, base_fingerprint)
+                       fingerprint, manifest, flat, base_fingerprint, exact,
+                       float_fingerprint, float_flat_fingerprint)
 
 
 # --- Flat heads (gvae_jax.coding.flat_head) attached to a scalable model. ---
@@ -583,9 +633,12 @@ def attach(exported: "ExportedModel", head) -> "ExportedModel":
     raise flat_head.FlatHeadError("a flat head needs a scalable model")
   if exported.flat is not None:
     raise flat_head.FlatHeadError("the model already has a flat head")
+  float_flat = (None if exported.float_fingerprint is None
+                else with_flat_fingerprint(exported.float_fingerprint, head.fingerprint))
   return dataclasses.replace(
       exported, flat=head, base_fingerprint=exported.fingerprint,
-      fingerprint=with_flat_fingerprint(exported.fingerprint, head.fingerprint))
+      fingerprint=with_flat_fingerprint(exported.fingerprint, head.fingerprint),
+      float_flat_fingerprint=float_flat)
 
 
 def detach(exported: "ExportedModel") -> "ExportedModel":
@@ -593,7 +646,79 @@ def detach(exported: "ExportedModel") -> "ExportedModel":
   if exported.flat is None:
     return exported
   return dataclasses.replace(exported, flat=None, fingerprint=exported.base_fingerprint,
-                             base_fingerprint=None)
+                             base_fingerprint=None, float_flat_fingerprint=None)
+
+
+# --- Exact lossy decoding (gvae_jax.coding.exact_lossy). ---
+
+def to_exact(exported: ExportedModel) -> tuple[ExportedModel, bytes]:
+  """`exported` (without a flat head) converted to exact lossy decoding, in memory, and
+  the exact_lossy.npz bytes (ExportError if it cannot be converted)."""
+  if exported.exact_lossy is not None:
+    raise ExportError(f"{exported.name} is already converted to exact lossy decoding")
+  if exported.flat is not None:
+    raise ExportError("convert the model without its flat head (detach), then attach it")
+  try:
+    exact = exact_lossy.convert(exported.lossy_model, exported.lossy_params,
+                                exported.y_index_bounds)
+  except exact_head.ConversionError as e:
+    raise ExportError(f"{exported.name} cannot be converted: {e}") from None
+  data = exact_lossy.to_bytes(exact)
+  # What the reader gets: the stored integers, read back (one code path).
+  exact = exact_lossy.from_bytes(data, exported.lossy_model, exported.y_scales.size)
+  return dataclasses.replace(exported, exact_lossy=exact,
+                             fingerprint=with_exact_fingerprint(exported.fingerprint, data),
+                             float_fingerprint=exported.fingerprint), data
+
+
+def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                  force: bool = False) -> Path:
+  """Copies exported model `model_dir` to `out_dir` converted to exact arithmetic: its
+  lossy layer's decoder networks (exact_lossy.npz) and, if it has a float flat head,
+  that head (gvae_jax.coding.exact_head). The conversion is exact post-training
+  quantisation, no training; its cost is measured in experiments/results/README.md."""
+  model_dir, out_dir = Path(model_dir), Path(out_dir)
+  source = load_model(model_dir)
+  if source.exact_lossy is not None:
+    raise ExportError(f"{model_dir} is already converted to exact arithmetic")
+  if model_dir.resolve() == out_dir.resolve():
+    raise ExportError("convert to a new directory (--out must differ from --model)")
+  if out_dir.exists() or out_dir.is_symlink():
+    if not force:
+      raise ExportError(f"{out_dir} already exists; pass --force to replace it")
+    if not out_dir.is_dir() or not (_is_model_dir(out_dir) or not any(out_dir.iterdir())):
+      raise ExportError(f"{out_dir} exists and is not an exported model directory; "
+                        "refusing to replace it even with --force")
+  if not out_dir.absolute().parent.is_dir():
+    raise ExportError(f"cannot write {out_dir}: its directory does not exist")
+  converted, data = to_exact(detach(source))
+
+  def fill(temp_dir: Path) -> None:
+    for name in (PARAMS_FILE, CONFIG_FILE, TABLES_FILE):
+      shutil.copy2(model_dir / name, temp_dir / name)
+    (temp_dir / EXACT_LOSSY_FILE).write_bytes(data)
+    manifest = dict(source.manifest)
+    manifest["fingerprint_exact"] = converted.fingerprint.hex()
+    manifest["exact_lossy"] = "gvae_jax.coding.exact_lossy (format mode EXACT_LOSSY)"
+    if source.flat is not None:
+      head = source.flat
+      head_dir = temp_dir / flat_head.FLAT_HEAD_DIR
+      if head.exact is None:
+        kept = {k: v for k, v in head.manifest.items()
+                if k not in ("format", "format_version", "fingerprint", "model", "exact")}
+        flat_head.write_flat_head(head.config, head.params, head_dir, kept, exact=True)
+      else:
+        shutil.copytree(model_dir / flat_head.FLAT_HEAD_DIR, head_dir)
+      head_manifest = json.loads((head_dir / flat_head.MANIFEST_FILE).read_text())
+      manifest["source_fingerprint_with_flat_head"] = source.fingerprint.hex()
+      manifest["fingerprint_with_flat_head"] = with_flat_fingerprint(
+          converted.fingerprint, bytes.fromhex(head_manifest["fingerprint"])).hex()
+    (temp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+  try:
+    return fileio.write_directory_atomically(out_dir, fill)
+  except exact_head.ConversionError as e:
+    raise ExportError(f"{model_dir}'s flat head cannot be converted: {e}") from None
 
 
 def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
@@ -622,6 +747,8 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
   def fill(temp_dir: Path) -> None:
     for name in MODEL_FILES:
       shutil.copy2(model_dir / name, temp_dir / name)
+    if base.exact_lossy is not None:
+      shutil.copy2(model_dir / EXACT_LOSSY_FILE, temp_dir / EXACT_LOSSY_FILE)
     if exact and head.exact is None:
       kept = {k: v for k, v in head.manifest.items()
               if k not in ("format", "format_version", "fingerprint", "model", "exact")}

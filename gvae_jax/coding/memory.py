@@ -93,6 +93,10 @@ PER_PIXEL = {
     ("lossy_tiled", "decompress"): 252,  # of the tile window only (TILED_PER_PIXEL below)
     ("residual", "compress"): 600,  # measured 1.60 / 4.64 GB at 1 / 4 Mpixel (lossless)
     ("residual", "decompress"): 600,
+    # Exact lossy files (gvae_jax.coding.exact_lossy): int64 / float64 activations,
+    # so twice the float slopes (not measured on their own yet).
+    ("exact_lossy", "decompress"): 504,
+    ("exact_lossy_tiled", "decompress"): 504,  # of the tile window only
     ("stored", "decompress"): 8,  # container mode STORED: inflating the pixels, no network
     # Flat-base residual files: the residual coder without the lossy layer's
     # networks; bounded by the lossy-base figure (not measured on its own).
@@ -175,15 +179,16 @@ def padded_pixels(height: int, width: int, multiple: int = 64) -> int:
 
 def _per_pixel_key(mode: str, operation: str) -> tuple[str, str]:
   """The PER_PIXEL entry of a mode's networks (tiled modes: their whole-image form's)."""
-  if mode == "lossy_tiled":
-    return "lossy", operation
+  if mode in ("lossy_tiled", "exact_lossy_tiled"):
+    return mode[:-len("_tiled")], operation
   return mode, operation
 
 
 def _tiles(mode: str, pixels: int) -> tuple[int, int] | None:
   """(pixels of the window the networks run on at once, bytes per pixel of the
   whole-image arrays) if this file is tiled, else None."""
-  if mode == "lossy_tiled" or (mode == "lossy" and pixels > tiling.TILED_ABOVE):
+  if mode in ("lossy_tiled", "exact_lossy_tiled") or (
+      mode in ("lossy", "exact_lossy") and pixels > tiling.TILED_ABOVE):
     return tiling.window_pixels(), TILED_PER_PIXEL
   if mode in TILED_RESIDUAL_MODES:
     return tiling.residual_tile_pixels(), TILED_RESIDUAL_PER_PIXEL

@@ -1,0 +1,519 @@
+"""The lossy layer's decoder networks in exact integer arithmetic: lossy files that
+decode to the same pixels on every platform.
+
+`convert` turns a gained hyperprior's decoder side (the inverse hyper gain,
+the hyper synthesis h_s, the inverse gain and the synthesis g_s) into an
+ExactLossy; `hyper` gives the means and y table rows from z symbols and
+`synthesize` the uint8 image from y symbols, both as integers that do not
+depend on the CPU, the vector width, the summation order or the library
+build. Encoder and decoder of an exact lossy file call these same functions
+(gvae_jax.coding.codec), so only integers decide the decoded bits and pixels.
+
+Arithmetic (activations in 2^-16 fixed point, exact_mixture.ACT_BITS, clipped
+to +-2^27, i.e. +-2048.0):
+
+  convolution   acc = conv(x, W) + b with W integers stored per output
+                channel at the largest power-of-two scale that keeps the
+                channel's sum of |W| times 2^27 below 2^53: the convolution
+                runs in float64 on integer values, and every partial sum of
+                every product is an integer below 2^53, exact whatever the
+                order, vector width, FMA use or kernel (exact_head's rule);
+                then round(acc / 2^shift) (arithmetic shift, round half up)
+  leaky ReLU    negative x: round(x * LEAK / 2^24), LEAK = round(0.01 * 2^24)
+  inverse GDN   y_i = x_i sqrt(beta_i + sum_j gamma_ij x_j^2): q = round(x / 2^6)
+                (2^-10 units, |q| <= 2^21), q^2 split into 21-bit limbs a, b
+                so both float64 products G a, G b (G: gamma as integers, row
+                sums below 2^32) stay exact; the norm in int64 (the low 13
+                bits of G b dropped), then the integer square root (float64
+                sqrt, corrected by +-1 in integers: the exact floor whatever
+                the sqrt's rounding), the product and a shift
+  gains         log2 of every gain row stored in 2^-24 units; a rate s = i + l
+                interpolates them in integers (l rounded to 2^-16) and 2^x
+                comes from a stored 1025-entry table, linearly interpolated:
+                Python integers, identical everywhere
+  scale -> row  the count of stored thresholds (log of the y table's index
+                bounds in 2^-16 units) below the raw log-scale output: the
+                same rule as codec.scale_to_row, on integers
+
+The only float steps are in `convert`, and its output is stored
+(`exact_lossy.npz` in the model directory, covered by the fingerprint), so a
+reader never repeats them. The XLA path (float64 and int64 under
+exact_mixture.enable_x64, on the host CPU) and the NumPy path
+(`numpy_hyper`, `numpy_synthesize`: an im2col matmul, an independent
+evaluation for tests) give the same integers.
+
+Limits: float64 convolutions, so the exact path runs on the CPU (and would
+on GPUs, whose float64 convolutions are not Winograd ones; untested here),
+never on a TPU; the residual prior u of the synthesis (lossy-base residual
+files) is not converted: lossy-base near-lossless files stay float
+(platform-bound, README Portability); exact near-lossless and lossless files
+use the flat base (gvae_jax.coding.exact_head).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import math
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gvae_jax import gain as gain_lib
+from gvae_jax.coding.exact_head import ConversionError
+from gvae_jax.entropy import exact_mixture as em
+
+EXACT_LOSSY_FILE = "exact_lossy.npz"
+ACT_BITS = em.ACT_BITS  # 16
+_ACT_LIMIT_BITS = 27
+ACT_LIMIT = 1 << _ACT_LIMIT_BITS
+_SUM_BITS = 53
+_MAX_SCALE_BITS = 40
+LEAK_BITS = 24
+LEAK = round(0.01 * (1 << LEAK_BITS))  # flax.linen.leaky_relu's default slope
+# Inverse GDN (module doc).
+_Q_DROP = 6  # x (2^-16) -> q (2^-10)
+_Q_BITS = _ACT_LIMIT_BITS - _Q_DROP  # |q| <= 2^21
+_LIMB = 21  # q^2 < 2^42 = two 21-bit limbs
+_GAMMA_SUM_BITS = _SUM_BITS - _LIMB  # row sums of G below 2^32
+_NORM_DROP = 13  # low bits of G b dropped so the norm stays below 2^61
+_MAX_GAMMA_BITS = 40
+# Gains.
+GAIN_BITS = 24  # gains and log2 gains in 2^-24 units
+_GAIN_LIMIT_BITS = 11  # gains below 2^11
+_EXP2_TABLE_BITS = 10  # 2^(k / 1024), k = 0..1024, in 2^-30 units
+_EXP2_BITS = 30
+_FRAC_BITS = 16  # the rate's fractional part, rounded to 2^-16
+_SYMBOL_LIMIT = 1 << 10  # |y symbol| and |z symbol| clipped here (garbage stays in bounds)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IntConv:
+  """A 3x3 convolution (stride 1, SAME) on integers; upsample: then depth-to-space x2."""
+  weight: np.ndarray  # float64 [3, 3, in, out], integer values
+  bias: np.ndarray  # int64 [out], accumulator units
+  shift: np.ndarray  # int64 [out] >= 1
+  upsample: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class IntGDN:
+  """Inverse GDN on integers (module doc)."""
+  gamma: np.ndarray  # float64 [in, out] (j, i), integer values; G_ij = gamma[j, i]
+  beta: np.ndarray  # int64 [out], norm units 2^-(exponent)
+  exponent: np.ndarray  # int64 [out], even: the norm is N 2^-exponent
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExactLossy:
+  hyper_layers: tuple[IntConv, ...]  # h_s: leaky ReLU after all but the last
+  synthesis_convs: tuple[IntConv, ...]  # g_s: inverse GDN after all but the last
+  synthesis_gdns: tuple[IntGDN, ...]
+  log2_inverse_hyper_gain: np.ndarray  # int64 [levels, N], 2^-24 units
+  log2_inverse_gain: np.ndarray  # int64 [levels, M]
+  exp2_table: np.ndarray  # int64 [1025], 2^(k/1024) in 2^-30 units
+  thresholds: np.ndarray  # int64 [S - 1]: raw log-scale (2^-16) thresholds of the rows
+  m: int
+  scales: int  # 1 (symmetric) or 2 (asymmetric: left and right scale)
+
+  @property
+  def rows_per_scale(self) -> int:
+    return int(self.thresholds.shape[0]) + 1
+
+  # --- Gains: Python integers. ---
+
+  def inverse_hyper_gain(self, s: float) -> np.ndarray:
+    return _gain(self.log2_inverse_hyper_gain, self.exp2_table, s)
+
+  def inverse_gain(self, s: float) -> np.ndarray:
+    return _gain(self.log2_inverse_gain, self.exp2_table, s)
+
+  def hyper_arrays(self, s: float):
+    return (self.inverse_hyper_gain(s), tuple(_conv_arrays(c) for c in self.hyper_layers),
+            self.thresholds)
+
+  def synthesis_arrays(self, s: float):
+    return (self.inverse_gain(s), tuple(_conv_arrays(c) for c in self.synthesis_convs),
+            tuple((g.gamma, g.beta, g.exponent) for g in self.synthesis_gdns))
+
+  def _static(self):
+    return (tuple(c.upsample for c in self.hyper_layers),
+            tuple(c.upsample for c in self.synthesis_convs), self.m, self.scales,
+            self.rows_per_scale)
+
+  # --- The two decoder stages (XLA; the encoder calls `hyper` too). ---
+
+  def hyper(self, z_sym: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray]:
+    """int32 z symbols [1, h, w, N] -> (mean int64 [1, 4h, 4w, M] in 2^-16 units,
+    y table row int32 [1, 4h, 4w, M])."""
+    up, _, m, scales, rows = self._static()
+    with em.enable_x64():
+      mean, row = _hyper_jit(self.hyper_arrays(s), jnp.asarray(z_sym), up, m, scales, rows)
+      return np.asarray(mean), np.asarray(row)
+
+  def synthesize(self, y_sym: np.ndarray, mean: np.ndarray, s: float) -> np.ndarray:
+    """(y symbols, mean) -> uint8 image [1, 16h, 16w, 3] (padded size)."""
+    _, up, *_ = self._static()
+    with em.enable_x64():
+      return np.asarray(_synthesize_jit(self.synthesis_arrays(s), jnp.asarray(y_sym),
+                                        jnp.asarray(mean), up))
+
+  # --- The same in NumPy (an independent evaluation, for tests). ---
+
+  def numpy_hyper(self, z_sym, s: float):
+    up, _, m, scales, rows = self._static()
+    return _hyper(self.hyper_arrays(s), np.asarray(z_sym), up, m, scales, rows, np)
+
+  def numpy_synthesize(self, y_sym, mean, s: float) -> np.ndarray:
+    _, up, *_ = self._static()
+    return _synthesize(self.synthesis_arrays(s), np.asarray(y_sym), np.asarray(mean), up, np)
+
+
+def _conv_arrays(c: IntConv):
+  return c.weight, c.bias, c.shift
+
+
+# --- Integer building blocks (xp = numpy, or jax.numpy under enable_x64). ---
+
+def _round_shift(x, shift, xp):
+  """round(x / 2^shift), half up, for int64 x and shift >= 1 (array or int)."""
+  one = xp.asarray(1, xp.int64)
+  return (x + (one << (shift - 1))) >> shift
+
+
+def _conv(x, weight, xp):
+  """3x3 SAME convolution of int64 x [B, H, W, C] with integer-valued float64 weights:
+  float64 [B, H, W, out], exact (module doc)."""
+  xf = x.astype(xp.float64)
+  if xp is np:
+    b, h, w, c = xf.shape
+    padded = np.pad(xf, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = np.concatenate([padded[:, dy:dy + h, dx:dx + w, :] for dy in range(3)
+                           for dx in range(3)], axis=-1)  # taps in HWIO order
+    return cols.reshape(-1, 9 * c) @ weight.reshape(9 * c, -1)
+  return jax.lax.conv_general_dilated(xf, weight, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _apply_conv(x, arrays, upsample: bool, xp):
+  weight, bias, shift = arrays
+  acc = _conv(x, weight, xp)
+  acc = acc.reshape(x.shape[:3] + (weight.shape[-1],)).astype(xp.int64) + bias
+  y = xp.clip(_round_shift(acc, shift, xp), -ACT_LIMIT, ACT_LIMIT)
+  if upsample:  # depth-to-space, as gvae_jax.models.transforms.UpConv
+    b, h, w, c = y.shape
+    f = c // 4
+    y = y.reshape(b, h, w, 2, 2, f).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, f)
+  return y
+
+
+def _leaky_relu(x, xp):
+  return xp.where(x >= 0, x, _round_shift(x * LEAK, LEAK_BITS, xp))
+
+
+def _isqrt(n, xp):
+  """floor(sqrt(n)) of int64 n in [0, 2^62]: float64 sqrt, then corrected in integers."""
+  r = xp.floor(xp.sqrt(n.astype(xp.float64))).astype(xp.int64)
+  for _ in range(2):
+    r = r - (r * r > n).astype(xp.int64)
+    r = r + ((r + 1) * (r + 1) <= n).astype(xp.int64)
+  return r
+
+
+def _inverse_gdn(x, arrays, xp):
+  gamma, beta, exponent = arrays
+  q = _round_shift(x, _Q_DROP, xp)
+  q2 = q * q
+  hi, lo = q2 >> _LIMB, q2 & ((1 << _LIMB) - 1)
+  b, h, w, c = x.shape
+
+  def matmul(v):
+    return (v.reshape(-1, c).astype(xp.float64) @ gamma).astype(xp.int64).reshape(b, h, w, -1)
+
+  norm = (matmul(hi) << (_LIMB - _NORM_DROP)) + (matmul(lo) >> _NORM_DROP) + beta
+  r = _isqrt(norm, xp)  # sqrt of the norm in 2^-(exponent / 2) units
+  return xp.clip(_round_shift(x * r, exponent // 2, xp), -ACT_LIMIT, ACT_LIMIT)
+
+
+def _gained_input(symbols, gain, shift: int, xp):
+  """round(symbols * gain / 2^shift) with gain in 2^-24 units, clipped."""
+  return xp.clip(_round_shift(symbols * gain, shift, xp), -ACT_LIMIT, ACT_LIMIT)
+
+
+def _hyper(arrays, z_sym, upsample, m: int, scales: int, rows: int, xp):
+  gain, convs, thresholds = arrays
+  z = xp.clip(z_sym.astype(xp.int64), -_SYMBOL_LIMIT, _SYMBOL_LIMIT)
+  h = _gained_input(z, gain, GAIN_BITS - ACT_BITS, xp)  # 2^-16 units
+  for i, (layer, up) in enumerate(zip(convs, upsample)):
+    h = _apply_conv(h, layer, up, xp)
+    if i < len(convs) - 1:
+      h = _leaky_relu(h, xp)
+  mean = h[..., :m]
+  row = None
+  for k in range(scales):
+    raw = h[..., (1 + k) * m:(2 + k) * m]
+    r = xp.sum((raw[..., None] > thresholds).astype(xp.int32), axis=-1)
+    row = r if row is None else row * rows + r  # asymmetric: left * S + right
+  return mean, row.astype(xp.int32)
+
+
+def _synthesize(arrays, y_sym, mean, upsample, xp):
+  gain, convs, gdns = arrays
+  v = xp.clip(y_sym.astype(xp.int64), -_SYMBOL_LIMIT, _SYMBOL_LIMIT)
+  y_hat = xp.clip((v << ACT_BITS) + mean, -ACT_LIMIT, ACT_LIMIT)
+  h = _gained_input(y_hat, gain, GAIN_BITS, xp)
+  for i, (layer, up) in enumerate(zip(convs, upsample)):
+    h = _apply_conv(h, layer, up, xp)
+    if i < len(gdns):
+      h = _inverse_gdn(h, gdns[i], xp)
+  # The same rounding as the float codec: round(clip(x, 0, 1) * 255).
+  pixels = _round_shift(xp.clip(h, 0, 1 << ACT_BITS) * 255, ACT_BITS, xp)
+  return pixels.astype(xp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _hyper_jit(arrays, z_sym, upsample, m, scales, rows):
+  return _hyper(arrays, z_sym, upsample, m, scales, rows, jnp)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _synthesize_jit(arrays, y_sym, mean, upsample):
+  return _synthesize(arrays, y_sym, mean, upsample, jnp)
+
+
+# --- Gains in Python integers. ---
+
+def _exp2(log2_value: int, table: np.ndarray) -> int:
+  """2^(log2_value / 2^24) in 2^-24 units, rounded (Python integers)."""
+  e, f = log2_value >> GAIN_BITS, log2_value & ((1 << GAIN_BITS) - 1)
+  step = GAIN_BITS - _EXP2_TABLE_BITS
+  k, rem = f >> step, f & ((1 << step) - 1)
+  lo, hi = int(table[k]), int(table[k + 1])
+  mantissa = lo + (((hi - lo) * rem + (1 << (step - 1))) >> step)  # 2^-30 units
+  shift = _EXP2_BITS - GAIN_BITS - e
+  if shift <= 0:
+    return mantissa << -shift
+  return (mantissa + (1 << (shift - 1))) >> shift
+
+
+def _rate_position(s: float, levels: int) -> tuple[int, int, int]:
+  """(row i, row j, l) for a rate s = i + l / 2^16 (the fraction rounded)."""
+  s = min(max(float(s), 0.0), float(levels - 1))
+  i = min(int(math.floor(s)), levels - 1)
+  frac = math.floor((s - i) * (1 << _FRAC_BITS) + 0.5)  # exact float ops, then floor
+  if frac >= 1 << _FRAC_BITS:
+    i, frac = i + 1, 0
+  return i, min(i + 1, levels - 1), frac
+
+
+def _gain(log2_table: np.ndarray, exp2_table: np.ndarray, s: float) -> np.ndarray:
+  """Gains [C] (int64, 2^-24 units) at rate s: exponential interpolation of the rows."""
+  i, j, frac = _rate_position(s, log2_table.shape[0])
+  out = []
+  for lo, hi in zip(log2_table[i].tolist(), log2_table[j].tolist()):
+    out.append(_exp2(lo + (((hi - lo) * frac) >> _FRAC_BITS), exp2_table))
+  return np.asarray(out, np.int64)
+
+
+# --- Conversion (the only float step). ---
+
+def _quantise_conv(kernel: np.ndarray, bias: np.ndarray, name: str,
+                   upsample: bool) -> IntConv:
+  kernel = np.asarray(kernel, np.float64)
+  bias = np.asarray(bias, np.float64)
+  if kernel.shape[:2] != (3, 3):
+    raise ConversionError(f"layer {name}: only 3x3 convolutions convert")
+  if not (np.all(np.isfinite(kernel)) and np.all(np.isfinite(bias))):
+    raise ConversionError(f"layer {name} has non-finite parameters")
+  magnitude = np.maximum(np.sum(np.abs(kernel), axis=(0, 1, 2)), 1e-30)
+  scale = np.floor(np.log2(2.0 ** (_SUM_BITS - 1 - _ACT_LIMIT_BITS) / magnitude))
+  scale = np.minimum(scale, _MAX_SCALE_BITS).astype(np.int64)
+  if np.any(scale < 1):
+    raise ConversionError(f"layer {name} has weights too large to convert exactly")
+  w = np.rint(kernel * np.exp2(scale))
+  b = np.rint(bias * np.exp2(scale + ACT_BITS)).astype(np.int64)
+  layer = IntConv(w, b, scale, upsample)
+  _check_conv(layer, name)
+  return layer
+
+
+def _check_conv(layer: IntConv, name: str) -> None:
+  sums = np.sum(np.abs(layer.weight), axis=(0, 1, 2))
+  if (np.any(sums * 2.0 ** _ACT_LIMIT_BITS >= 2.0 ** _SUM_BITS) or np.any(layer.shift < 1)
+      or np.any(layer.shift > 62) or np.any(np.abs(layer.bias) >= 2**61)
+      or np.any(layer.weight != np.rint(layer.weight))):
+    raise ConversionError(f"layer {name} would not stay exact")
+
+
+def _quantise_gdn(params, name: str, beta_min: float = 1e-6) -> IntGDN:
+  from gvae_jax.layers.gdn import _nonneg  # the module's own reparameterisation
+
+  beta = np.asarray(_nonneg(jnp.asarray(params["beta"]), beta_min), np.float64)
+  gamma = np.asarray(_nonneg(jnp.asarray(params["gamma"]), 0.0), np.float64)  # [i, j]
+  if not (np.all(np.isfinite(beta)) and np.all(np.isfinite(gamma))):
+    raise ConversionError(f"layer {name} has non-finite parameters")
+  row_sums = np.maximum(gamma.sum(axis=1), 1e-30)
+  bits = np.floor(np.log2((2.0 ** _GAMMA_SUM_BITS - 1) / row_sums) - 1e-9)
+  bits = np.minimum(bits, _MAX_GAMMA_BITS).astype(np.int64)
+  g = np.rint(gamma * np.exp2(bits)[:, None])  # [i, j] in 2^-bits units
+  # q^2 is in 2^-20 units, so G q^2 in 2^-(20 + bits); dropping _NORM_DROP bits:
+  exponent = 2 * (ACT_BITS - _Q_DROP) + bits - _NORM_DROP
+  odd = exponent % 2  # an odd exponent: one more bit dropped from G (even sqrt units)
+  g = np.where(odd[:, None] == 1, np.rint(g / 2.0), g)
+  exponent = exponent - odd
+  beta_int = np.rint(beta * np.exp2(exponent)).astype(np.int64)
+  layer = IntGDN(np.ascontiguousarray(g.T), beta_int, exponent.astype(np.int64))
+  _check_gdn(layer, name)
+  return layer
+
+
+def _check_gdn(layer: IntGDN, name: str) -> None:
+  sums = np.sum(np.abs(layer.gamma), axis=0)
+  if (np.any(sums >= 2.0 ** _GAMMA_SUM_BITS) or np.any(layer.beta < 0)
+      or np.any(layer.beta >= 2**60) or np.any(layer.exponent % 2 != 0)
+      or np.any(layer.exponent < 2) or np.any(layer.exponent > 2 * 62)
+      or np.any(layer.gamma != np.rint(layer.gamma)) or np.any(layer.gamma < 0)):
+    raise ConversionError(f"layer {name} would not stay exact")
+
+
+def _log2_gains(table_params, parameterization: str, name: str) -> np.ndarray:
+  gains = np.asarray(gain_lib.to_positive(jnp.asarray(table_params["table"]),
+                                          parameterization), np.float64)
+  if not np.all(np.isfinite(gains)) or np.any(gains >= 2.0 ** _GAIN_LIMIT_BITS):
+    raise ConversionError(f"{name} has gains that cannot be converted")
+  return np.rint(np.log2(gains) * 2.0 ** GAIN_BITS).astype(np.int64)
+
+
+def exp2_table() -> np.ndarray:
+  k = np.arange((1 << _EXP2_TABLE_BITS) + 1, dtype=np.float64)
+  return np.rint(np.exp2(k / (1 << _EXP2_TABLE_BITS)) * 2.0 ** _EXP2_BITS).astype(np.int64)
+
+
+def convert(model, params, y_index_bounds: np.ndarray) -> ExactLossy:
+  """The ExactLossy of a GainedMeanScaleHyperprior (its params) and the exported
+  y_index_bounds (module doc). ConversionError if a layer cannot stay exact."""
+  if model.interpolation != "exponential":
+    raise ConversionError(f"only the exponential gain interpolation converts, not "
+                          f"{model.interpolation!r}")
+  if model.prior_channels:
+    pass  # the prior head is not converted (module doc: lossy-base residual files stay float)
+  hs, gs = params["h_s"], params["g_s"]
+  hyper_layers = (
+      _quantise_conv(hs["deconv_0"]["conv"]["kernel"], hs["deconv_0"]["conv"]["bias"],
+                     "h_s.deconv_0", True),
+      _quantise_conv(hs["deconv_1"]["conv"]["kernel"], hs["deconv_1"]["conv"]["bias"],
+                     "h_s.deconv_1", True),
+      _quantise_conv(hs["conv_2"]["kernel"], hs["conv_2"]["bias"], "h_s.conv_2", False))
+  convs = tuple(_quantise_conv(gs[f"deconv_{i}"]["conv"]["kernel"],
+                               gs[f"deconv_{i}"]["conv"]["bias"], f"g_s.deconv_{i}", True)
+                for i in range(4))
+  gdns = tuple(_quantise_gdn(gs[f"igdn_{i}"], f"g_s.igdn_{i}") for i in range(3))
+  bounds = np.asarray(y_index_bounds, np.float64)
+  thresholds = np.floor(np.log(bounds) * 2.0 ** ACT_BITS).astype(np.int64)
+  scales = 2 if model.is_asymmetric else 1
+  return ExactLossy(
+      hyper_layers, convs, gdns,
+      _log2_gains(params["inverse_hyper_gain"], model.gain_parameterization,
+                  "inverse_hyper_gain"),
+      _log2_gains(params["inverse_gain"], model.gain_parameterization, "inverse_gain"),
+      exp2_table(), thresholds, int(model.m), scales)
+
+
+# --- exact_lossy.npz: the stored form (owned here; gvae_jax.coding.export loads it). ---
+
+def _members(exact: ExactLossy) -> dict[str, np.ndarray]:
+  arrays = {}
+  for prefix, convs in (("hyper", exact.hyper_layers), ("synthesis", exact.synthesis_convs)):
+    for i, c in enumerate(convs):
+      arrays[f"{prefix}.{i}.weight"] = c.weight.astype(np.int64)
+      arrays[f"{prefix}.{i}.bias"] = c.bias
+      arrays[f"{prefix}.{i}.shift"] = c.shift
+  for i, g in enumerate(exact.synthesis_gdns):
+    arrays[f"gdn.{i}.gamma"] = g.gamma.astype(np.int64)
+    arrays[f"gdn.{i}.beta"] = g.beta
+    arrays[f"gdn.{i}.exponent"] = g.exponent
+  arrays["log2_inverse_hyper_gain"] = exact.log2_inverse_hyper_gain
+  arrays["log2_inverse_gain"] = exact.log2_inverse_gain
+  arrays["exp2_table"] = exact.exp2_table
+  arrays["thresholds"] = exact.thresholds
+  return arrays
+
+
+def to_bytes(exact: ExactLossy) -> bytes:
+  arrays = _members(exact)
+  buffer = io.BytesIO()
+  np.savez(buffer, **{name: arrays[name] for name in sorted(arrays)})
+  return buffer.getvalue()
+
+
+def expected_shapes(model, scale_rows: int) -> dict[str, tuple[int, ...]]:
+  """The members of a model's exact_lossy.npz and their shapes."""
+  n, m = int(model.n), int(model.m)
+  scales = 2 if model.is_asymmetric else 1
+  hyper = [(n, 4 * m), (m, 4 * (m * 3 // 2)), (m * 3 // 2, (1 + scales) * m)]
+  synthesis = [(m, 4 * n), (n, 4 * n), (n, 4 * n), (n, 4 * 3)]
+  shapes = {}
+  for prefix, dims in (("hyper", hyper), ("synthesis", synthesis)):
+    for i, (c_in, c_out) in enumerate(dims):
+      shapes.update({f"{prefix}.{i}.weight": (3, 3, c_in, c_out), f"{prefix}.{i}.bias": (c_out,),
+                     f"{prefix}.{i}.shift": (c_out,)})
+  for i in range(3):
+    shapes.update({f"gdn.{i}.gamma": (n, n), f"gdn.{i}.beta": (n,), f"gdn.{i}.exponent": (n,)})
+  levels = int(model.levels)
+  shapes.update({"log2_inverse_hyper_gain": (levels, n), "log2_inverse_gain": (levels, m),
+                 "exp2_table": ((1 << _EXP2_TABLE_BITS) + 1,),
+                 "thresholds": (scale_rows - 1,)})
+  return shapes
+
+
+def from_bytes(data: bytes, model, scale_rows: int) -> ExactLossy:
+  """The ExactLossy in exact_lossy.npz bytes, checked against `model` (ConversionError):
+  only the expected members, each of its expected shape and int64, are read."""
+  shapes = expected_shapes(model, scale_rows)
+  try:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+      members = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+      if members != set(shapes) or len(archive.namelist()) != len(shapes):
+        raise ConversionError(f"{EXACT_LOSSY_FILE} does not have the members this model needs")
+      for info in archive.infolist():  # before reading: no member larger than its shape
+        if info.file_size > 8 * int(np.prod(shapes[info.filename[:-4]])) + 256:
+          raise ConversionError(f"{EXACT_LOSSY_FILE} member {info.filename} is too large")
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      arrays = {name: npz[name] for name in shapes}
+  except ConversionError:
+    raise
+  except Exception as e:
+    raise ConversionError(f"{EXACT_LOSSY_FILE} cannot be read: {type(e).__name__}: "
+                          f"{str(e)[:200]}") from e
+  for name, shape in shapes.items():
+    if arrays[name].shape != shape or arrays[name].dtype != np.int64:
+      raise ConversionError(f"{EXACT_LOSSY_FILE} member {name} has the wrong shape or type")
+
+  def conv(prefix, i, upsample):
+    layer = IntConv(arrays[f"{prefix}.{i}.weight"].astype(np.float64),
+                    arrays[f"{prefix}.{i}.bias"], arrays[f"{prefix}.{i}.shift"], upsample)
+    _check_conv(layer, f"{prefix}.{i}")
+    return layer
+
+  def gdn(i):
+    layer = IntGDN(arrays[f"gdn.{i}.gamma"].astype(np.float64), arrays[f"gdn.{i}.beta"],
+                   arrays[f"gdn.{i}.exponent"])
+    _check_gdn(layer, f"gdn.{i}")
+    return layer
+
+  table = arrays["exp2_table"]
+  for name in ("log2_inverse_hyper_gain", "log2_inverse_gain"):
+    if np.any(np.abs(arrays[name]) >= (_GAIN_LIMIT_BITS + 1) << GAIN_BITS):
+      raise ConversionError(f"{EXACT_LOSSY_FILE} member {name} is out of range")
+  if (table[0] != 1 << _EXP2_BITS or table[-1] != 2 << _EXP2_BITS
+      or np.any(np.diff(table) <= 0)):
+    raise ConversionError(f"{EXACT_LOSSY_FILE}: exp2_table is not 2^x on [0, 1]")
+  if np.any(np.diff(arrays["thresholds"]) <= 0):
+    raise ConversionError(f"{EXACT_LOSSY_FILE}: thresholds must ascend")
+  return ExactLossy(
+      (conv("hyper", 0, True), conv("hyper", 1, True), conv("hyper", 2, False)),
+      tuple(conv("synthesis", i, True) for i in range(4)), tuple(gdn(i) for i in range(3)),
+      arrays["log2_inverse_hyper_gain"], arrays["log2_inverse_gain"], table,
+      arrays["thresholds"], int(model.m), 2 if model.is_asymmetric else 1)
