@@ -24,9 +24,31 @@ PHOTO = REPO / "gvae_jax" / "samples" / "photo.png"
 
 @pytest.fixture(scope="module")
 def shipped():
-  """(float, converted) shipped lossy model, in memory."""
-  model = export.load_model(SHIPPED_LOSSY)
+  """(float, converted) shipped lossy model (shipped converted), in memory."""
+  model = export.to_float(export.load_model(SHIPPED_LOSSY))
   return model, export.to_exact(model)[0]
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+  """The shipped lossy model as the float model it was converted from, on disk."""
+  out = tmp_path_factory.mktemp("float") / "lossy"
+  export.write_model_dir(export.to_float(export.load_model(SHIPPED_LOSSY)), out)
+  return out
+
+
+def test_the_shipped_models_are_converted():
+  from gvae_jax.coding import defaults
+
+  for directory in (defaults.LOSSY_MODEL, defaults.SCALABLE_MODEL):
+    model = export.load_model(directory)
+    assert model.exact_lossy is not None
+    assert defaults.model_for_fingerprint(model.fingerprint) == directory
+    assert defaults.model_for_fingerprint(model.float_fingerprint) == directory
+  scalable = export.load_model(defaults.SCALABLE_MODEL)
+  assert scalable.flat.exact is not None  # near-lossless / lossless: the exact flat base
+  header = codec.read_header(codec.compress(scalable, photo_crop(40, 50), tau=1))
+  assert header.mode == Mode.EXACT_FLAT_RESIDUAL
 
 
 def photo_crop(height, width, top=0, left=0):
@@ -175,15 +197,15 @@ def test_float_and_exact_files_and_models(shipped, tmp_path):
     codec.decompress(model, forged)
 
 
-def test_convert_exact_writes_a_checked_model(tmp_path):
-  out = export.convert_exact(SHIPPED_LOSSY, tmp_path / "exact")
+def test_convert_exact_writes_a_checked_model(tmp_path, float_dir):
+  out = export.convert_exact(float_dir, tmp_path / "exact")
   loaded = export.load_model(out)
   assert loaded.exact_lossy is not None
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["fingerprint_exact"] == loaded.fingerprint.hex()
   assert loaded.float_fingerprint.hex() == manifest["fingerprint"]
   with pytest.raises(export.ExportError, match="already"):
-    export.convert_exact(SHIPPED_LOSSY, tmp_path / "exact")
+    export.convert_exact(float_dir, tmp_path / "exact")
   with pytest.raises(export.ExportError, match="already converted"):
     export.convert_exact(out, tmp_path / "again")
   # Damage: a changed integer changes the fingerprint; a missing member is refused.
@@ -215,14 +237,16 @@ def test_unconvertible_parameters_are_refused(shipped):
     exact_lossy.convert(model.lossy_model, params, model.y_index_bounds)
 
 
-def test_cli_convert_exact(tmp_path):
+def test_cli_convert_exact(tmp_path, float_dir):
   from gvae_jax import cli
 
-  assert cli.main(["convert-exact", "--model", str(SHIPPED_LOSSY),
+  assert cli.main(["convert-exact", "--model", str(float_dir),
                    "--out", str(tmp_path / "m")]) == 0
   assert (tmp_path / "m" / exact_lossy.EXACT_LOSSY_FILE).is_file()
-  assert cli.main(["convert-exact", "--model", str(SHIPPED_LOSSY),
+  assert cli.main(["convert-exact", "--model", str(float_dir),
                    "--out", str(tmp_path / "m")]) != 0  # exists: no --force
+  assert cli.main(["convert-exact", "--model", str(SHIPPED_LOSSY),
+                   "--out", str(tmp_path / "n")]) != 0  # already converted
 
 
 # --- Other CPU kinds (must-show 1 of the issue: both directions, in subprocesses). ---
@@ -233,6 +257,10 @@ OTHER_CPUS = {
     "sse": {"OPENBLAS_CORETYPE": "Prescott", "OPENBLAS_NUM_THREADS": "1",
             "NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512CD AVX512_SKX X86_V3 X86_V4",
             "XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"},
+    # Other numerics of the same CPU: 4 host devices, XLA's Eigen thread pool off.
+    "devices4": {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    "one_thread": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
+                                "intra_op_parallelism_threads=1", "OPENBLAS_NUM_THREADS": "1"},
 }
 CASES = ((37, 53, 0.37), (64, 96, 1.5), (70, 130, 2.81))
 
@@ -256,8 +284,9 @@ print(json.dumps(out))
 
 
 def test_exact_lossy_files_decode_alike_on_other_cpu_kinds(tmp_path):
-  """Each CPU kind writes files; every kind decodes every file to the same pixels."""
-  model_dir = export.convert_exact(SHIPPED_LOSSY, tmp_path / "model")
+  """Each CPU kind (and device count, thread count) writes files with the shipped
+  (converted) model; every kind decodes every file to the same pixels."""
+  model_dir = SHIPPED_LOSSY
   cases = json.dumps([list(c) for c in CASES])
   files = [str(tmp_path / f"{h}x{w}_{rate}.{tag}.gvae") for tag in OTHER_CPUS
            for h, w, rate in CASES]

@@ -443,8 +443,8 @@ def _members(exact: ExactLossy) -> dict[str, np.ndarray]:
 
 def to_bytes(exact: ExactLossy) -> bytes:
   arrays = _members(exact)
-  buffer = io.BytesIO()
-  np.savez(buffer, **{name: arrays[name] for name in sorted(arrays)})
+  buffer = io.BytesIO()  # compressed: the int64 weights are small numbers (12 MB -> ~3 MB)
+  np.savez_compressed(buffer, **{name: arrays[name] for name in sorted(arrays)})
   return buffer.getvalue()
 
 

@@ -671,6 +671,21 @@ def to_exact(exported: ExportedModel) -> tuple[ExportedModel, bytes]:
                              float_fingerprint=exported.fingerprint), data
 
 
+_EXACT_MANIFEST_KEYS = ("fingerprint_exact", "exact_lossy", "source_fingerprint_with_flat_head")
+
+
+def to_float(exported: ExportedModel) -> ExportedModel:
+  """A converted model as the float model it came from (without its flat head), in
+  memory: e.g. to compare the two, or to write the float model with write_model_dir."""
+  exported = detach(exported)
+  if exported.exact_lossy is None:
+    return exported
+  manifest = {k: v for k, v in exported.manifest.items()
+              if k not in _EXACT_MANIFEST_KEYS + ("fingerprint_with_flat_head",)}
+  return dataclasses.replace(exported, exact_lossy=None, fingerprint=exported.float_fingerprint,
+                             float_fingerprint=None, manifest=manifest)
+
+
 def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                   force: bool = False) -> Path:
   """Copies exported model `model_dir` to `out_dir` converted to exact arithmetic: its
