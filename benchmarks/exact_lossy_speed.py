@@ -4,9 +4,10 @@ the two converted stages (hyper synthesis, synthesis), interleaved in one run.
   python benchmarks/exact_lossy_speed.py --model gvae_jax/default_models/lossy \
       --rates 0 1.5 3 --repeats 5 --out benchmarks/results/exact_lossy_speed.json
 
-The float model and its conversion (gvae_jax.coding.export.to_exact, in memory)
-code the same image (Kodak kodim01 when ../shared is present, else a synthetic
-768x512 image) in turns, float then exact, each after a warm-up call; the JSON
+The float model, its conversion (gvae_jax.coding.export.to_exact, in memory,
+today's exact_lossy version) and, if --model holds an older conversion, that
+one as stored, code the same image (Kodak kodim01 when ../shared is present, else a synthetic
+768x512 image) in turns, each after a warm-up call; the JSON
 has every timing and the medians. File sizes of both are recorded too.
 """
 from __future__ import annotations
@@ -49,9 +50,12 @@ def main():
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (512, 768, 3), dtype=np.uint8)
     source = "random 768x512"
-  float_model = export.load_model(args.model)
-  exact_model, _ = export.to_exact(export.detach(float_model))
+  loaded = export.load_model(args.model)
+  float_model = export.to_float(loaded)
+  exact_model, _ = export.to_exact(float_model)
   models = {"float": float_model, "exact": exact_model}
+  if loaded.exact_lossy is not None and loaded.exact_lossy.version < exact_model.exact_lossy.version:
+    models[f"exact_v{loaded.exact_lossy.version}"] = loaded  # an older conversion, as stored
 
   def stages(model, rate):
     """(hyper seconds, synthesis seconds) of the decoder's two network stages."""
@@ -102,21 +106,24 @@ def main():
         t["synthesis"].append(synthesis)
   medians = {name: {rate: {k: statistics.median(v) for k, v in per.items()}
                     for rate, per in rates.items()} for name, rates in timings.items()}
-  ratios = {rate: {k: medians["exact"][rate][k] / medians["float"][rate][k]
-                   for k in medians["float"][rate]} for rate in medians["float"]}
+  ratios = {name: {rate: {k: medians[name][rate][k] / medians["float"][rate][k]
+                         for k in medians["float"][rate]} for rate in medians["float"]}
+            for name in models if name != "float"}
   report = {"benchmark": "exact_lossy_speed", "model": args.model, "image": source,
             "size": list(pixels.shape[:2]), "repeats": args.repeats,
             "host": {"machine": platform.machine(), "processor": platform.processor(),
                      "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                      "jax": jax.__version__},
-            "bytes": sizes, "median_seconds": medians, "exact_over_float": ratios,
+            "exact_version": exact_model.exact_lossy.version, "bytes": sizes,
+            "median_seconds": medians, "over_float": ratios,
             "seconds": timings}
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-  for rate in ratios:
-    print(f"rate {rate}: " + ", ".join(
-        f"{k} {medians['float'][rate][k]:.3f} -> {medians['exact'][rate][k]:.3f} s "
-        f"({ratios[rate][k]:.2f}x)" for k in ratios[rate]))
+  for name, per_rate in ratios.items():
+    for rate, per in per_rate.items():
+      print(f"{name} rate {rate}: " + ", ".join(
+          f"{k} {medians['float'][rate][k]:.3f} -> {medians[name][rate][k]:.3f} s "
+          f"({per[k]:.2f}x)" for k in per))
 
 
 if __name__ == "__main__":

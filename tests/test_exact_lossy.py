@@ -1,12 +1,15 @@
 """Exact lossy decoding (gvae_jax.coding.exact_lossy, modes EXACT_LOSSY and
 EXACT_LOSSY_TILED): conversion, the integer networks, their files on other CPU kinds."""
 import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,10 +18,12 @@ from PIL import Image
 from codec_helpers import REPO, make_image
 from gvae_jax.coding import codec, container, exact_head, exact_lossy, export, tiling
 from gvae_jax.coding.container import Mode
+from gvae_jax.entropy import exact_mixture as em
 from gvae_jax.errors import UserError
 from gvae_jax.ops import pad_to_multiple
 
 SHIPPED_LOSSY = REPO / "gvae_jax" / "default_models" / "lossy"
+SCALABLE = REPO / "gvae_jax" / "default_models" / "scalable"
 PHOTO = REPO / "gvae_jax" / "samples" / "photo.png"
 
 
@@ -87,9 +92,12 @@ def test_converted_networks_follow_the_float_ones(shipped, rate):
   ints = exact.exact_lossy.synthesize(y_sym, mean_e, rate)
   floats = np.asarray(floats)
   assert ints.dtype == np.uint8 and ints.shape == floats.shape
-  assert np.max(np.abs(ints.astype(int) - floats)) <= 1
-  assert np.mean(ints != floats) < 0.01
-  assert abs(psnr(ints[0], pixels) - psnr(floats[0], pixels)) < 0.01
+  # Version 2 (int8 weights, 16-bit activations): measured on this crop, max 3 grey
+  # levels, 30 % of the values off by one, 0.2 % by more, PSNR 0.005-0.04 dB lower.
+  error = np.abs(ints.astype(int) - floats)
+  assert np.max(error) <= 4
+  assert np.mean(error > 0) < 0.4 and np.mean(error > 1) < 0.01
+  assert abs(psnr(ints[0], pixels) - psnr(floats[0], pixels)) < 0.06
 
 
 @pytest.mark.parametrize("rate,seed", [(0.61, 0), (2.25, 1)])
@@ -105,6 +113,47 @@ def test_xla_and_numpy_give_the_same_integers(shipped, rate, seed):
   np.testing.assert_array_equal(row, row_np)
   y = rng.integers(-4, 5, mean.shape).astype(np.int32)
   np.testing.assert_array_equal(ex.synthesize(y, mean, rate), ex.numpy_synthesize(y, mean, rate))
+
+
+def test_int8_convolution_and_gdn_are_exact_at_their_limits(shipped):
+  """The XLA int8 convolution (int32 sums) and float32 GDN matmul against int64 NumPy
+  at the extreme inputs and weights the bounds allow (module doc)."""
+  _, exact = shipped
+  rng = np.random.default_rng(7)
+  conv = exact.exact_lossy.synthesis_convs[1]
+  weight = np.where(rng.random(conv.weight.shape) < 0.5, -127, 127).astype(np.int8)
+  layer = dataclasses.replace(conv, weight=weight)
+  exact_lossy._check_conv8(layer, "extreme")
+  limit = exact_lossy.DIGIT_LIMIT << (16 - layer.input_bits)
+  x = rng.choice([-limit, limit, -1, 0, 1], (1, 6, 7, weight.shape[2])).astype(np.int64)
+  x[0, 0, 0] = limit  # a whole pixel at the limit, for every weight sign
+  arrays = exact_lossy._conv_arrays(layer)
+  want = exact_lossy._apply_conv8(x, arrays, layer.input_bits, True, np)
+  with em.enable_x64():
+    got = np.asarray(jax.jit(lambda v: exact_lossy._apply_conv8(
+        v, arrays, layer.input_bits, True, jnp))(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, want)
+  gdn = exact.exact_lossy.synthesis_gdns[1]
+  gamma = np.zeros_like(gdn.gamma)
+  gamma[:, :] = exact_lossy._GDN_SUM_LIMIT // gamma.shape[0]  # every column sum at its bound
+  layer = dataclasses.replace(gdn, gamma=gamma)
+  exact_lossy._check_gdn16(layer, "extreme")
+  limit = exact_lossy.DIGIT_LIMIT << (16 - layer.input_bits)
+  x = rng.choice([-limit, limit, 3], (1, 5, 4, gamma.shape[0])).astype(np.int64)
+  arrays = exact_lossy._gdn_arrays(layer)
+  want = exact_lossy._inverse_gdn16(x, arrays, layer.input_bits, np)
+  with em.enable_x64():
+    got = np.asarray(jax.jit(lambda v: exact_lossy._inverse_gdn16(
+        v, arrays, layer.input_bits, jnp))(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_the_shipped_models_use_version_2_and_keep_their_version_1_files(shipped):
+  for directory in (SHIPPED_LOSSY, SCALABLE):
+    model = export.load_model(directory)
+    assert model.exact_lossy.version == exact_lossy.VERSION == 2
+    assert [e.version for _, _, e in model.previous_exact] == [1]
+  assert shipped[1].exact_lossy.version == 2
 
 
 def test_gains_are_exact_integers_close_to_the_float_gains(shipped):
@@ -316,20 +365,68 @@ def test_exact_lossy_files_decode_alike_on_other_cpu_kinds(tmp_path):
 
 # --- Golden files: the same pixels on every machine and install profile. ---
 
-def test_golden_exact_lossy_files_decode_to_the_same_pixels():
-  """The committed files decode to the stored pixels everywhere: no platform in the
-  hashes and no "another platform" escape (tests/golden/regenerate_exact_lossy.py)."""
-  from golden.regenerate_exact_lossy import (CASES, EXACT_LOSSY_FILES, EXACT_LOSSY_HASHES,
-                                             GOLDEN_EXACT_LOSSY_MODEL, golden_tiles)
+@pytest.mark.parametrize("version", [1, 2])
+def test_golden_exact_lossy_files_decode_to_the_same_pixels(version):
+  """The committed files of each exact_lossy.npz version decode to the stored pixels
+  everywhere: no platform in the hashes and no "another platform" escape
+  (tests/golden/regenerate_exact_lossy.py)."""
+  from golden.regenerate_exact_lossy import CASES, SETS, golden_tiles
 
-  model = export.load_model(GOLDEN_EXACT_LOSSY_MODEL)
-  stored = json.loads(EXACT_LOSSY_HASHES.read_text())
+  golden_set = SETS[version]
+  model = export.load_model(golden_set.model)
+  assert model.exact_lossy.version == version
+  stored = json.loads(golden_set.hashes.read_text())
   assert model.fingerprint.hex() == stored["model_fingerprint"]
   with golden_tiles():
     for name, *_ in CASES:
-      golden = (EXACT_LOSSY_FILES / f"{name}.gvae").read_bytes()
+      golden = (golden_set.files / f"{name}.gvae").read_bytes()
       expected = stored["cases"][name]
       assert hashlib.sha256(golden).hexdigest() == expected["gvae_sha256"], name
       assert golden[4] == 6 and Mode(golden[5]).name == expected["mode"]
       decoded = codec.decompress(model, golden)
       assert hashlib.sha256(decoded.tobytes()).hexdigest() == expected["decoded_sha256"], name
+
+
+def test_reconverting_a_version_1_model_keeps_its_files(tmp_path):
+  """convert-exact on a version 1 model: a version 2 model that writes new files and
+  still decodes the version 1 model's golden files to their stored pixels."""
+  from golden.regenerate_exact_lossy import CASES, SETS, golden_tiles
+
+  old = SETS[1]
+  out = export.convert_exact(old.model, tmp_path / "v2")
+  model = export.load_model(out)
+  v1 = export.load_model(old.model)
+  assert model.exact_lossy.version == 2 and model.fingerprint != v1.fingerprint
+  assert model.float_fingerprint == v1.float_fingerprint
+  assert model.exact_lossy.synthesis_layout() == export.load_model(
+      SETS[2].model).exact_lossy.synthesis_layout()
+  stored = json.loads(old.hashes.read_text())["cases"]
+  with golden_tiles():
+    for name, *_ in CASES:
+      golden = (old.files / f"{name}.gvae").read_bytes()
+      decoded = codec.decompress(model, golden)
+      assert hashlib.sha256(decoded.tobytes()).hexdigest() == stored[name]["decoded_sha256"]
+  pixels = photo_crop(30, 40)
+  with pytest.raises(codec.ModelMismatchError):  # the old model does not read new files
+    codec.decompress(v1, codec.compress(model, pixels, rate=1.0))
+  with pytest.raises(export.ExportError, match="already converted"):
+    export.convert_exact(out, tmp_path / "again")
+  # The kept version 1 file is checked against its fingerprint like the current one.
+  kept = out / "exact_lossy_v1.npz"
+  with np.load(kept) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  arrays["hyper.0.bias"] = arrays["hyper.0.bias"] + 1
+  np.savez(kept, **arrays)
+  with pytest.raises(export.ExportError, match="previous_exact"):
+    export.load_model(out)
+
+
+def test_an_unknown_exact_lossy_version_is_refused(shipped):
+  model, exact = shipped
+  with np.load(io.BytesIO(exact_lossy.to_bytes(exact.exact_lossy))) as npz:
+    arrays = {k: npz[k] for k in npz.files}
+  arrays["version"] = np.asarray([3], np.int64)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  with pytest.raises(exact_head.ConversionError, match="newer gvae-jax"):
+    exact_lossy.from_bytes(buffer.getvalue(), model.lossy_model, model.y_scales.size)

@@ -832,6 +832,7 @@ def decode(model: ExportedModel, data: bytes,
   if header.mode == Mode.STORED:
     return _decode_stored(model, header, sections)
   s_value = _check_header_for_model(model, header, sections)
+  model = model.for_file(header.fingerprint, header.mode)  # an earlier exact conversion?
   coder = get_coder(header.coder_id)
   if header.mode in container.FLAT_MODES:
     return _decode_flat(model, header, sections, coder, profile)

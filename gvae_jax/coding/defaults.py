@@ -1,7 +1,8 @@
 """The models shipped inside the package, used when `gvae compress` gets no --model.
 
 gvae_jax/default_models/ holds two exported models (package data, so an
-installed wheel has them; 23 MB together):
+installed wheel has them; 39 MB together, of which 8.8 MB are the version 1
+exact conversions, kept as exact_lossy_v1.npz so the files they wrote decode):
 
   lossy/     experiments/models/small: the best shipped lossy model
              (0.31-1.36 bpp on Kodak), for --rate / --bpp
@@ -14,7 +15,8 @@ installed wheel has them; 23 MB together):
 
 `gvae decompress` without --model picks the shipped model whose fingerprint
 the file carries (the scalable model's with or without its flat head: files
-of the model before the head was attached decode with it too, see
+of the model before the head was attached decode with it too; an earlier
+exact conversion's, listed in the manifest's previous_exact; see
 gvae_jax.coding.export). Reads only the manifests here: no JAX.
 """
 from __future__ import annotations
@@ -40,8 +42,14 @@ def model_for_fingerprint(fingerprint: bytes) -> Path | None:
       manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
       continue
-    if isinstance(manifest, dict) and wanted in (
-        manifest.get(key) for key in ("fingerprint", "fingerprint_with_flat_head",
-                                      "fingerprint_exact", "source_fingerprint_with_flat_head")):
+    if not isinstance(manifest, dict):
+      continue
+    known = [manifest.get(key) for key in ("fingerprint", "fingerprint_with_flat_head",
+                                           "fingerprint_exact",
+                                           "source_fingerprint_with_flat_head")]
+    previous = manifest.get("previous_exact")  # earlier exact conversions (export)
+    if isinstance(previous, list):
+      known += [entry.get("fingerprint") for entry in previous if isinstance(entry, dict)]
+    if wanted in known:
       return directory
   return None

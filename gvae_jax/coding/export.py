@@ -82,6 +82,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -148,6 +149,20 @@ class ExportedModel:
   # (without, and with the flat head), whose files it also decodes.
   float_fingerprint: bytes | None = None
   float_flat_fingerprint: bytes | None = None
+  # Earlier exact_lossy.npz versions this model was converted to (convert_exact keeps
+  # them): (fingerprint, base fingerprint without the flat head or None, ExactLossy),
+  # so the exact lossy files they wrote keep decoding.
+  previous_exact: tuple = ()
+
+  def for_file(self, fingerprint: bytes, mode) -> "ExportedModel":
+    """The model that decodes a file of this fingerprint and mode: this one, or its
+    earlier exact conversion whose fingerprint the file carries."""
+    if mode in container.EXACT_LOSSY_MODES:
+      for fp, base, exact in self.previous_exact:
+        if fingerprint in (fp, base):
+          return dataclasses.replace(self, exact_lossy=exact, fingerprint=fingerprint,
+                                     previous_exact=())
+    return self
 
   def accepts(self, fingerprint: bytes, mode) -> bool:
     """Whether this model decodes a file of this fingerprint and mode (module doc: a
@@ -159,7 +174,7 @@ class ExportedModel:
     if self.base_fingerprint is not None and fingerprint == self.base_fingerprint and not flat:
       return True
     if mode in container.EXACT_LOSSY_MODES:
-      return False
+      return any(fingerprint in (fp, base) for fp, base, _ in self.previous_exact)
     return ((fingerprint == self.float_fingerprint and not flat)
             or (self.float_flat_fingerprint is not None
                 and fingerprint == self.float_flat_fingerprint))
@@ -522,16 +537,16 @@ def with_exact_fingerprint(fingerprint: bytes, exact_bytes: bytes) -> bytes:
   return container.model_fingerprint(digest.digest())
 
 
-def _read_exact_lossy(model_dir: Path, model, scale_rows: int):
-  """(ExactLossy, its bytes) of model_dir's exact_lossy.npz, or (None, None)."""
+def _read_exact_lossy(model_dir: Path, model, scale_rows: int, name: str = EXACT_LOSSY_FILE):
+  """(ExactLossy, its bytes) of model_dir's exact_lossy.npz (or `name`), or (None, None)."""
   import stat
 
-  path = model_dir / EXACT_LOSSY_FILE
+  path = model_dir / name
   if not (path.exists() or path.is_symlink()):
     return None, None
   info = path.stat()
   if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES[EXACT_LOSSY_FILE]:
-    raise ExportError(f"{model_dir}: {EXACT_LOSSY_FILE} is not a regular file of at most "
+    raise ExportError(f"{model_dir}: {name} is not a regular file of at most "
                       f"{MAX_FILE_BYTES[EXACT_LOSSY_FILE]} bytes; refusing to read it")
   data = path.read_bytes()
   try:
@@ -620,9 +635,45 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
     if recorded is not None and recorded != fingerprint.hex():
       raise ExportError(f"{model_dir}: the flat head does not match the manifest's "
                         "fingerprint_with_flat_head (modified or corrupt); attach it again")
+  previous = _read_previous_exact(model_dir, manifest, model, y_scales.size, float_fingerprint,
+                                  flat)
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
                        fingerprint, manifest, flat, base_fingerprint, exact,
-                       float_fingerprint, float_flat_fingerprint)
+                       float_fingerprint, float_flat_fingerprint, previous)
+
+
+_PREVIOUS_EXACT_NAME = re.compile(r"exact_lossy_v[0-9]{1,3}\.npz")
+_MAX_PREVIOUS_EXACT = 8
+
+
+def _read_previous_exact(model_dir: Path, manifest: dict, model, scale_rows: int,
+                         float_fingerprint: bytes | None, flat) -> tuple:
+  """The earlier exact conversions the manifest lists ("previous_exact": file and the
+  fingerprint its files carry), each checked against that fingerprint."""
+  entries = manifest.get("previous_exact", [])
+  if not entries:
+    return ()
+  if (float_fingerprint is None or not isinstance(entries, list)
+      or len(entries) > _MAX_PREVIOUS_EXACT):
+    raise ExportError(f"{model_dir}: the manifest's previous_exact is malformed")
+  out = []
+  for entry in entries:
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or not _PREVIOUS_EXACT_NAME.fullmatch(name):
+      raise ExportError(f"{model_dir}: the manifest's previous_exact is malformed")
+    exact, data = _read_exact_lossy(model_dir, model, scale_rows, name)
+    if exact is None:
+      raise ExportError(f"{model_dir}: {name} (listed in previous_exact) is missing")
+    base = fingerprint = with_exact_fingerprint(float_fingerprint, data)
+    if flat is not None:
+      fingerprint = with_flat_fingerprint(base, flat.fingerprint)
+    else:
+      base = None
+    if entry.get("fingerprint") != fingerprint.hex():
+      raise ExportError(f"{model_dir}: {name} does not match its fingerprint in the "
+                        "manifest's previous_exact (modified or corrupt)")
+    out.append((fingerprint, base, exact))
+  return tuple(out)
 
 
 # --- Flat heads (gvae_jax.coding.flat_head) attached to a scalable model. ---
@@ -646,7 +697,9 @@ def detach(exported: "ExportedModel") -> "ExportedModel":
   if exported.flat is None:
     return exported
   return dataclasses.replace(exported, flat=None, fingerprint=exported.base_fingerprint,
-                             base_fingerprint=None, float_flat_fingerprint=None)
+                             base_fingerprint=None, float_flat_fingerprint=None,
+                             previous_exact=tuple((base, None, exact) for _, base, exact
+                                                  in exported.previous_exact))
 
 
 # --- Exact lossy decoding (gvae_jax.coding.exact_lossy). ---
@@ -671,7 +724,8 @@ def to_exact(exported: ExportedModel) -> tuple[ExportedModel, bytes]:
                              float_fingerprint=exported.fingerprint), data
 
 
-_EXACT_MANIFEST_KEYS = ("fingerprint_exact", "exact_lossy", "source_fingerprint_with_flat_head")
+_EXACT_MANIFEST_KEYS = ("fingerprint_exact", "exact_lossy", "source_fingerprint_with_flat_head",
+                        "previous_exact")
 
 
 def to_float(exported: ExportedModel) -> ExportedModel:
@@ -683,7 +737,7 @@ def to_float(exported: ExportedModel) -> ExportedModel:
   manifest = {k: v for k, v in exported.manifest.items()
               if k not in _EXACT_MANIFEST_KEYS + ("fingerprint_with_flat_head",)}
   return dataclasses.replace(exported, exact_lossy=None, fingerprint=exported.float_fingerprint,
-                             float_fingerprint=None, manifest=manifest)
+                             float_fingerprint=None, manifest=manifest, previous_exact=())
 
 
 def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -694,8 +748,10 @@ def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
   quantisation, no training; its cost is measured in experiments/results/README.md."""
   model_dir, out_dir = Path(model_dir), Path(out_dir)
   source = load_model(model_dir)
-  if source.exact_lossy is not None:
+  if source.exact_lossy is not None and source.exact_lossy.version >= exact_lossy.VERSION:
     raise ExportError(f"{model_dir} is already converted to exact arithmetic")
+  # A model converted by an older version is converted again from its float parameters;
+  # the old exact_lossy.npz is kept (previous_exact), so its files keep decoding.
   if model_dir.resolve() == out_dir.resolve():
     raise ExportError("convert to a new directory (--out must differ from --model)")
   if out_dir.exists() or out_dir.is_symlink():
@@ -706,13 +762,23 @@ def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         "refusing to replace it even with --force")
   if not out_dir.absolute().parent.is_dir():
     raise ExportError(f"cannot write {out_dir}: its directory does not exist")
-  converted, data = to_exact(detach(source))
+  float_source = to_float(source)
+  converted, data = to_exact(float_source)
 
   def fill(temp_dir: Path) -> None:
     for name in (PARAMS_FILE, CONFIG_FILE, TABLES_FILE):
       shutil.copy2(model_dir / name, temp_dir / name)
     (temp_dir / EXACT_LOSSY_FILE).write_bytes(data)
-    manifest = dict(source.manifest)
+    manifest = dict(float_source.manifest)
+    previous = list(source.manifest.get("previous_exact", []))
+    for entry in previous:
+      shutil.copy2(model_dir / entry["file"], temp_dir / entry["file"])
+    if source.exact_lossy is not None:  # the older conversion: its files keep decoding
+      name = f"exact_lossy_v{source.exact_lossy.version}.npz"
+      shutil.copy2(model_dir / EXACT_LOSSY_FILE, temp_dir / name)
+      previous.append({"file": name, "fingerprint": source.fingerprint.hex()})
+    if previous:
+      manifest["previous_exact"] = previous
     manifest["fingerprint_exact"] = converted.fingerprint.hex()
     manifest["exact_lossy"] = "gvae_jax.coding.exact_lossy (format mode EXACT_LOSSY)"
     if source.flat is not None:
@@ -725,7 +791,8 @@ def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
       else:
         shutil.copytree(model_dir / flat_head.FLAT_HEAD_DIR, head_dir)
       head_manifest = json.loads((head_dir / flat_head.MANIFEST_FILE).read_text())
-      manifest["source_fingerprint_with_flat_head"] = source.fingerprint.hex()
+      manifest["source_fingerprint_with_flat_head"] = (
+          source.float_flat_fingerprint or source.fingerprint).hex()
       manifest["fingerprint_with_flat_head"] = with_flat_fingerprint(
           converted.fingerprint, bytes.fromhex(head_manifest["fingerprint"])).hex()
     (temp_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,13 +1,16 @@
-"""Regenerates the golden exact lossy model and files (modes EXACT_LOSSY and
-EXACT_LOSSY_TILED, format version 6).
+"""Regenerates the golden exact lossy model and files of today's exact_lossy.npz
+version (modes EXACT_LOSSY and EXACT_LOSSY_TILED, format version 6).
 
     python tests/golden/regenerate_exact_lossy.py               # model, files and hashes
     python tests/golden/regenerate_exact_lossy.py --hashes-only # keep the model
 
-tiny_exact_lossy_model is the golden tiny model (tests/golden/tiny_model)
+One set per exact_lossy.npz version (gvae_jax.coding.exact_lossy.VERSION):
+version 1 in tiny_exact_lossy_model, exact_lossy_hashes.json and exact_lossy/
+(frozen: today's code reads and decodes it but converts to version 2 only),
+version 2 in tiny_exact_lossy_v2_model, exact_lossy_v2_hashes.json and
+exact_lossy_v2/. Each model is the golden tiny model (tests/golden/tiny_model)
 converted with `gvae convert-exact` (gvae_jax.coding.export.convert_exact);
-exact_lossy_hashes.json and exact_lossy/ hold files coded with the
-constriction coder (installed in every profile). Like the exact flat set they
+the files are coded with the constriction coder (installed in every profile). Like the exact flat set they
 carry no platform: they must decode to the same pixels everywhere. (Only the
 decoded pixels are checked on other machines: the encoder's analysis
 transform is float, so another machine may write other bytes for the same
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,12 +34,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codec_helpers import GOLDEN_DIR, GOLDEN_MODEL  # noqa: E402
 from golden.regenerate import case_image  # noqa: E402
-from gvae_jax.coding import codec, export  # noqa: E402
+from gvae_jax.coding import codec, exact_lossy, export  # noqa: E402
 from gvae_jax.coding.coder import CONSTRICTION_RANGE_CODER_ID  # noqa: E402
 
-GOLDEN_EXACT_LOSSY_MODEL = GOLDEN_DIR / "tiny_exact_lossy_model"
-EXACT_LOSSY_HASHES = GOLDEN_DIR / "exact_lossy_hashes.json"
-EXACT_LOSSY_FILES = GOLDEN_DIR / "exact_lossy"
+
+@dataclasses.dataclass(frozen=True)
+class GoldenSet:
+  version: int  # of exact_lossy.npz
+  model: Path
+  hashes: Path
+  files: Path
+
+
+SETS = {
+    1: GoldenSet(1, GOLDEN_DIR / "tiny_exact_lossy_model", GOLDEN_DIR / "exact_lossy_hashes.json",
+                 GOLDEN_DIR / "exact_lossy"),
+    2: GoldenSet(2, GOLDEN_DIR / "tiny_exact_lossy_v2_model",
+                 GOLDEN_DIR / "exact_lossy_v2_hashes.json", GOLDEN_DIR / "exact_lossy_v2"),
+}
 
 # (name, height, width, seed, rate, grayscale)
 CASES = (
@@ -62,14 +78,14 @@ def golden_tiles():
       setattr(tiling, name, value)
 
 
-def compute_hashes(model: export.ExportedModel) -> dict:
-  EXACT_LOSSY_FILES.mkdir(exist_ok=True)
+def compute_hashes(model: export.ExportedModel, files: Path) -> dict:
+  files.mkdir(exist_ok=True)
   out = {}
   with golden_tiles():
     for name, height, width, seed, rate, grayscale in CASES:
       pixels = case_image(height, width, seed, grayscale)
       data = codec.compress(model, pixels, rate=rate, coder=CONSTRICTION_RANGE_CODER_ID)
-      (EXACT_LOSSY_FILES / f"{name}.gvae").write_bytes(data)
+      (files / f"{name}.gvae").write_bytes(data)
       decoded = codec.decompress(model, data)
       out[name] = {"gvae_sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                    "mode": codec.read_header(data).mode.name,
@@ -81,12 +97,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--hashes-only", action="store_true", help="keep the committed model")
   args = parser.parse_args()
+  golden = SETS[exact_lossy.VERSION]
   if not args.hashes_only:
-    export.convert_exact(GOLDEN_MODEL, GOLDEN_EXACT_LOSSY_MODEL, force=True)
-  model = export.load_model(GOLDEN_EXACT_LOSSY_MODEL)
-  hashes = {"model_fingerprint": model.fingerprint.hex(), "cases": compute_hashes(model)}
-  EXACT_LOSSY_HASHES.write_text(json.dumps(hashes, indent=2) + "\n")
-  print(f"wrote {EXACT_LOSSY_HASHES} and {EXACT_LOSSY_FILES}/ ({len(CASES)} cases, "
+    export.convert_exact(GOLDEN_MODEL, golden.model, force=True)
+  model = export.load_model(golden.model)
+  assert model.exact_lossy.version == golden.version
+  hashes = {"model_fingerprint": model.fingerprint.hex(), "exact_lossy_version": golden.version,
+            "cases": compute_hashes(model, golden.files)}
+  golden.hashes.write_text(json.dumps(hashes, indent=2) + "\n")
+  print(f"wrote {golden.hashes} and {golden.files}/ ({len(CASES)} cases, "
         f"model {model.fingerprint.hex()})")
 
 
