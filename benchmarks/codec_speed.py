@@ -11,7 +11,11 @@ reported on its own), each stage of gvae_jax.coding.codec:
             --coder), including the escape sections
   transfer: device -> host copies of the integers the coder needs
 
-plus end-to-end compress() / decompress() calls. The image is Kodak kodim01
+plus end-to-end compress() / decompress() calls. With --exact-vs-float and a
+model converted with `gvae convert-exact` it instead times end-to-end
+compress() / decompress() of the converted model and of the float model it
+came from (export.to_float), each call in turns in the same process: the
+deterministic decoder's before / after on a noisy machine. The image is Kodak kodim01
 (768x512) from ../shared/data/kodak when present, else a synthetic image of
 that size. `small` uses a trained exported model if --model is given, else
 random init; `paper` always uses random init (its tables then come from the
@@ -160,6 +164,38 @@ def measure(model, pixels, rate: float, repeats: int, coder_id: int) -> dict:
   }
 
 
+def exact_vs_float(model, pixels, rate: float, repeats: int, coder_id: int) -> dict:
+  """Medians of compress() / decompress() of the converted model and its float model,
+  timed in turns (module doc)."""
+  from gvae_jax.coding import codec, export
+
+  if model.exact_lossy is None:
+    raise SystemExit("--exact-vs-float needs a model converted with gvae convert-exact")
+  models = {"float": export.to_float(model), "exact": model}
+  data = {name: codec.compress(m, pixels, rate=rate, coder=coder_id)
+          for name, m in models.items()}  # warm-up: compiles
+  for name, m in models.items():
+    codec.decompress(m, data[name])
+  times = {(name, kind): [] for name in models for kind in ("encode", "decode")}
+  for _ in range(repeats):
+    for name, m in models.items():
+      for kind, fn in (("encode", lambda: codec.compress(m, pixels, rate=rate, coder=coder_id)),
+                       ("decode", lambda: codec.decompress(m, data[name]))):
+        start = time.perf_counter()
+        fn()
+        times[name, kind].append(time.perf_counter() - start)
+  out = {name: {f"{kind}_seconds": statistics.median(times[name, kind])
+                for kind in ("encode", "decode")} | {
+                    "bytes": len(data[name]), "mode": codec.read_header(data[name]).mode.name}
+         for name in models}
+  out["exact_over_float"] = {kind: out["exact"][f"{kind}_seconds"] / out["float"][f"{kind}_seconds"]
+                             for kind in ("encode", "decode")}
+  print(f"float encode {out['float']['encode_seconds']:.3f} s decode "
+        f"{out['float']['decode_seconds']:.3f} s; exact encode {out['exact']['encode_seconds']:.3f}"
+        f" s decode {out['exact']['decode_seconds']:.3f} s", flush=True)
+  return {"rate": rate, "repeats": repeats, **out}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--configs", nargs="+", default=["small", "paper"],
@@ -172,6 +208,9 @@ def main() -> None:
   parser.add_argument("--paper-repeats", type=int, default=1, help="paper is slow")
   parser.add_argument("--coder", choices=["constriction", "tfc"],
                       help="entropy coder (default: the profile's, gvae_jax.coding.coder)")
+  parser.add_argument("--exact-vs-float", action="store_true",
+                      help="with a converted --model: only its end-to-end times against the "
+                      "float model's, in turns (module doc)")
   parser.add_argument("--out", default=str(REPO / "benchmarks/results/codec_speed.json"))
   args = parser.parse_args()
 
@@ -183,6 +222,14 @@ def main() -> None:
 
   pixels, image_name = load_image(Path(args.image))
   results = []
+  if args.exact_vs_float:
+    if not args.model:
+      raise SystemExit("--exact-vs-float needs --model")
+    model = export.load_model(args.model)
+    rate = args.rate if args.rate is not None else (model.levels - 1) / 2
+    results.append({"exact_vs_float": exact_vs_float(model, pixels, rate, args.repeats,
+                                                     coder_id), "params_from": args.model})
+    args.configs = []
   for name in args.configs:
     start = time.perf_counter()
     if name == "small" and args.model:

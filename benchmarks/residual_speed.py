@@ -26,6 +26,11 @@ compiles (reported on its own as compile_seconds):
     python     the rest of the loop (bookkeeping, dispatch, array writes)
   compiled     executables per jitted function after the run (each bucket
                size, window and head compiles once per process)
+  exact_vs_float (with --exact-vs-float and a converted scalable --model): the
+               float and the exact residual layer on the lossy base (the float
+               model's x_base and u, and the converted model's) and on the flat
+               base (the float flat head and its exact form), each call timed
+               in turns in the same process: the issue's before / after.
   interleaved_with_baseline (with --baseline REF): residual_codec.py as of
                git REF and the current one, each call timed in turns in the
                same process (medians of `--repeats` rounds), with the
@@ -173,6 +178,66 @@ def interleaved(model, pixels, base, u, tau: int, repeats: int, baseline) -> dic
   return out
 
 
+def exact_vs_float(model, pixels, rate: float, taus, repeats: int) -> dict:
+  """The converted model's exact residual layers against the float ones they came from,
+  timed in turns (module doc): per tau, medians of `repeats` rounds."""
+  import dataclasses
+
+  import numpy as np
+
+  from gvae_jax.coding import codec, export, residual_codec
+  from gvae_jax.coding.coder import default_coder_id, get_coder
+
+  if model.exact_residual is None:
+    raise SystemExit("--exact-vs-float needs a scalable model converted with its lossy-base "
+                     "head (gvae convert-exact)")
+  float_model = export.to_float(model)
+  variants = {"float_lossy_base": codec.residual_layer_inputs(float_model, pixels, "lossy", rate),
+              "exact_lossy_base": codec.residual_layer_inputs(model, pixels, "lossy", rate)}
+  if model.flat is not None:
+    float_flat = export.attach(float_model, dataclasses.replace(model.flat, exact=None))
+    variants["float_flat_base"] = codec.residual_layer_inputs(float_flat, pixels, "flat")
+    variants["exact_flat_base"] = codec.residual_layer_inputs(model, pixels, "flat")
+  coder = get_coder(default_coder_id())
+  out = {}
+  for tau in taus:
+    layers = {}
+    for name, (view, base, u) in variants.items():  # warm up (compiles) before timing
+      layers[name] = residual_codec.encode(view, coder, pixels, base, u, tau)
+      decoded, _ = residual_codec.decode(view, coder, layers[name].side_info,
+                                         layers[name].streams, base, u, tau)
+      if np.abs(decoded.astype(np.int32) - pixels).max() > tau:
+        raise AssertionError(f"{name}: error bound {tau} violated")
+    times = {(name, kind): [] for name in variants for kind in ("encode", "decode")}
+    for _ in range(repeats):
+      for name, (view, base, u) in variants.items():
+        layer = layers[name]
+        for kind, fn in (
+            ("encode", lambda: residual_codec.encode(view, coder, pixels, base, u, tau)),
+            ("decode", lambda: residual_codec.decode(view, coder, layer.side_info,
+                                                     layer.streams, base, u, tau))):
+          start = time.perf_counter()
+          fn()
+          times[name, kind].append(time.perf_counter() - start)
+    row = {name: {f"{kind}_seconds": statistics.median(times[name, kind])
+                  for kind in ("encode", "decode")}
+           | {"residual_bytes": len(layers[name].side_info) + len(layers[name].streams)}
+           for name in variants}
+    for base_name in ("lossy_base", "flat_base"):
+      if f"exact_{base_name}" in row:
+        exact, floating = row[f"exact_{base_name}"], row[f"float_{base_name}"]
+        row[f"{base_name}_exact_over_float"] = {
+            kind: exact[f"{kind}_seconds"] / floating[f"{kind}_seconds"]
+            for kind in ("encode", "decode")} | {
+            "bytes": exact["residual_bytes"] / floating["residual_bytes"]}
+    out[str(tau)] = row
+    print(f"tau {tau}: " + ", ".join(
+        f"{name} encode {r['encode_seconds']:.3f} s decode {r['decode_seconds']:.3f} s "
+        f"({r['residual_bytes']} B)" for name, r in row.items() if "seconds" in str(r)),
+        flush=True)
+  return {"rate": rate, "taus": out}
+
+
 def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
   import numpy as np
 
@@ -315,6 +380,9 @@ def main() -> None:
   parser.add_argument("--baseline", metavar="GIT_REF", default=None,
                       help="also time residual_codec.py as of this git ref, in turns with the "
                       "current one in the same process (a fair before/after on a shared machine)")
+  parser.add_argument("--exact-vs-float", action="store_true",
+                      help="with a converted scalable --model: only its exact residual layers "
+                      "against the float ones, timed in turns (module doc)")
   parser.add_argument("--cpus", type=int, default=None,
                       help="pin the process to this many CPUs before JAX and TF start (their "
                       "thread pools follow); default: all")
@@ -335,7 +403,11 @@ def main() -> None:
     model = export.load_model(args.model)
     if not model.is_scalable:
       raise SystemExit(f"{args.model} is lossy-only; the residual layer needs a scalable model")
-    runs["exported"] = run(model, f"exported model {args.model}", pixels, args)
+    if args.exact_vs_float:
+      rate = args.rate if args.rate is not None else (model.levels - 1) / 2
+      runs["exact_vs_float"] = exact_vs_float(model, pixels, rate, args.taus, args.repeats)
+    else:
+      runs["exported"] = run(model, f"exported model {args.model}", pixels, args)
   else:
     for name, lossy_from, log_scale in scenarios(args):
       start = time.perf_counter()

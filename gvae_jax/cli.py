@@ -112,8 +112,16 @@ def _convert_exact(args, overrides):
 
   out = export.convert_exact(args.model, args.out, force=args.force)
   model = export.load_model(out)
-  print(f"{out}: {model.name} converted to exact integer arithmetic (lossy files decode "
-        f"alike on every platform): fingerprint {model.fingerprint.hex()}")
+  kinds = ["lossy"]
+  if model.exact_residual is not None:
+    kinds.append("lossy-base near-lossless and lossless")
+  if model.flat is not None and model.flat.exact is not None:
+    kinds.append("flat-base")
+  print(f"{out}: {model.name} converted to exact integer arithmetic ({', '.join(kinds)} files "
+        f"decode alike on every platform): fingerprint {model.fingerprint.hex()}")
+  if model.is_scalable and model.exact_residual is None:
+    _warn(f"{out}: its lossy-base residual head did not convert (only the 'delta' bias "
+          "correction does): its lossy-base near-lossless files stay float, platform-bound")
 
 
 def _eval(args, overrides):
@@ -281,6 +289,8 @@ def _base_note(header) -> str:
           Mode.EXACT_LOSSY_TILED: "none (lossy file, networks run in tiles in exact integer "
                                   "arithmetic: decodes alike on every platform)",
           Mode.RESIDUAL: f"lossy layer at rate s {header.rate:.9g}",
+          Mode.EXACT_RESIDUAL: f"lossy layer at rate s {header.rate:.9g}, layers and residual "
+                               "in exact integer arithmetic (decodes alike on every platform)",
           Mode.FLAT_RESIDUAL: "flat (every value 128; no lossy layer)",
           Mode.EXACT_FLAT_RESIDUAL: "flat (every value 128; no lossy layer), coded in "
                                     "exact integer arithmetic (decodes alike on every "
@@ -394,7 +404,7 @@ def _section_names(header, count: int) -> list[str]:
   if header.mode in container.FLAT_MODES:
     names = residual
   else:
-    names = ["z", "y"] + (residual if header.mode == Mode.RESIDUAL else [])
+    names = ["z", "y"] + (residual if header.mode in container.LOSSY_BASE_MODES else [])
   return names if len(names) == count else [""] * count
 
 

@@ -105,6 +105,13 @@ def tiny_scalable_config():
   return load_config(str(TINY_CONFIG), list(SCALABLE_OVERRIDES))
 
 
+def tiny_delta_config():
+  """tiny_scalable_config with the "delta" bias correction (the form that converts to
+  exact arithmetic, gvae_jax.coding.exact_residual)."""
+  return load_config(str(TINY_CONFIG), list(SCALABLE_OVERRIDES)
+                     + ["--config.model.residual.correction=delta"])
+
+
 def tiny_scalable_params(config=None, seed: int = 0):
   """The golden lossy parameters plus a prior head and residual layer drawn at `seed`.
 
@@ -144,6 +151,8 @@ def tiny_scalable_params(config=None, seed: int = 0):
   means = slice(logits, logits + 3 * k)
   log_scales = slice(logits + 3 * k, logits + 6 * k)
   for head in ("head_2", "bc_head_2"):
+    if head not in params["residual"]:  # the "delta" correction has bc_delta_* instead
+      continue
     layer = params["residual"][head]
     bias = layer["shift"]["bias"] if head.startswith("bc") else layer["bias"]
     bias[log_scales] = 3.5
@@ -242,3 +251,19 @@ def tiny_flat_model(scalable):
 
   return export.attach(scalable, flat_head.build_flat_head(tiny_flat_config(),
                                                               tiny_flat_params()))
+
+
+# Other CPU kinds and numerics for subprocess decoding tests (tests/test_exact_lossy.py,
+# tests/test_exact_residual.py): XLA limited to AVX2 or SSE4.2 with OpenBLAS kernels of
+# that generation, 4 host devices, one thread.
+OTHER_CPUS = {
+    "native": {},
+    "avx2": {"OPENBLAS_CORETYPE": "Haswell", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"},
+    "sse": {"OPENBLAS_CORETYPE": "Prescott", "OPENBLAS_NUM_THREADS": "1",
+            "NPY_DISABLE_CPU_FEATURES": "AVX512F AVX512CD AVX512_SKX X86_V3 X86_V4",
+            "XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"},
+    # Other numerics of the same CPU: 4 host devices, XLA's Eigen thread pool off.
+    "devices4": {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    "one_thread": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
+                                "intra_op_parallelism_threads=1", "OPENBLAS_NUM_THREADS": "1"},
+}

@@ -115,8 +115,8 @@ def test_every_single_bit_flip_raises_format_error():
 def test_messages():
   with pytest.raises(FormatError, match=r"not a \.gvae file \(bad magic\)"):
     unpack(b"\x89PNG\r\n\x1a\n" + bytes(100))
-  with pytest.raises(FormatError, match="unsupported format version 7"):
-    unpack(MAGIC + b"\x07" + VALID[5:])
+  with pytest.raises(FormatError, match="unsupported format version 8"):
+    unpack(MAGIC + b"\x08" + VALID[5:])
   payload = bytearray(VALID)
   payload[-1] ^= 0x10
   with pytest.raises(FormatError, match="checksum mismatch: file is corrupt"):
@@ -139,7 +139,7 @@ def with_fixed_crc(data: bytearray) -> bytes:
 
 
 @pytest.mark.parametrize("offset, fmt, value, message", [
-    (5, "<B", 10, "unknown mode 10"),
+    (5, "<B", 11, "unknown mode 11"),
     (6, "<B", 0, "coder id 0"),
     (7, "<B", 0, "channels 0"),
     (24, "<d", float("nan"), "rate nan"),

@@ -55,6 +55,13 @@ file with the chosen candidate's lossy layer as it was coded for the search
 (`choose_base` and `encode(base=...)` do the same for callers that time the
 two steps apart).
 
+With a scalable model converted to exact arithmetic whose residual head
+converted too (ExportedModel.exact_residual, gvae_jax.coding.exact_residual)
+the same five sections are mode EXACT_RESIDUAL (format version 7): the lossy
+layer as in EXACT_LOSSY, x_base and u from one exact synthesis call
+(`exact_synthesize_with_prior`), the residual coded with the exact head,
+so the file decodes to the same pixels on every platform.
+
 Flat base (mode FLAT_RESIDUAL, format version 2; a scalable model with a
 flat head, ExportedModel.flat): no lossy layer; x_base = 128 everywhere and
 u = the tap availability flags of gvae_jax.models.flat_base, and the same
@@ -298,6 +305,15 @@ def exact_synthesize(model: ExportedModel, y_sym, mean, s_value, height: int, wi
   return pixels[0, :height, :width, :]
 
 
+def exact_synthesize_with_prior(model: ExportedModel, y_sym, mean, s_value, height: int,
+                                width: int) -> tuple[np.ndarray, np.ndarray]:
+  """(cropped uint8 image [H, W, 3], padded prior u int32 [1, Hp, Wp, C] in 2^-16 units)
+  of an EXACT_RESIDUAL file, from one exact synthesis call (both sides call this)."""
+  pixels, u = model.exact_lossy.synthesize_with_prior(np.asarray(y_sym), mean, float(s_value),
+                                                      model.exact_residual.prior)
+  return pixels[0, :height, :width, :], u
+
+
 def _exact_quantize_y(y, mean: np.ndarray) -> np.ndarray:
   """round(y' - mean) with the exact mean (2^-16 units; encoder only, float64)."""
   residual = np.nan_to_num(np.asarray(y, np.float64) - mean / float(1 << 16))
@@ -418,18 +434,58 @@ class _LossyLayer:
   sections: list  # [z stream, y stream]
   coder_id: int  # the coder that wrote the sections
   base: np.ndarray | None = None  # uint8 [H, W, 3]
-  u: jax.Array | None = None  # padded prior [1, Hp, Wp, C]
+  u: jax.Array | None = None  # padded prior [1, Hp, Wp, C] (exact: int32, 2^-16 units)
+  exact: bool = False  # coded in exact arithmetic (mode EXACT_RESIDUAL)
+
+
+def _lossy_base_is_exact(model: ExportedModel) -> bool:
+  """Whether the model codes lossy-base residual files exactly (mode EXACT_RESIDUAL)."""
+  return model.exact_residual is not None
 
 
 def _code_lossy(model: ExportedModel, rgb: np.ndarray, s_value: np.float32,
                 with_base: bool, coder: EntropyCoder) -> _LossyLayer:
-  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder)
+  """The lossy layer at s_value; with_base: also the base image and prior of a residual
+  file (in exact arithmetic if the model codes lossy-base residual files exactly)."""
+  exact = with_base and _lossy_base_is_exact(model)
+  (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder,
+                                                         exact=exact)
   base = u = None
-  if with_base:
+  if exact:
+    base, u = exact_synthesize_with_prior(model, y_np, mean, s_value, rgb.shape[0],
+                                          rgb.shape[1])
+  elif with_base:
     s = jnp.full((1,), s_value, jnp.float32)
     base, u = synthesize_image(model, y_np, mean, s, rgb.shape[0], rgb.shape[1],
                                with_prior=True)
-  return _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, coder.coder_id, base, u)
+  return _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, coder.coder_id, base, u,
+                     exact)
+
+
+def _estimated_residual_bits(model: ExportedModel, rgb: np.ndarray, layer: _LossyLayer,
+                             tau: int) -> float:
+  """The float head's estimate of a lossy-base layer's residual bits (encoder only: it
+  picks rates and bases, never a decoded bit); an exact layer's u in its float units."""
+  u = layer.u
+  if layer.exact:
+    u = jnp.asarray(np.asarray(u, np.float32) / float(1 << 16))
+  return float(np.sum(residual_codec.estimate_bits(model, rgb, layer.base, u, tau)))
+
+
+_EXACT_RESIDUAL_VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def lossy_base_view(model: ExportedModel):
+  """What residual_codec reads for a lossy-base layer: the model, or for an exact one a
+  view with its exact head (gvae_jax.coding.exact_residual)."""
+  exact = model.exact_residual
+  if exact is None:
+    return model
+  view = _EXACT_RESIDUAL_VIEWS.get(exact)
+  if view is None:
+    view = _FlatView(model.residual_model, model.residual_params, exact.head)
+    _EXACT_RESIDUAL_VIEWS[exact] = view
+  return view
 
 
 def base_layer(model: ExportedModel, pixels, rate) -> tuple[np.ndarray, jax.Array]:
@@ -438,6 +494,22 @@ def base_layer(model: ExportedModel, pixels, rate) -> tuple[np.ndarray, jax.Arra
   layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
                       coder=_backend(None))
   return layer.base, layer.u
+
+
+def residual_layer_inputs(model: ExportedModel, pixels, base: str, rate=None):
+  """(what residual_codec reads of the model, x_base uint8 [H, W, 3], padded prior u) of
+  a residual file on base "flat" or "lossy" (at `rate`), as the codec computes them:
+  for benchmarks and tools that time or inspect the residual layer alone."""
+  rgb, _ = _checked_rgb(model, pixels)
+  if base == "flat":
+    _require_flat(model)
+    x_base, u = _flat_base(model, *rgb.shape[:2])
+    return _flat_view(model), x_base, u
+  if base != "lossy":
+    raise UserError(f"base must be 'flat' or 'lossy', got {base!r}")
+  layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
+                      coder=_backend(None))
+  return lossy_base_view(model), layer.base, layer.u
 
 
 def _backend(coder: int | None) -> EntropyCoder:
@@ -503,17 +575,19 @@ def _encode(model: ExportedModel, rgb: np.ndarray, channels: int, s_value: np.fl
     (z_np, y_np, index_np, mean), sections = _encode_lossy(model, rgb, s_value, coder, tiled,
                                                            exact)
     lossy = _LossyLayer(s_value, z_np, y_np, index_np, mean, sections, coder.coder_id)
-  elif lossy is None or lossy.coder_id != coder.coder_id:
+  elif (lossy is None or lossy.coder_id != coder.coder_id
+        or lossy.exact != _lossy_base_is_exact(model)):
     lossy = _code_lossy(model, rgb, s_value, with_base=True, coder=coder)
   sections = list(lossy.sections)
   mode = {(False, False): Mode.LOSSY, (True, False): Mode.LOSSY_TILED,
           (False, True): Mode.EXACT_LOSSY, (True, True): Mode.EXACT_LOSSY_TILED}[tiled, exact]
   layer = None
   if tau is not None:
-    layer = residual_codec.encode(model, coder, rgb, lossy.base, lossy.u, tau, profile)
+    layer = residual_codec.encode(lossy_base_view(model), coder, rgb, lossy.base, lossy.u,
+                                  tau, profile)
     sections += [layer.side_info, layer.streams,
                  _pixel_check(_residual_pixels(lossy.base, layer.r_hat))]
-    mode = Mode.RESIDUAL
+    mode = Mode.EXACT_RESIDUAL if lossy.exact else Mode.RESIDUAL
   header = Header(fingerprint=model.fingerprint, mode=mode, rate=float(s_value),
                   tau=0 if tau is None else tau, height=height, width=width, channels=channels,
                   coder_id=coder.coder_id)
@@ -683,9 +757,10 @@ def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "a
       raise UserError("a flat base has no rate; --rate sets the lossy base layer")
     return encode_flat(model, pixels, tau, profile, coder)
   if (base == "auto" and rate is None and model.exact_lossy is not None
-      and model.flat is not None and model.flat.exact is not None):
-    # A converted model keeps its files portable: the exact flat base (a lossy base
-    # layer's residual is float; asked for with base="lossy" or a rate).
+      and not _lossy_base_is_exact(model) and model.flat is not None
+      and model.flat.exact is not None):
+    # A model converted without its lossy-base head keeps its files portable: the exact
+    # flat base (its lossy base's residual is float; asked for with base="lossy").
     return encode_flat(model, pixels, tau, profile, coder)
   backend = _backend(coder)
   rgb, channels = _checked_rgb(model, pixels)
@@ -700,8 +775,8 @@ def encode_residual(model: ExportedModel, pixels, tau, rate=None, base: str = "a
   else:
     lossy = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
                         coder=backend)
-    bits = residual_codec.estimate_bits(model, rgb, lossy.base, lossy.u, tau)
-    lossy_size = sum(len(x) for x in lossy.sections) + float(np.sum(bits)) / 8.0
+    bits = _estimated_residual_bits(model, rgb, lossy, tau)
+    lossy_size = sum(len(x) for x in lossy.sections) + bits / 8.0
   small = rgb.shape[0] * rgb.shape[1] <= BOTH_PIXELS
   if small or abs(flat_size - lossy_size) <= BOTH_MARGIN * min(flat_size, lossy_size):
     flat = encode_flat(model, pixels, tau, profile, coder)
@@ -736,6 +811,10 @@ def _check_header_for_model(model: ExportedModel, header: Header,
       (header.mode in container.EXACT_MODES) != (model.flat.exact is not None)):
     raise FormatError(f"invalid header: mode {header.mode.name} with a flat head that is "
                       f"{'not ' if model.flat.exact is None else ''}exact")
+  if header.mode == Mode.EXACT_RESIDUAL and model.exact_residual is None:
+    raise FormatError(f"mode {header.mode.name} needs a scalable model converted to exact "
+                      f"arithmetic with its lossy-base head (gvae convert-exact); "
+                      f"{model.name} is not")
   if header.mode in container.EXACT_LOSSY_MODES and model.exact_lossy is None:
     raise FormatError(f"mode {header.mode.name} needs a model converted to exact arithmetic "
                       f"(gvae convert-exact); {model.name} is not")
@@ -758,7 +837,8 @@ def _check_header_for_model(model: ExportedModel, header: Header,
     raise FormatError(f"invalid header: {header.channels} channels (expected 1 or 3)")
   expected, kind, check = {
       **{mode: (NUM_SECTIONS, "lossy", None) for mode in container.LOSSY_MODES},
-      Mode.RESIDUAL: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION),
+      **{mode: (NUM_RESIDUAL_SECTIONS, "residual", CHECK_SECTION)
+         for mode in container.LOSSY_BASE_MODES},
       **{mode: (NUM_FLAT_SECTIONS, "flat-base residual", FLAT_CHECK_SECTION)
          for mode in container.FLAT_MODES},
   }[header.mode]
@@ -840,6 +920,17 @@ def decode(model: ExportedModel, data: bytes,
   z_shape, y_shape = _latent_shapes(model.lossy_model, header.height, header.width)
 
   z_np = coder.decode(sections[Z_SECTION], z_indexes(z_shape), model.z_table)
+  if header.mode == Mode.EXACT_RESIDUAL:
+    mean, index_np = exact_hyper(model, z_np, s_value)
+    y_np = coder.decode(sections[Y_SECTION], index_np, model.y_table)
+    base, u = exact_synthesize_with_prior(model, y_np, mean, s_value, header.height,
+                                          header.width)
+    pixels, layer = residual_codec.decode(lossy_base_view(model), coder,
+                                          sections[SIDE_INFO_SECTION],
+                                          sections[STREAMS_SECTION], base, u, header.tau,
+                                          profile)
+    _verify_pixels(pixels, sections[CHECK_SECTION], exact=True)
+    return Decoded(_to_channels(pixels, header), header, z_np, y_np, index_np, layer, base)
   if header.mode in container.EXACT_LOSSY_MODES:
     tiled = header.mode == Mode.EXACT_LOSSY_TILED
     mean, index_np = exact_hyper(model, z_np, s_value, tiled)
@@ -883,8 +974,8 @@ def _verify_pixels(pixels: np.ndarray, check: bytes, exact: bool = False) -> Non
       "the decoded pixels do not match the file's checksum, although the file's CRC holds: "
       "the file was written by another gvae-jax version, or on a machine whose "
       "floating-point results differ from this one's (this mode decodes only on the same "
-      "kind of CPU and software; README, Portability; exact flat files do not have this "
-      "limit)")
+      "kind of CPU and software; README, Portability; files in exact arithmetic do not "
+      "have this limit)")
 
 
 def _to_channels(pixels: np.ndarray, header: Header) -> np.ndarray:
@@ -968,8 +1059,8 @@ def _choose_rate(model: ExportedModel, rgb: np.ndarray, tau: int, refinements: i
     if rate not in sizes:
       layer = _code_lossy(model, rgb, check_rate(rate, model.levels), with_base=True,
                           coder=coder)
-      bits = residual_codec.estimate_bits(model, rgb, layer.base, layer.u, tau)
-      sizes[rate] = sum(len(x) for x in layer.sections) + float(np.sum(bits)) / 8.0
+      bits = _estimated_residual_bits(model, rgb, layer, tau)
+      sizes[rate] = sum(len(x) for x in layer.sections) + bits / 8.0
       if best is None or (sizes[rate], rate) < best[:2]:
         best = (sizes[rate], rate, layer)
     return sizes[rate]

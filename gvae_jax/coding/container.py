@@ -1,12 +1,13 @@
 """The `.gvae` file format: a fixed header, a section table, a CRC, payload.
 
-All integers are little-endian. Format version 5 (version 4 is the same
-without modes 6 and 7, version 3 without modes 5 to 7, version 2 without
-modes 4 to 7, version 1 without modes 2 to 7):
+All integers are little-endian. Format version 7 (each older version is the
+same without the modes that came after it: version 6 without mode 10,
+version 5 without modes 8 to 10, version 4 without 6 to 10, version 3
+without 5 to 10, version 2 without 4 to 10, version 1 without 2 to 10):
 
   offset    size  type    field
   0         4     bytes   magic b"GVAE"
-  4         1     u8      format version (1 to 5: the lowest that has the mode)
+  4         1     u8      format version (1 to 7: the lowest that has the mode)
   5         1     u8      mode: 0 lossy, 1 residual on the lossy layer
                           (near-lossless / lossless), 2 residual on a flat
                           base x_base = 128 (no lossy layer; version 2 only),
@@ -20,7 +21,13 @@ modes 4 to 7, version 1 without modes 2 to 7):
                           6 and 7: modes 2 and 4 with the residual
                           coded tile by tile (tiles of 2048 pixels,
                           each its own layer: images above 2048x2048
-                          padded pixels; version 5 on)
+                          padded pixels; version 5 on),
+                          8 and 9: modes 0 and 5 with the lossy layer's
+                          decoder in exact integer arithmetic
+                          (gvae_jax.coding.exact_lossy; version 6 on),
+                          10: mode 1 with the lossy layer, the prior and
+                          the residual head in exact integer arithmetic
+                          (gvae_jax.coding.exact_residual; version 7 on)
   6         1     u8      entropy coder id (gvae_jax.coding.coder; 1 = TFC, 2 = constriction)
   7         1     u8      image channels (>= 1)
   8         16    bytes   model fingerprint (first 16 bytes of a SHA-256)
@@ -38,7 +45,7 @@ Writers give a file the lowest version that has its mode, so lossy and
 lossy-base residual files are byte for byte what version 1 wrote (and
 version-1 readers still read them), flat and stored ones what version 2
 wrote, exact flat ones what version 3 wrote, tiled lossy ones what version 4
-wrote; a file claiming a mode newer
+wrote, and so on; a file claiming a mode newer
 than its version is refused.
 
 `unpack` raises FormatError for any malformed input and never anything else
@@ -65,8 +72,8 @@ from typing import Sequence
 from gvae_jax.errors import UserError
 
 MAGIC = b"GVAE"
-FORMAT_VERSION = 6  # the newest this module reads and writes
-SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6)
+FORMAT_VERSION = 7  # the newest this module reads and writes
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 FINGERPRINT_SIZE = 16
 MAX_SECTIONS = 64
 MAX_PIXELS = 2**28
@@ -106,20 +113,26 @@ class Mode(enum.IntEnum):
   # decodes to the same pixels on every platform. Version 6.
   EXACT_LOSSY = 8
   EXACT_LOSSY_TILED = 9
+  # RESIDUAL's sections, with the lossy layer (as EXACT_LOSSY), the prior and the
+  # residual head in exact integer arithmetic (gvae_jax.coding.exact_residual):
+  # decodes to the same pixels on every platform. Version 7.
+  EXACT_RESIDUAL = 10
 
 
 # The first format version with each mode (what the writer uses).
 MODE_VERSION = {Mode.LOSSY: 1, Mode.RESIDUAL: 1, Mode.FLAT_RESIDUAL: 2, Mode.STORED: 2,
                 Mode.EXACT_FLAT_RESIDUAL: 3, Mode.LOSSY_TILED: 4,
                 Mode.FLAT_RESIDUAL_TILED: 5, Mode.EXACT_FLAT_RESIDUAL_TILED: 5,
-                Mode.EXACT_LOSSY: 6, Mode.EXACT_LOSSY_TILED: 6}
+                Mode.EXACT_LOSSY: 6, Mode.EXACT_LOSSY_TILED: 6, Mode.EXACT_RESIDUAL: 7}
 EXACT_LOSSY_MODES = (Mode.EXACT_LOSSY, Mode.EXACT_LOSSY_TILED)
 TILED_LOSSY_MODES = (Mode.LOSSY_TILED, Mode.EXACT_LOSSY_TILED)
 LOSSY_MODES = (Mode.LOSSY, Mode.LOSSY_TILED) + EXACT_LOSSY_MODES
 TILED_FLAT_MODES = (Mode.FLAT_RESIDUAL_TILED, Mode.EXACT_FLAT_RESIDUAL_TILED)
 EXACT_MODES = (Mode.EXACT_FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL_TILED)
 FLAT_MODES = (Mode.FLAT_RESIDUAL, Mode.EXACT_FLAT_RESIDUAL) + TILED_FLAT_MODES
-RESIDUAL_MODES = (Mode.RESIDUAL,) + FLAT_MODES
+# Residual files on the lossy base (five sections: z, y, side information, streams, check).
+LOSSY_BASE_MODES = (Mode.RESIDUAL, Mode.EXACT_RESIDUAL)
+RESIDUAL_MODES = LOSSY_BASE_MODES + FLAT_MODES
 
 
 @dataclasses.dataclass(frozen=True)

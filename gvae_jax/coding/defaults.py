@@ -1,7 +1,7 @@
 """The models shipped inside the package, used when `gvae compress` gets no --model.
 
 gvae_jax/default_models/ holds two exported models (package data, so an
-installed wheel has them; 39 MB together, of which 8.8 MB are the version 1
+installed wheel has them; 41 MB together, of which 8.8 MB are the version 1
 exact conversions, kept as exact_lossy_v1.npz so the files they wrote decode):
 
   lossy/     experiments/models/small: the best shipped lossy model
@@ -10,7 +10,8 @@ exact conversions, kept as exact_lossy_v1.npz so the files they wrote decode):
              experiments/models/flat_residual attached in exact form
              (`gvae attach-flat --exact`): for --tau / --lossless; its files
              take the smaller of the flat and the lossy base (in practice the
-             flat one, which decodes alike on every platform). Its lossy layer
+             flat one); both decode alike on every platform (its lossy-base
+             head is converted too: exact_residual.npz). Its lossy layer
              is weaker than `small`, so lossy files use `small`
 
 `gvae decompress` without --model picks the shipped model whose fingerprint

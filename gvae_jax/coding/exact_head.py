@@ -22,9 +22,9 @@ tau) are folded into W and the bias at conversion. Conversion is the only
 float step; its output is stored (`exact.npz` in the flat head directory,
 covered by the fingerprint), so the reader never repeats it.
 
-Limits: only flat heads with no correction or the "delta" one (the shipped
-form); lossy layers and lossy-base residual files are not converted (they
-still decode only on the kind of machine that wrote them; README, Portability).
+Limits: only heads with no correction or the "delta" one (the shipped form)
+convert. The same conversion serves the lossy-base head
+(gvae_jax.coding.exact_residual), whose prior u arrives in 2^-16 units.
 """
 from __future__ import annotations
 
@@ -105,6 +105,9 @@ class ExactHead:
   components: int
   share_weights: bool
   ar_on_errors: bool
+  # u's units: flags (0 / 1) of a flat head are shifted to 2^-16 here; the prior of a
+  # lossy-base head (gvae_jax.coding.exact_residual) arrives in 2^-16 units (0).
+  prior_shift: int = em.ACT_BITS
 
   def layers(self, tau_head: int, corrected: bool) -> tuple:
     """The arrays of the layers a step runs: context, main head, and the correction."""
@@ -114,10 +117,11 @@ class ExactHead:
   def mixture(self, context: np.ndarray, u: np.ndarray, tau_head: int,
               corrected: bool) -> np.ndarray:
     """int64 [5, 3, N, K] (exact_mixture.mixture) at N pixels from their causal taps
-    context [N, taps * 3] (decoded r_hat) and flags u [N, prior channels] (0 / 1):
-    the NumPy reference of `mixture_xla`."""
+    context [N, taps * 3] (decoded r_hat) and the prior u [N, prior channels] (flags,
+    or 2^-16 units: prior_shift): the NumPy reference of `mixture_xla`."""
     return _mixture(self.layers(tau_head, corrected), self.tables, context, u, corrected,
-                    self.components, self.share_weights, self.ar_on_errors, np)
+                    self.components, self.share_weights, self.ar_on_errors, self.prior_shift,
+                    np)
 
   def mixture_xla(self, context: np.ndarray, u: np.ndarray, tau_head: int,
                   corrected: bool) -> np.ndarray:
@@ -126,13 +130,13 @@ class ExactHead:
     with em.enable_x64():
       return np.asarray(_mixture_jit(self.layers(tau_head, corrected), self.tables, context, u,
                                      corrected, self.components, self.share_weights,
-                                     self.ar_on_errors))
+                                     self.ar_on_errors, self.prior_shift))
 
 
 def _mixture(layers, tables, context, u, corrected, components, share_weights, ar_on_errors,
-             xp):
-  h = xp.concatenate([_apply(context, *layers[0], False, xp),
-                      u.astype(xp.int64) << em.ACT_BITS], axis=1)
+             prior_shift, xp):
+  prior = xp.clip(u.astype(xp.int64) << prior_shift, -ACT_LIMIT, ACT_LIMIT)
+  h = xp.concatenate([_apply(context, *layers[0], False, xp), prior], axis=1)
   g = h
   for i in range(3):
     g = _apply(g, *layers[1 + i], i < 2, xp)
@@ -144,10 +148,11 @@ def _mixture(layers, tables, context, u, corrected, components, share_weights, a
   return em.mixture(g, tables, components, share_weights, ar_on_errors, xp)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _mixture_jit(layers, tables, context, u, corrected, components, share_weights, ar_on_errors):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _mixture_jit(layers, tables, context, u, corrected, components, share_weights, ar_on_errors,
+                 prior_shift):
   return _mixture(layers, tables, context, u, corrected, components, share_weights,
-                  ar_on_errors, jnp)
+                  ar_on_errors, prior_shift, jnp)
 
 
 def _conv(params) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +166,12 @@ def _softplus(x: np.ndarray) -> np.ndarray:
 
 def convert(head) -> ExactHead:
   """The ExactHead of a FlatHead (gvae_jax.coding.flat_head); module doc."""
-  model, params = head.model, head.params
+  return convert_residual(head.model, head.params)
+
+
+def convert_residual(model, params, prior_shift: int = em.ACT_BITS) -> ExactHead:
+  """The ExactHead of a ResidualModel `model` and its params (a flat head's, or a
+  scalable model's lossy-base head with prior_shift 0); module doc."""
   if model.bias_correction and model.correction != "delta":
     raise ConversionError(f"only the 'delta' bias correction converts, not {model.correction!r}")
   k, c = model.components, lm.CHANNELS
@@ -203,7 +213,7 @@ def convert(head) -> ExactHead:
       per_tau.append(tuple(layers))
     delta = tuple(per_tau)
   return ExactHead(context, main, delta, em.build_tables(), k, bool(model.share_weights),
-                   bool(model.ar_on_errors))
+                   bool(model.ar_on_errors), prior_shift)
 
 
 # --- exact.npz: the stored form (owned here; gvae_jax.coding.flat_head loads it). ---
@@ -216,7 +226,8 @@ def _layers(head: ExactHead) -> dict[str, IntLayer]:
   return named
 
 
-def to_bytes(head: ExactHead) -> bytes:
+def members(head: ExactHead) -> dict[str, np.ndarray]:
+  """The arrays of exact.npz (also the head's members of exact_residual.npz)."""
   arrays = {}
   for name, layer in _layers(head).items():
     arrays[f"{name}.weight"] = layer.weight.astype(np.int64)
@@ -224,12 +235,18 @@ def to_bytes(head: ExactHead) -> bytes:
     arrays[f"{name}.shift"] = layer.shift
   for name, table in head.tables.items():
     arrays[_TABLE_PREFIX + name] = table
+  return arrays
+
+
+def to_bytes(head: ExactHead) -> bytes:
+  arrays = members(head)
   buffer = io.BytesIO()
   np.savez(buffer, **{name: arrays[name] for name in sorted(arrays)})
   return buffer.getvalue()
 
 
-def _expected_shapes(model, prior_channels: int) -> dict[str, tuple[int, ...]]:
+def expected_shapes(model, prior_channels: int) -> dict[str, tuple[int, ...]]:
+  """The members of a head's exact.npz and their shapes."""
   taps = int(causal_mask(model.kernel_size, model.order).sum()) * lm.CHANNELS
   inputs = model.context_channels + prior_channels
   out = lm.num_raw_params(model.components, model.share_weights)
@@ -247,27 +264,38 @@ def _expected_shapes(model, prior_channels: int) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def from_bytes(data: bytes, model, prior_channels: int) -> ExactHead:
-  """The ExactHead stored in exact.npz bytes, checked against the head's model
-  (ConversionError): only the expected members, each of its expected shape, are read."""
-  shapes = _expected_shapes(model, prior_channels)
+def read_npz(data: bytes, shapes: dict[str, tuple[int, ...]], label: str) -> dict:
+  """The int64 arrays of npz bytes that must hold exactly the members `shapes` lists,
+  each of its shape (ConversionError otherwise); sizes checked before reading."""
   try:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-      members = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
-      if members != set(shapes) or len(archive.namelist()) != len(shapes):
-        raise ConversionError("exact.npz does not have the members this head needs")
+      names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+      if names != set(shapes) or len(archive.namelist()) != len(shapes):
+        raise ConversionError(f"{label} does not have the members this model needs")
       for info in archive.infolist():  # before reading: no member larger than its shape
         if info.file_size > 8 * int(np.prod(shapes[info.filename[:-4]])) + 256:
-          raise ConversionError(f"exact.npz member {info.filename} is too large")
+          raise ConversionError(f"{label} member {info.filename} is too large")
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
       arrays = {name: npz[name] for name in shapes}
   except ConversionError:
     raise
   except Exception as e:
-    raise ConversionError(f"exact.npz cannot be read: {type(e).__name__}: {str(e)[:200]}") from e
+    raise ConversionError(f"{label} cannot be read: {type(e).__name__}: {str(e)[:200]}") from e
   for name, shape in shapes.items():
     if arrays[name].shape != shape or arrays[name].dtype != np.int64:
-      raise ConversionError(f"exact.npz member {name} has the wrong shape or type")
+      raise ConversionError(f"{label} member {name} has the wrong shape or type")
+  return arrays
+
+
+def from_bytes(data: bytes, model, prior_channels: int) -> ExactHead:
+  """The ExactHead stored in exact.npz bytes, checked against the head's model
+  (ConversionError): only the expected members, each of its expected shape, are read."""
+  return from_arrays(read_npz(data, expected_shapes(model, prior_channels), EXACT_FILE), model)
+
+
+def from_arrays(arrays: dict, model, prior_shift: int = em.ACT_BITS,
+                label: str = EXACT_FILE) -> ExactHead:
+  """The ExactHead of read_npz's arrays (ConversionError if they would not stay exact)."""
   tables = {name[len(_TABLE_PREFIX):]: a for name, a in arrays.items()
             if name.startswith(_TABLE_PREFIX)}
   try:
@@ -282,11 +310,11 @@ def from_bytes(data: bytes, model, prior_channels: int) -> ExactHead:
     if (np.any(np.sum(np.abs(w.astype(np.float64)), axis=0) * 2.0 ** bits >= 2.0 ** 53)
         or np.any(shift < 1) or np.any(shift > 62)
         or np.any(np.abs(arrays[f"{name}.bias"]) >= 2**61)):
-      raise ConversionError(f"exact.npz layer {name} would not stay exact")
+      raise ConversionError(f"{label} layer {name} would not stay exact")
     return IntLayer(w.astype(np.float64), arrays[f"{name}.bias"], shift, relu)
 
   main = tuple(layer(f"main.{i}", i < 2) for i in range(3))
   delta = tuple(tuple(layer(f"delta.{t}.{i}", i < 2) for i in range(3))
                 for t in range(1, model.max_tau + 1)) if model.bias_correction else ()
   return ExactHead(layer("context", False), main, delta, tables, int(model.components),
-                   bool(model.share_weights), bool(model.ar_on_errors))
+                   bool(model.share_weights), bool(model.ar_on_errors), prior_shift)

@@ -72,10 +72,11 @@ Limits: the hyper synthesis' float64 convolutions run on the CPU (and would
 on GPUs, whose float64 convolutions are not Winograd ones; untested here),
 not on a TPU, whose float64 is emulated; the float32 matmul is asked for
 Precision.HIGHEST (on TPUs and GPUs the default uses bfloat16 / TF32
-passes, which would not be exact). The residual prior u of the synthesis
-(lossy-base residual files) is not converted: lossy-base near-lossless
-files stay float (platform-bound, README Portability); exact near-lossless
-and lossless files use the flat base (gvae_jax.coding.exact_head).
+passes, which would not be exact). The synthesis' prior head
+(u of lossy-base residual files) converts as another Int8Conv
+(`convert_prior`, stored in exact_residual.npz by
+gvae_jax.coding.exact_residual) and runs in the same call as the base image
+(`synthesize_with_prior`).
 """
 from __future__ import annotations
 
@@ -236,6 +237,17 @@ class ExactLossy:
       return np.asarray(_synthesize_jit(self.synthesis_arrays(s), jnp.asarray(y_sym),
                                         jnp.asarray(mean), up))
 
+  def synthesize_with_prior(self, y_sym: np.ndarray, mean: np.ndarray, s: float,
+                            prior: Int8Conv) -> tuple[np.ndarray, np.ndarray]:
+    """`synthesize` and the residual prior u (int32 [1, 16h, 16w, C] in 2^-16 units)
+    of the prior head `prior` (convert_prior) from the same call."""
+    _, up, *_ = self._static()
+    with em.enable_x64():
+      pixels, u = _synthesize_prior_jit(self.synthesis_arrays(s), jnp.asarray(y_sym),
+                                        jnp.asarray(mean), up, _conv_arrays(prior),
+                                        prior.input_bits)
+      return np.asarray(pixels), np.asarray(u)
+
   # --- The same in NumPy (an independent evaluation, for tests). ---
 
   def numpy_hyper(self, z_sym, s: float):
@@ -245,6 +257,11 @@ class ExactLossy:
   def numpy_synthesize(self, y_sym, mean, s: float) -> np.ndarray:
     _, up, *_ = self._static()
     return _synthesize(self.synthesis_arrays(s), np.asarray(y_sym), np.asarray(mean), up, np)
+
+  def numpy_synthesize_with_prior(self, y_sym, mean, s: float, prior: Int8Conv):
+    _, up, *_ = self._static()
+    return _synthesize(self.synthesis_arrays(s), np.asarray(y_sym), np.asarray(mean), up, np,
+                       prior=(_conv_arrays(prior), prior.input_bits))
 
 
 def _gdn_arrays(g: IntGDN | GDN16):
@@ -408,16 +425,20 @@ def _hyper(arrays, z_sym, upsample, m: int, scales: int, rows: int, xp):
   return mean, row.astype(xp.int32)
 
 
-def _synthesize(arrays, y_sym, mean, layout, xp, record=None):
+def _synthesize(arrays, y_sym, mean, layout, xp, record=None, prior=None):
   """layout: synthesis_layout(); record (a dict) collects max |input| of each conv and
-  each inverse GDN (lists "conv", "gdn")."""
+  each inverse GDN (lists "conv", "gdn"); prior: (the prior head's arrays, its input
+  bits), which also returns u, from the last conv's input."""
   gain, convs, gdns = arrays
   v = xp.clip(y_sym.astype(xp.int64), -_SYMBOL_LIMIT, _SYMBOL_LIMIT)
   y_hat = xp.clip((v << ACT_BITS) + mean, -ACT_LIMIT, ACT_LIMIT)
   h = _gained_input(y_hat, gain, GAIN_BITS, xp)
+  u = None
   for i, (layer, (up, input_bits, gdn_bits)) in enumerate(zip(convs, layout)):
     if record is not None:
       record.setdefault("conv", []).append(int(xp.max(xp.abs(h))))
+    if prior is not None and i == len(convs) - 1:
+      u = _apply_conv8(h, prior[0], prior[1], True, xp)
     if input_bits is None:
       h = _apply_conv(h, layer, up, xp)
     else:
@@ -431,7 +452,7 @@ def _synthesize(arrays, y_sym, mean, layout, xp, record=None):
         h = _inverse_gdn16(h, gdns[i], gdn_bits, xp)
   # The same rounding as the float codec: round(clip(x, 0, 1) * 255).
   pixels = _round_shift(xp.clip(h, 0, 1 << ACT_BITS) * 255, ACT_BITS, xp)
-  return pixels.astype(xp.uint8)
+  return pixels.astype(xp.uint8) if prior is None else (pixels.astype(xp.uint8), u)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
@@ -442,6 +463,11 @@ def _hyper_jit(arrays, z_sym, upsample, m, scales, rows):
 @functools.partial(jax.jit, static_argnums=(3,))
 def _synthesize_jit(arrays, y_sym, mean, layout):
   return _synthesize(arrays, y_sym, mean, layout, jnp)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 5))
+def _synthesize_prior_jit(arrays, y_sym, mean, layout, prior_arrays, prior_bits):
+  return _synthesize(arrays, y_sym, mean, layout, jnp, prior=(prior_arrays, prior_bits))
 
 
 # --- Gains in Python integers. ---
@@ -537,6 +563,43 @@ def _check_conv8(layer: Int8Conv, name: str) -> None:
     raise ConversionError(f"layer {name} would not stay exact")
 
 
+def convert_prior(model, params, exact: ExactLossy) -> Int8Conv:
+  """The synthesis' prior head (u of lossy-base residual files, from the last hidden
+  activation, like g_s's last conv) as an Int8Conv at that conv's input bits."""
+  if exact.version < 2:
+    raise ConversionError("the prior head converts only with a version 2 synthesis")
+  if not model.prior_channels:
+    raise ConversionError("the model has no prior head")
+  p = params["g_s"]["prior_head"]["conv"]
+  return _quantise_conv8(p["kernel"], p["bias"], "g_s.prior_head", True,
+                         exact.synthesis_convs[-1].input_bits)
+
+
+def conv8_members(conv: Int8Conv, prefix: str) -> dict[str, np.ndarray]:
+  """An Int8Conv's arrays, as stored (here and in exact_residual.npz)."""
+  return {f"{prefix}.weight": conv.weight.astype(np.int64), f"{prefix}.bias": conv.bias,
+          f"{prefix}.shift": conv.shift, f"{prefix}.multiplier": conv.multiplier,
+          f"{prefix}.input_bits": np.asarray([conv.input_bits], np.int64)}
+
+
+def conv8_shapes(prefix: str, c_in: int, c_out: int) -> dict[str, tuple[int, ...]]:
+  return {f"{prefix}.weight": (3, 3, c_in, c_out), f"{prefix}.bias": (c_out,),
+          f"{prefix}.shift": (c_out,), f"{prefix}.multiplier": (c_out,),
+          f"{prefix}.input_bits": (1,)}
+
+
+def conv8_from_members(arrays: dict, prefix: str, upsample: bool, label: str) -> Int8Conv:
+  """The checked Int8Conv of conv8_members' arrays (ConversionError)."""
+  weight = arrays[f"{prefix}.weight"]
+  if np.any(np.abs(weight) > WEIGHT_LIMIT):
+    raise ConversionError(f"{label} member {prefix}.weight is not int8")
+  layer = Int8Conv(weight.astype(np.int8), int(arrays[f"{prefix}.input_bits"][0]),
+                   arrays[f"{prefix}.multiplier"], arrays[f"{prefix}.bias"],
+                   arrays[f"{prefix}.shift"], upsample)
+  _check_conv8(layer, f"{label} {prefix}")
+  return layer
+
+
 def _check_conv(layer: IntConv, name: str) -> None:
   sums = np.sum(np.abs(layer.weight), axis=(0, 1, 2))
   if (np.any(sums * 2.0 ** _ACT_LIMIT_BITS >= 2.0 ** _SUM_BITS) or np.any(layer.shift < 1)
@@ -629,8 +692,6 @@ def convert(model, params, y_index_bounds: np.ndarray) -> ExactLossy:
   if model.interpolation != "exponential":
     raise ConversionError(f"only the exponential gain interpolation converts, not "
                           f"{model.interpolation!r}")
-  if model.prior_channels:
-    pass  # the prior head is not converted (module doc: lossy-base residual files stay float)
   hs, gs = params["h_s"], params["g_s"]
   hyper_layers = (
       _quantise_conv(hs["deconv_0"]["conv"]["kernel"], hs["deconv_0"]["conv"]["bias"],

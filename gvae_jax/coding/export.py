@@ -96,7 +96,7 @@ from scipy import special
 
 from gvae_jax import config as config_lib
 from gvae_jax import fileio
-from gvae_jax.coding import container, exact_head, exact_lossy, flat_head
+from gvae_jax.coding import container, exact_head, exact_lossy, exact_residual, flat_head
 from gvae_jax.entropy import asymmetric_gaussian, gaussian
 from gvae_jax.entropy.cdf_tables import CdfTable
 from gvae_jax.errors import UserError
@@ -114,8 +114,10 @@ _TABLE_FIELDS = ("cdf", "lengths", "offsets", "precision")  # CdfTable.to_dict
 TABLE_MEMBERS = frozenset([f"{p}{f}" for p in ("z_", "y_") for f in _TABLE_FIELDS]
                           + ["y_scales", "y_index_bounds"])
 EXACT_LOSSY_FILE = exact_lossy.EXACT_LOSSY_FILE  # optional: `convert_exact`
+EXACT_RESIDUAL_FILE = exact_residual.EXACT_RESIDUAL_FILE  # optional, beside it
 MAX_FILE_BYTES = {PARAMS_FILE: 1 << 30, CONFIG_FILE: 1 << 20, TABLES_FILE: 64 << 20,
-                  MANIFEST_FILE: 1 << 20, EXACT_LOSSY_FILE: 1 << 30}
+                  MANIFEST_FILE: 1 << 20, EXACT_LOSSY_FILE: 1 << 30,
+                  EXACT_RESIDUAL_FILE: 1 << 30}
 MAX_TABLE_MEMBER_BYTES = 64 << 20
 
 DEFAULT_TAIL_MASS = 1e-4  # total probability left to the escape, per row
@@ -149,19 +151,23 @@ class ExportedModel:
   # (without, and with the flat head), whose files it also decodes.
   float_fingerprint: bytes | None = None
   float_flat_fingerprint: bytes | None = None
-  # Earlier exact_lossy.npz versions this model was converted to (convert_exact keeps
-  # them): (fingerprint, base fingerprint without the flat head or None, ExactLossy),
-  # so the exact lossy files they wrote keep decoding.
+  # Earlier exact conversions of this model (convert_exact keeps them): (fingerprint,
+  # base fingerprint without the flat head or None, ExactLossy), so the files they
+  # wrote keep decoding.
   previous_exact: tuple = ()
+  # gvae_jax.coding.exact_residual.ExactResidual: lossy-base residual files in exact
+  # arithmetic (mode EXACT_RESIDUAL); needs exact_lossy.
+  exact_residual: Any = None
 
   def for_file(self, fingerprint: bytes, mode) -> "ExportedModel":
     """The model that decodes a file of this fingerprint and mode: this one, or its
     earlier exact conversion whose fingerprint the file carries."""
-    if mode in container.EXACT_LOSSY_MODES:
-      for fp, base, exact in self.previous_exact:
-        if fingerprint in (fp, base):
-          return dataclasses.replace(self, exact_lossy=exact, fingerprint=fingerprint,
-                                     previous_exact=())
+    if fingerprint == self.fingerprint:
+      return self
+    for fp, base, exact in self.previous_exact:
+      if fingerprint in (fp, base):  # none of them had an exact residual layer
+        return dataclasses.replace(self, exact_lossy=exact, exact_residual=None,
+                                   fingerprint=fingerprint, previous_exact=())
     return self
 
   def accepts(self, fingerprint: bytes, mode) -> bool:
@@ -173,8 +179,13 @@ class ExportedModel:
     flat = mode in container.FLAT_MODES
     if self.base_fingerprint is not None and fingerprint == self.base_fingerprint and not flat:
       return True
-    if mode in container.EXACT_LOSSY_MODES:
-      return any(fingerprint in (fp, base) for fp, base, _ in self.previous_exact)
+    # An earlier conversion's files (flat-base ones carry its fingerprint with the head).
+    if mode != container.Mode.EXACT_RESIDUAL and any(
+        fingerprint == fp or (fingerprint == base and not flat)
+        for fp, base, _ in self.previous_exact):
+      return True
+    if mode in container.EXACT_LOSSY_MODES + (container.Mode.EXACT_RESIDUAL,):
+      return False
     return ((fingerprint == self.float_fingerprint and not flat)
             or (self.float_flat_fingerprint is not None
                 and fingerprint == self.float_flat_fingerprint))
@@ -530,10 +541,17 @@ def _known_table_members(npz) -> list[str]:
       raise ValueError(f"{TABLES_FILE} member {info.filename} declares {info.file_size} "
                        f"bytes, more than {MAX_TABLE_MEMBER_BYTES}")
   return sorted(names)
-def with_exact_fingerprint(fingerprint: bytes, exact_bytes: bytes) -> bytes:
-  """The fingerprint of a model converted to exact lossy decoding (`convert_exact`)."""
-  digest = hashlib.sha256(b"gvae-exported-model+exact-lossy/1\0" + fingerprint
-                          + hashlib.sha256(exact_bytes).digest())
+def with_exact_fingerprint(fingerprint: bytes, exact_bytes: bytes,
+                           residual_bytes: bytes | None = None) -> bytes:
+  """The fingerprint of a model converted to exact lossy decoding (`convert_exact`),
+  with exact_residual.npz's bytes if it has them."""
+  if residual_bytes is None:
+    digest = hashlib.sha256(b"gvae-exported-model+exact-lossy/1\0" + fingerprint
+                            + hashlib.sha256(exact_bytes).digest())
+  else:
+    digest = hashlib.sha256(b"gvae-exported-model+exact-lossy+residual/1\0" + fingerprint
+                            + hashlib.sha256(exact_bytes).digest()
+                            + hashlib.sha256(residual_bytes).digest())
   return container.model_fingerprint(digest.digest())
 
 
@@ -551,6 +569,26 @@ def _read_exact_lossy(model_dir: Path, model, scale_rows: int, name: str = EXACT
   data = path.read_bytes()
   try:
     return exact_lossy.from_bytes(data, lossy_module(model), scale_rows), data
+  except exact_head.ConversionError as e:
+    raise ExportError(f"{model_dir}: {e}") from None
+
+
+def _read_exact_residual(model_dir: Path, model):
+  """(ExactResidual, its bytes) of model_dir's exact_residual.npz, or (None, None)."""
+  import stat
+
+  path = model_dir / EXACT_RESIDUAL_FILE
+  if not (path.exists() or path.is_symlink()):
+    return None, None
+  if not is_scalable(model):
+    raise ExportError(f"{model_dir}: {EXACT_RESIDUAL_FILE} needs a scalable model")
+  info = path.stat()
+  if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES[EXACT_RESIDUAL_FILE]:
+    raise ExportError(f"{model_dir}: {EXACT_RESIDUAL_FILE} is not a regular file of at most "
+                      f"{MAX_FILE_BYTES[EXACT_RESIDUAL_FILE]} bytes; refusing to read it")
+  data = path.read_bytes()
+  try:
+    return exact_residual.from_bytes(data, model), data
   except exact_head.ConversionError as e:
     raise ExportError(f"{model_dir}: {e}") from None
 
@@ -612,10 +650,14 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
                       "(modified or corrupt); export the model again")
   params = jax.tree_util.tree_map(jnp.asarray, params)
   exact, exact_bytes = _read_exact_lossy(model_dir, model, y_scales.size)
+  residual, residual_bytes = _read_exact_residual(model_dir, model)
+  if residual is not None and (exact is None or exact.version < 2):
+    raise ExportError(f"{model_dir}: {EXACT_RESIDUAL_FILE} needs a version 2 "
+                      f"{EXACT_LOSSY_FILE}")
   float_fingerprint = None
   if exact is not None:
     float_fingerprint = fingerprint
-    fingerprint = with_exact_fingerprint(fingerprint, exact_bytes)
+    fingerprint = with_exact_fingerprint(fingerprint, exact_bytes, residual_bytes)
     if manifest.get("fingerprint_exact") != fingerprint.hex():
       raise ExportError(f"{model_dir}: {EXACT_LOSSY_FILE} does not match the manifest's "
                         "fingerprint_exact (modified or corrupt); convert the model again")
@@ -639,10 +681,11 @@ def load_model(model_dir: str | os.PathLike) -> ExportedModel:
                                   flat)
   return ExportedModel(config, model, params, z_table, y_table, y_scales, y_index_bounds,
                        fingerprint, manifest, flat, base_fingerprint, exact,
-                       float_fingerprint, float_flat_fingerprint, previous)
+                       float_fingerprint, float_flat_fingerprint, previous, residual)
 
 
-_PREVIOUS_EXACT_NAME = re.compile(r"exact_lossy_v[0-9]{1,3}\.npz")
+# exact_lossy.npz itself: the same integers, converted before exact_residual.npz was added.
+_PREVIOUS_EXACT_NAME = re.compile(r"exact_lossy(_v[0-9]{1,3})?\.npz")
 _MAX_PREVIOUS_EXACT = 8
 
 
@@ -719,13 +762,29 @@ def to_exact(exported: ExportedModel) -> tuple[ExportedModel, bytes]:
   data = exact_lossy.to_bytes(exact)
   # What the reader gets: the stored integers, read back (one code path).
   exact = exact_lossy.from_bytes(data, exported.lossy_model, exported.y_scales.size)
-  return dataclasses.replace(exported, exact_lossy=exact,
-                             fingerprint=with_exact_fingerprint(exported.fingerprint, data),
-                             float_fingerprint=exported.fingerprint), data
+  residual, residual_data = _exact_residual_of(exported, exact)
+  return dataclasses.replace(
+      exported, exact_lossy=exact, exact_residual=residual,
+      fingerprint=with_exact_fingerprint(exported.fingerprint, data, residual_data),
+      float_fingerprint=exported.fingerprint), data, residual_data
 
 
-_EXACT_MANIFEST_KEYS = ("fingerprint_exact", "exact_lossy", "source_fingerprint_with_flat_head",
-                        "previous_exact")
+def _exact_residual_of(exported: ExportedModel, exact) -> tuple:
+  """(ExactResidual, exact_residual.npz bytes) of a scalable model whose lossy layer
+  converted to `exact`, or (None, None): lossy-only, or a head that does not convert
+  (its lossy-base files stay float; e.g. the 'separate' bias correction)."""
+  if not exported.is_scalable:
+    return None, None
+  try:
+    residual = exact_residual.convert(exported.model, exported.params, exact)
+  except exact_head.ConversionError:
+    return None, None
+  data = exact_residual.to_bytes(residual)
+  return exact_residual.from_bytes(data, exported.model), data
+
+
+_EXACT_MANIFEST_KEYS = ("fingerprint_exact", "exact_lossy", "exact_residual",
+                        "source_fingerprint_with_flat_head", "previous_exact")
 
 
 def to_float(exported: ExportedModel) -> ExportedModel:
@@ -736,8 +795,9 @@ def to_float(exported: ExportedModel) -> ExportedModel:
     return exported
   manifest = {k: v for k, v in exported.manifest.items()
               if k not in _EXACT_MANIFEST_KEYS + ("fingerprint_with_flat_head",)}
-  return dataclasses.replace(exported, exact_lossy=None, fingerprint=exported.float_fingerprint,
-                             float_fingerprint=None, manifest=manifest, previous_exact=())
+  return dataclasses.replace(exported, exact_lossy=None, exact_residual=None,
+                             fingerprint=exported.float_fingerprint, float_fingerprint=None,
+                             manifest=manifest, previous_exact=())
 
 
 def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -748,7 +808,8 @@ def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
   quantisation, no training; its cost is measured in experiments/results/README.md."""
   model_dir, out_dir = Path(model_dir), Path(out_dir)
   source = load_model(model_dir)
-  if source.exact_lossy is not None and source.exact_lossy.version >= exact_lossy.VERSION:
+  if (source.exact_lossy is not None and source.exact_lossy.version >= exact_lossy.VERSION
+      and (source.exact_residual is not None or not source.is_scalable)):
     raise ExportError(f"{model_dir} is already converted to exact arithmetic")
   # A model converted by an older version is converted again from its float parameters;
   # the old exact_lossy.npz is kept (previous_exact), so its files keep decoding.
@@ -763,24 +824,35 @@ def convert_exact(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
   if not out_dir.absolute().parent.is_dir():
     raise ExportError(f"cannot write {out_dir}: its directory does not exist")
   float_source = to_float(source)
-  converted, data = to_exact(float_source)
+  converted, data, residual_data = to_exact(float_source)
 
   def fill(temp_dir: Path) -> None:
     for name in (PARAMS_FILE, CONFIG_FILE, TABLES_FILE):
       shutil.copy2(model_dir / name, temp_dir / name)
     (temp_dir / EXACT_LOSSY_FILE).write_bytes(data)
+    if residual_data is not None:
+      (temp_dir / EXACT_RESIDUAL_FILE).write_bytes(residual_data)
     manifest = dict(float_source.manifest)
     previous = list(source.manifest.get("previous_exact", []))
     for entry in previous:
       shutil.copy2(model_dir / entry["file"], temp_dir / entry["file"])
     if source.exact_lossy is not None:  # the older conversion: its files keep decoding
       name = f"exact_lossy_v{source.exact_lossy.version}.npz"
-      shutil.copy2(model_dir / EXACT_LOSSY_FILE, temp_dir / name)
+      if (model_dir / EXACT_LOSSY_FILE).read_bytes() == data:
+        name = EXACT_LOSSY_FILE  # the same integers: only exact_residual.npz is new
+      elif any(entry["file"] == name for entry in previous):
+        raise ExportError(f"{model_dir}: its {EXACT_LOSSY_FILE} differs from the one this "
+                          f"gvae-jax converts and {name} is taken; convert the float model")
+      else:
+        shutil.copy2(model_dir / EXACT_LOSSY_FILE, temp_dir / name)
       previous.append({"file": name, "fingerprint": source.fingerprint.hex()})
     if previous:
       manifest["previous_exact"] = previous
     manifest["fingerprint_exact"] = converted.fingerprint.hex()
     manifest["exact_lossy"] = "gvae_jax.coding.exact_lossy (format mode EXACT_LOSSY)"
+    if residual_data is not None:
+      manifest["exact_residual"] = ("gvae_jax.coding.exact_residual (format mode "
+                                    "EXACT_RESIDUAL)")
     if source.flat is not None:
       head = source.flat
       head_dir = temp_dir / flat_head.FLAT_HEAD_DIR
@@ -831,6 +903,10 @@ def attach_flat_head(model_dir: str | os.PathLike, head_dir: str | os.PathLike,
       shutil.copy2(model_dir / name, temp_dir / name)
     if base.exact_lossy is not None:
       shutil.copy2(model_dir / EXACT_LOSSY_FILE, temp_dir / EXACT_LOSSY_FILE)
+    if base.exact_residual is not None:
+      shutil.copy2(model_dir / EXACT_RESIDUAL_FILE, temp_dir / EXACT_RESIDUAL_FILE)
+    for entry in base.manifest.get("previous_exact", []):
+      shutil.copy2(model_dir / entry["file"], temp_dir / entry["file"])
     if exact and head.exact is None:
       kept = {k: v for k, v in head.manifest.items()
               if k not in ("format", "format_version", "fingerprint", "model", "exact")}
