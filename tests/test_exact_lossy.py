@@ -24,6 +24,7 @@ from gvae_jax.ops import pad_to_multiple
 
 SHIPPED_LOSSY = REPO / "gvae_jax" / "default_models" / "lossy"
 SCALABLE = REPO / "gvae_jax" / "default_models" / "scalable"
+RETIRED_SMALL = REPO / "gvae_jax" / "default_models" / "retired" / "small"
 PHOTO = REPO / "gvae_jax" / "samples" / "photo.png"
 
 
@@ -92,12 +93,14 @@ def test_converted_networks_follow_the_float_ones(shipped, rate):
   ints = exact.exact_lossy.synthesize(y_sym, mean_e, rate)
   floats = np.asarray(floats)
   assert ints.dtype == np.uint8 and ints.shape == floats.shape
-  # Version 2 (int8 weights, 16-bit activations): measured on this crop, max 3 grey
-  # levels, 30 % of the values off by one, 0.2 % by more, PSNR 0.005-0.04 dB lower.
+  # Version 3 (int8 weights after the first layer, 16-bit activations), the shipped
+  # small_long model: measured on this synthetic crop, max 2 grey levels, 30 % of the
+  # values off by one, 0.1 % by more, PSNR 0.03-0.10 dB lower (on Kodak images 0.00-0.01
+  # dB: experiments/results/README.md, "Exact lossy decoding").
   error = np.abs(ints.astype(int) - floats)
   assert np.max(error) <= 4
   assert np.mean(error > 0) < 0.4 and np.mean(error > 1) < 0.01
-  assert abs(psnr(ints[0], pixels) - psnr(floats[0], pixels)) < 0.06
+  assert abs(psnr(ints[0], pixels) - psnr(floats[0], pixels)) < 0.12
 
 
 @pytest.mark.parametrize("rate,seed", [(0.61, 0), (2.25, 1)])
@@ -148,14 +151,15 @@ def test_int8_convolution_and_gdn_are_exact_at_their_limits(shipped):
   np.testing.assert_array_equal(got, want)
 
 
-def test_the_shipped_models_use_version_2_and_keep_their_version_1_files(shipped):
-  for directory in (SHIPPED_LOSSY, SCALABLE):
+def test_the_shipped_models_keep_their_earlier_conversions(shipped):
+  """(version now, versions of the conversions kept for their files)."""
+  expected = {SHIPPED_LOSSY: (3, []), SCALABLE: (2, [1, 2]), RETIRED_SMALL: (2, [1])}
+  for directory, (version, previous) in expected.items():
     model = export.load_model(directory)
-    assert model.exact_lossy.version == exact_lossy.VERSION == 2
+    assert model.exact_lossy.version == version
     # The scalable model's conversion before exact_residual.npz: the same version 2 file.
-    assert [e.version for _, _, e in model.previous_exact] == (
-        [1] if directory == SHIPPED_LOSSY else [1, 2])
-  assert shipped[1].exact_lossy.version == 2
+    assert [e.version for _, _, e in model.previous_exact] == previous
+  assert shipped[1].exact_lossy.version == exact_lossy.VERSION == 3
 
 
 def test_gains_are_exact_integers_close_to_the_float_gains(shipped):
@@ -169,7 +173,8 @@ def test_gains_are_exact_integers_close_to_the_float_gains(shipped):
     frac = round((s - i) * 65536) / 65536  # the rate's fraction is rounded to 2^-16
     expected = table[i] * (table[i + 1] / table[i]) ** frac
     got = exact.exact_lossy.inverse_gain(s) / 2.0**24
-    np.testing.assert_allclose(got, expected, rtol=3e-7)
+    # 3e-7 relative from log2 and the 2^x table, plus the 2^-24 unit of the result
+    np.testing.assert_allclose(got, expected, rtol=3e-7, atol=2.0**-24)
   # Python integers: the same call gives the same integers, whatever the float rate's route.
   np.testing.assert_array_equal(exact.exact_lossy.inverse_gain(np.float32(1.3)),
                                 exact.exact_lossy.inverse_gain(float(np.float32(1.3))))
@@ -356,7 +361,7 @@ def test_exact_lossy_files_decode_alike_on_other_cpu_kinds(tmp_path):
 
 # --- Golden files: the same pixels on every machine and install profile. ---
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_golden_exact_lossy_files_decode_to_the_same_pixels(version):
   """The committed files of each exact_lossy.npz version decode to the stored pixels
   everywhere: no platform in the hashes and no "another platform" escape
@@ -379,18 +384,19 @@ def test_golden_exact_lossy_files_decode_to_the_same_pixels(version):
 
 
 def test_reconverting_a_version_1_model_keeps_its_files(tmp_path):
-  """convert-exact on a version 1 model: a version 2 model that writes new files and
-  still decodes the version 1 model's golden files to their stored pixels."""
+  """convert-exact on a version 1 model: a model of today's version that writes new files
+  and still decodes the version 1 model's golden files to their stored pixels."""
   from golden.regenerate_exact_lossy import CASES, SETS, golden_tiles
 
   old = SETS[1]
   out = export.convert_exact(old.model, tmp_path / "v2")
   model = export.load_model(out)
   v1 = export.load_model(old.model)
-  assert model.exact_lossy.version == 2 and model.fingerprint != v1.fingerprint
+  assert model.exact_lossy.version == exact_lossy.VERSION
+  assert model.fingerprint != v1.fingerprint
   assert model.float_fingerprint == v1.float_fingerprint
   assert model.exact_lossy.synthesis_layout() == export.load_model(
-      SETS[2].model).exact_lossy.synthesis_layout()
+      SETS[exact_lossy.VERSION].model).exact_lossy.synthesis_layout()
   stored = json.loads(old.hashes.read_text())["cases"]
   with golden_tiles():
     for name, *_ in CASES:
@@ -416,7 +422,7 @@ def test_an_unknown_exact_lossy_version_is_refused(shipped):
   model, exact = shipped
   with np.load(io.BytesIO(exact_lossy.to_bytes(exact.exact_lossy))) as npz:
     arrays = {k: npz[k] for k in npz.files}
-  arrays["version"] = np.asarray([3], np.int64)
+  arrays["version"] = np.asarray([exact_lossy.VERSION + 1], np.int64)
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   with pytest.raises(exact_head.ConversionError, match="newer gvae-jax"):

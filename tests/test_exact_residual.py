@@ -240,3 +240,26 @@ def test_exact_residual_files_decode_alike_on_other_cpu_kinds(tmp_path):
     original = photo[:header.height, :header.width]
     assert np.abs(pixels.astype(int) - original).max() <= header.tau
   assert all(len(d) == 1 for d in digests.values()), digests
+
+
+@pytest.mark.parametrize("ladder", [(4096,), (3, 5, 7)])
+def test_exact_files_decode_alike_with_other_step_batch_sizes(tiny, monkeypatch, ladder):
+  """The pixels of a step are batched to a ladder of padded sizes (residual_plan); a
+  decoder that batches them otherwise (one big padded batch, or many odd small ones)
+  gets the same integers, for the lossy base and the flat base alike."""
+  from gvae_jax.coding import residual_plan
+
+  model = export.load_model(tiny[1])
+  pixels = make_image(29, 41, 8)
+  files = [codec.compress(model, pixels, rate=0.4, tau=tau, base="lossy") for tau in (0, 3)]
+  expected = [codec.decompress(model, data) for data in files]
+  monkeypatch.setattr(residual_plan, "_BUCKET_LADDER", ladder)
+  if ladder[-1] < 2048:  # above the ladder: multiples of 2048, so also patch that rule
+    monkeypatch.setattr(residual_plan, "bucket_size",
+                        lambda count: next((s for s in ladder if s >= count), -(-count // 7) * 7))
+  residual_plan.plan_steps.cache_clear()
+  try:
+    for data, pixels_then in zip(files, expected):
+      np.testing.assert_array_equal(codec.decompress(model, data), pixels_then)
+  finally:
+    residual_plan.plan_steps.cache_clear()

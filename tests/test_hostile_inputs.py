@@ -586,6 +586,23 @@ def test_shipped_default_models_exist_and_match_their_fingerprints():
   assert defaults.default_model(False) == defaults.LOSSY_MODEL
   assert defaults.default_model(True) == defaults.SCALABLE_MODEL
   assert defaults.model_for_fingerprint(b"\0" * 16) is None
+  # Retired shipped models: their files still decode without --model.
+  retired = sorted(defaults.RETIRED_MODELS_DIR.iterdir())
+  assert retired
+  for directory in retired:
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for key in ("fingerprint", "fingerprint_exact"):
+      assert defaults.model_for_fingerprint(bytes.fromhex(manifest[key])) == directory
+    for entry in manifest.get("previous_exact", []):
+      assert defaults.model_for_fingerprint(bytes.fromhex(entry["fingerprint"])) == directory
+
+
+def test_a_retired_shipped_models_file_decodes_without_model(tmp_path, rgb_png):
+  retired = sorted(defaults.RETIRED_MODELS_DIR.iterdir())[0]
+  result = gvae("compress", rgb_png, "old.gvae", "--model", retired, "--rate", 1, cwd=tmp_path)
+  assert result.returncode == 0, result.stderr
+  result = gvae("decompress", "old.gvae", "old.png", cwd=tmp_path)
+  assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
 def test_decompress_without_model_needs_a_shipped_model(tmp_path):

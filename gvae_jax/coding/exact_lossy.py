@@ -10,9 +10,11 @@ build. Encoder and decoder of an exact lossy file call these same functions
 (gvae_jax.coding.codec), so only integers decide the decoded bits and pixels.
 
 Arithmetic (activations in 2^-16 fixed point, exact_mixture.ACT_BITS, clipped
-to +-2^27, i.e. +-2048.0). exact_lossy.npz version 2 (written today):
+to +-2^27, i.e. +-2048.0). exact_lossy.npz version 3 (written today):
 
-  synthesis     int8 weights (per output channel: largest |w| -> 127) on
+  synthesis     the first convolution (latent resolution, the most sensitive
+  convolution   to weight precision) as the hyper convolutions below; the
+                others int8 weights (per output channel: largest |w| -> 127) on
   convolution   16-bit inputs: x in 2^-b units (b per layer, from a
                 calibration: the range is 4x the largest input the float64
                 synthesis of a generated image's latents reaches at the
@@ -52,9 +54,12 @@ fast CPU kernels; both are exact for these bounds). The 16-bit activations
 cost at most about 0.02 dB PSNR against the float synthesis; 8-bit ones cost
 0.3 dB and were rejected (experiments/results/README.md, "Exact lossy
 decoding"). The hyper synthesis runs at the latent resolution and keeps
-float64.
+float64, as does the synthesis' first convolution since version 3: with
+int8 weights it alone cost up to 0.09 dB on the better trained `small_long`
+model (kodim23 at s = 3), for under a tenth of the synthesis' work.
 
-Version 1 (the first exact_lossy.npz, no `version` member) used the hyper
+Version 2 (still read and decoded) had int8 weights in the first synthesis
+convolution too. Version 1 (the first exact_lossy.npz, no `version` member) used the hyper
 rule (float64) for the synthesis convolutions too and an inverse GDN with
 q in 2^-10 units, q^2 in two 21-bit limbs and two float64 matmuls; it is
 still read and decoded bit-exactly, so its files keep decoding with the
@@ -127,7 +132,8 @@ _GDN_SUM_LIMIT = (1 << (24 - _GDN_DIGIT_BITS)) - 1  # column sums of G: sums bel
 _GDN_MULTIPLIER_BITS = 16  # 1 / (G's scale) in [2^15, 2^16) times 2^-shift
 _GDN_ROOT_BITS = 8  # the root in 2^-(input_bits + 8) units: its floor costs no visible bias
 _GDN_NORM_LIMIT = 1 << (62 - 2 * _GDN_ROOT_BITS)  # so the shifted norm stays below 2^62
-VERSION = 2  # of exact_lossy.npz; 1 (float64 synthesis) is still read
+VERSION = 3  # of exact_lossy.npz; 1 (float64 synthesis) and 2 (all-int8 synthesis) are read
+_VERSIONS = (1, 2, 3)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,8 +191,11 @@ class ExactLossy:
   @property
   def version(self) -> int:
     """exact_lossy.npz's arithmetic: 1 float64 synthesis, 2 int8 convolutions and
-    16-bit inverse GDNs (module doc)."""
-    return 2 if isinstance(self.synthesis_convs[0], Int8Conv) else 1
+    16-bit inverse GDNs, 3 the same with the first convolution float64 (module doc)."""
+    convs = self.synthesis_convs
+    if isinstance(convs[0], Int8Conv):
+      return 2
+    return 3 if isinstance(convs[1], Int8Conv) else 1
 
   @property
   def rows_per_scale(self) -> int:
@@ -567,7 +576,7 @@ def convert_prior(model, params, exact: ExactLossy) -> Int8Conv:
   """The synthesis' prior head (u of lossy-base residual files, from the last hidden
   activation, like g_s's last conv) as an Int8Conv at that conv's input bits."""
   if exact.version < 2:
-    raise ConversionError("the prior head converts only with a version 2 synthesis")
+    raise ConversionError("the prior head converts only with a version 2 or 3 synthesis")
   if not model.prior_channels:
     raise ConversionError("the model has no prior head")
   p = params["g_s"]["prior_head"]["conv"]
@@ -710,8 +719,8 @@ def convert(model, params, y_index_bounds: np.ndarray) -> ExactLossy:
   largest = _calibrate(model, params, wide, wide_gdns, log2_inverse_gain)
   conv_bits = [_input_bits(peak) for peak in largest["conv"]]
   gdn_bits = [_input_bits(peak) for peak in largest["gdn"]]
-  convs = tuple(_quantise_conv8(k, b, f"g_s.deconv_{i}", True, bits)
-                for i, ((k, b), bits) in enumerate(zip(kernels, conv_bits)))
+  convs = (wide[0],) + tuple(_quantise_conv8(k, b, f"g_s.deconv_{i}", True, bits)
+                             for i, ((k, b), bits) in enumerate(zip(kernels, conv_bits)) if i)
   gdns = tuple(_quantise_gdn16(gs[f"igdn_{i}"], f"g_s.igdn_{i}", bits)
                for i, bits in enumerate(gdn_bits))
   bounds = np.asarray(y_index_bounds, np.float64)
@@ -814,7 +823,7 @@ def expected_shapes(model, scale_rows: int, version: int = VERSION) -> dict[str,
     for i, (c_in, c_out) in enumerate(dims):
       shapes.update({f"{prefix}.{i}.weight": (3, 3, c_in, c_out), f"{prefix}.{i}.bias": (c_out,),
                      f"{prefix}.{i}.shift": (c_out,)})
-      if prefix == "synthesis" and version >= 2:
+      if prefix == "synthesis" and _is_int8(version, i):
         shapes.update({f"{prefix}.{i}.multiplier": (c_out,), f"{prefix}.{i}.input_bits": (1,)})
   if version >= 2:
     shapes["version"] = (1,)
@@ -857,7 +866,7 @@ def from_bytes(data: bytes, model, scale_rows: int) -> ExactLossy:
       raise ConversionError(f"{EXACT_LOSSY_FILE} member {name} has the wrong shape or type")
 
   def conv(prefix, i, upsample):
-    if prefix == "synthesis" and version >= 2:
+    if prefix == "synthesis" and _is_int8(version, i):
       weight = arrays[f"{prefix}.{i}.weight"]
       if np.any(np.abs(weight) > WEIGHT_LIMIT):
         raise ConversionError(f"{EXACT_LOSSY_FILE} member {prefix}.{i}.weight is not int8")
@@ -899,6 +908,11 @@ def from_bytes(data: bytes, model, scale_rows: int) -> ExactLossy:
       arrays["thresholds"], int(model.m), 2 if model.is_asymmetric else 1)
 
 
+def _is_int8(version: int, layer: int) -> bool:
+  """Whether synthesis convolution `layer` has int8 weights in this version."""
+  return version == 2 or (version >= 3 and layer >= 1)
+
+
 def _read_version(archive: zipfile.ZipFile) -> int:
   """The version member of exact_lossy.npz (ConversionError if unknown)."""
   info = archive.getinfo("version.npy")
@@ -906,7 +920,8 @@ def _read_version(archive: zipfile.ZipFile) -> int:
     raise ConversionError(f"{EXACT_LOSSY_FILE} member version.npy is too large")
   with archive.open(info) as f:
     value = np.load(io.BytesIO(f.read()), allow_pickle=False)
-  if value.shape != (1,) or value.dtype != np.int64 or int(value[0]) not in (1, VERSION):
+  if value.shape != (1,) or value.dtype != np.int64 or int(value[0]) not in _VERSIONS:
     raise ConversionError(f"{EXACT_LOSSY_FILE} has version {value.ravel()[:1].tolist()}; this "
-                          f"gvae-jax reads versions 1 and {VERSION}: a newer gvae-jax wrote it")
+                          f"gvae-jax reads versions {', '.join(map(str, _VERSIONS))}: a newer "
+                          "gvae-jax wrote it")
   return int(value[0])

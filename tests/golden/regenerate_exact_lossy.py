@@ -6,9 +6,10 @@ version (modes EXACT_LOSSY and EXACT_LOSSY_TILED, format version 6).
 
 One set per exact_lossy.npz version (gvae_jax.coding.exact_lossy.VERSION):
 version 1 in tiny_exact_lossy_model, exact_lossy_hashes.json and exact_lossy/
-(frozen: today's code reads and decodes it but converts to version 2 only),
-version 2 in tiny_exact_lossy_v2_model, exact_lossy_v2_hashes.json and
-exact_lossy_v2/. Each model is the golden tiny model (tests/golden/tiny_model)
+(frozen: today's code reads and decodes it but converts to today's version
+only), version 2 in tiny_exact_lossy_v2_model, exact_lossy_v2_hashes.json and
+exact_lossy_v2/ (frozen likewise), version 3 in tiny_exact_lossy_v3_model,
+exact_lossy_v3_hashes.json and exact_lossy_v3/. Each model is the golden tiny model (tests/golden/tiny_model)
 converted with `gvae convert-exact` (gvae_jax.coding.export.convert_exact);
 the files are coded with the constriction coder (installed in every profile). Like the exact flat set they
 carry no platform: they must decode to the same pixels everywhere. (Only the
@@ -51,6 +52,8 @@ SETS = {
                  GOLDEN_DIR / "exact_lossy"),
     2: GoldenSet(2, GOLDEN_DIR / "tiny_exact_lossy_v2_model",
                  GOLDEN_DIR / "exact_lossy_v2_hashes.json", GOLDEN_DIR / "exact_lossy_v2"),
+    3: GoldenSet(3, GOLDEN_DIR / "tiny_exact_lossy_v3_model",
+                 GOLDEN_DIR / "exact_lossy_v3_hashes.json", GOLDEN_DIR / "exact_lossy_v3"),
 }
 
 # (name, height, width, seed, rate, grayscale)
