@@ -59,6 +59,9 @@ class Run:
   group: runs sharing a group form one RD curve (e.g. fixed-rate models).
   tau_rate: fixed base rate for the taus (`gvae eval --tau-rate`); None = per
     image, the smallest file's (slower: several model passes per image).
+  init_from: the name of an earlier training run of this sweep whose exported
+    model warm-starts this one (`train.init_from`, e.g. gain units fine-tuned
+    from a fixed-rate model); this run starts when that one has exported.
   """
   name: str
   config: str | None = None
@@ -69,6 +72,7 @@ class Run:
   taus: Sequence[int] | None = None
   group: str | None = None
   tau_rate: float | None = None
+  init_from: str | None = None
   # Ray engine: this run's resource request, e.g. {"num_cpus": 8, "num_gpus": 1}.
   resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
@@ -99,6 +103,16 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
   for run in sweep.runs:
     if (run.config is None) == (run.model is None):
       raise SweepError(f"{path}: run {run.name!r} needs exactly one of config= and model=")
+  trained_before = set()
+  for run in sweep.runs:
+    if run.init_from is not None:
+      if run.config is None:
+        raise SweepError(f"{path}: run {run.name!r} has init_from but trains nothing (no config=)")
+      if run.init_from not in trained_before:
+        raise SweepError(f"{path}: run {run.name!r}: init_from={run.init_from!r} must name a "
+                         "training run listed before it")
+    if run.config is not None:
+      trained_before.add(run.name)
   for owner, resources in [("the sweep", sweep.resources)] + [
       (f"run {run.name!r}", run.resources) for run in sweep.runs]:
     _check_resources(resources, f"{path}: {owner}")
@@ -148,8 +162,9 @@ def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: i
   if run.config is not None:
     workdir = run_dir / "work"
     model = str(run_dir / "model")
+    warm = [f"--config.train.init_from={out / run.init_from / 'model'}"] if run.init_from else []
     train = _gvae("train", "--config", _resolve(run.config), "--workdir", str(workdir),
-                  "--no-progress", *train_overrides,
+                  "--no-progress", *train_overrides, *warm,
                   *[f"--config.{k}={_format_value(v)}" for k, v in run.overrides.items()])
     stages.append(("train", train, Path(model) / "manifest.json"))
     export = _gvae("export", "--workdir", str(workdir), "--out", model, "--force")
@@ -207,6 +222,20 @@ def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
   return status
 
 
+def _run_after(dependency: dict | None, run: Run, sweep: Sweep, out: Path, *args) -> dict:
+  """`_run_one` once the run it warm-starts from has finished (its status given;
+  None: that run is not part of this invocation, so its model must exist)."""
+  if run.init_from:
+    failed = dependency.get("failed") if dependency else False
+    model = out / run.init_from / "model" / "manifest.json"
+    dry_run = args[2]
+    if failed or (not dry_run and not model.exists()):
+      why = "failed" if failed else f"has no exported model ({model})"
+      args[3](f"[{run.name}] not started: run {run.init_from!r}, which it starts from, {why}")
+      return {"name": run.name, "stages": {}, "failed": True}
+  return _run_one(run, sweep, out, *args)
+
+
 def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str | None = None,
               max_images: int | None = None, only: Sequence[str] = (), dry_run: bool = False,
               echo=print, train_overrides: Sequence[str] = (), engine: str = "local",
@@ -235,8 +264,13 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str |
   if engine == "ray":
     return _run_on_ray(runs, args, echo, train_overrides, resources, ray_address)
   with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-    futures = [pool.submit(_run_one, run, *args, echo, train_overrides) for run in runs]
-    return [f.result() for f in futures]
+    futures = {}
+    for run in runs:  # a dependency is listed (so submitted) first: waiting on it cannot deadlock
+      dependency = futures.get(run.init_from)
+      futures[run.name] = pool.submit(
+          lambda run, dependency: _run_after(dependency and dependency.result(), run, *args,
+                                             echo, train_overrides), run, dependency)
+    return [futures[run.name].result() for run in runs]
 
 
 def _run_on_ray(runs, args, echo, train_overrides, resources, ray_address) -> list[dict]:
@@ -258,13 +292,15 @@ def _run_on_ray(runs, args, echo, train_overrides, resources, ray_address) -> li
       where = ray_address or os.environ.get("RAY_ADDRESS") or "a new local cluster"
       raise SweepError(f"cannot start or reach Ray ({where}): {str(e).splitlines()[0]}") from e
   try:
-    task = ray.remote(_run_one)
-    refs = []
+    task = ray.remote(_run_after)
+    refs = {}
     for run in runs:
       request = run_resources(run, args[0], resources)
       echo(f"[{run.name}] submitted to Ray ({', '.join(f'{k}={v}' for k, v in request.items())})")
-      refs.append(task.options(**request).remote(run, *args, print, tuple(train_overrides)))
-    return ray.get(refs)
+      # Ray starts the task once the dependency's status (an object ref argument) exists.
+      refs[run.name] = task.options(**request).remote(
+          refs.get(run.init_from), run, *args, print, tuple(train_overrides))
+    return ray.get([refs[run.name] for run in runs])
   finally:
     if started_here:
       ray.shutdown()

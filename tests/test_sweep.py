@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,10 @@ def write_sweep(tmp_path, body: str) -> Path:
      "unique"),
     ("def get_sweep():\n  return Sweep('s', 'd', [Run('a')])\n", "exactly one"),
     ("def get_sweep():\n  raise KeyError('boom')\n", "boom"),
+    ("def get_sweep():\n  return Sweep('s', 'd', [Run('b', 'c.py', init_from='a'), "
+     "Run('a', 'c.py')])\n", "listed before it"),
+    ("def get_sweep():\n  return Sweep('s', 'd', [Run('a', 'c.py'), "
+     "Run('b', model='/m', init_from='a')])\n", "trains nothing"),
 ])
 def test_bad_sweep_files_are_refused(tmp_path, body, message):
   with pytest.raises(sweep_lib.SweepError, match=message):
@@ -112,6 +117,48 @@ def test_a_failed_stage_stops_its_run_and_is_reported(tmp_path, monkeypatch):
   assert statuses[0]["failed"] and list(statuses[0]["stages"]) == ["train"]
   assert statuses[1]["failed"]
   assert (tmp_path / "out" / "a" / "train.log").exists()
+
+
+def test_a_run_warm_started_from_another_waits_for_it(tmp_path, monkeypatch):
+  sweep = Sweep("s", "d", [Run("base", "experiments/configs/tiny.py"),
+                           Run("slow", model="/m"),
+                           Run("tuned", "experiments/configs/tiny.py", init_from="base")])
+  train = sweep_lib.stage_commands(sweep.runs[2], sweep, tmp_path, "imgs", 0)[0][1]
+  assert f"--config.train.init_from={tmp_path / 'base' / 'model'}" in train
+  finished = []
+
+  def fake_run(command, **kwargs):
+    stage, name = command[3], Path(command[command.index("--workdir" if "--workdir" in command
+                                                         else "--model") + 1]).parent.name
+    if stage == "train" and name == "tuned":  # its base has exported by now
+      assert (tmp_path / "base" / "model" / "manifest.json").exists()
+    if stage == "export":
+      (tmp_path / name / "model").mkdir(parents=True, exist_ok=True)
+      (tmp_path / name / "model" / "manifest.json").write_text("{}")
+    if stage == "train" and name == "base":
+      time.sleep(0.5)  # the other worker is free to start "tuned" meanwhile
+    finished.append((name, stage))
+    return subprocess.CompletedProcess(command, 0)
+
+  monkeypatch.setattr(sweep_lib.subprocess, "run", fake_run)
+  images = tmp_path / "imgs"
+  images.mkdir()
+  statuses = sweep_lib.run_sweep(sweep, tmp_path, images=str(images), jobs=2,
+                                 echo=lambda *_: None)
+  assert not any(s.get("failed") for s in statuses)
+  assert finished.index(("base", "export")) < finished.index(("tuned", "train"))
+  # A failed base: the dependent run is reported, not started.
+  monkeypatch.setattr(sweep_lib.subprocess, "run",
+                      lambda command, **kw: subprocess.CompletedProcess(command, 3))
+  messages = []
+  statuses = sweep_lib.run_sweep(sweep, tmp_path / "again", images=str(images), jobs=2,
+                                 echo=messages.append)
+  assert statuses[2] == {"name": "tuned", "stages": {}, "failed": True}
+  assert any("not started" in m and "'base'" in m for m in messages)
+  # Only the dependent run, its base not trained: refused the same way.
+  statuses = sweep_lib.run_sweep(sweep, tmp_path / "third", images=str(images),
+                                 only=["tuned"], echo=messages.append)
+  assert statuses[0]["failed"] and "has no exported model" in messages[-1]
 
 
 def fake_results(rows):

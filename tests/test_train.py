@@ -187,6 +187,37 @@ def test_warm_start_copies_matching_lossy_parameters(repo_root, tmp_path):
     checkpoints.warm_start(state.params, tmp_path / "nothing")
 
 
+def test_warm_start_spreads_a_fixed_rate_models_gains_over_the_levels(repo_root, tmp_path):
+  """The fine-tune protocol: gain units added to a trained fixed-rate model
+  give, at the level of its lambda, the fixed model's reconstruction."""
+  from gvae_jax.coding.export import export_params
+  lambdas = ["--config.train.lambdas=(0.0067,0.025,0.0932)", "--config.model.levels=3"]
+  fixed_cfg = load_config(str(repo_root / "experiments/configs/tiny.py"), [
+      "--config.train.lambdas=(0.025,)", "--config.model.levels=1"])
+  fixed_model = build_model(fixed_cfg)
+  fixed = train.create_train_state(jax.random.PRNGKey(5), fixed_cfg, fixed_model).params
+  # A trained fixed model's gains are not ones: make them arbitrary positive rows.
+  fixed = jax.tree_util.tree_map_with_path(
+      lambda path, v: (v * (1 + jax.random.uniform(jax.random.PRNGKey(len(path)), v.shape))
+                       if path[-1].key == "table" else v), fixed)
+  export_params(fixed_cfg, fixed, tmp_path / "fixed")
+  gained_cfg = load_config(str(repo_root / "experiments/configs/tiny.py"), lambdas)
+  gained_model = build_model(gained_cfg)
+  state = train.create_train_state(jax.random.PRNGKey(6), gained_cfg, gained_model)
+  params, copied = checkpoints.warm_start(state.params, tmp_path / "fixed")
+  assert copied == len(jax.tree_util.tree_leaves(fixed))  # the gain tables too
+  tables = [k for k in jax.tree_util.tree_leaves_with_path(params) if k[0][-1].key == "table"]
+  assert tables and all(np.shape(v)[0] == 3 for _, v in tables)
+  x = jax.random.uniform(jax.random.PRNGKey(2), (1, 32, 32, 3))
+  want = fixed_model.apply({"params": fixed}, x, jnp.zeros((1,)))
+  got = gained_model.apply({"params": params}, x, jnp.ones((1,)))  # level 1: lambda 0.025
+  np.testing.assert_allclose(got["x_tilde"], want["x_tilde"], rtol=2e-3, atol=2e-3)  # row 1.0002, not 1
+  np.testing.assert_allclose(got["bits_y"], want["bits_y"], rtol=1e-2)
+  # The other levels start apart (their initial gain rows), so their rates differ.
+  low = gained_model.apply({"params": params}, x, jnp.zeros((1,)))
+  assert float(low["bits_y"][0]) < float(want["bits_y"][0])
+
+
 def test_bfloat16_option_computes_convolutions_in_bf16_with_float32_outputs(repo_root):
   config = load_config(str(repo_root / "experiments/configs/tiny.py"))
   model = build_model(config)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from gvae_jax import config as config_lib
@@ -99,16 +100,18 @@ def restore_latest(mngr: ocp.CheckpointManager, state):
         f"model ({type(e).__name__}: {str(e)[:300]})") from e
 
 
-def warm_start(params, model_dir: str | Path):
+def warm_start(params, model_dir: str | Path, gain_parameterization: str | None = None):
   """Copies every parameter of an exported model whose path and shape match.
 
   For fine-tuning: a scalable model can start from a trained lossy model
   (whose tree then sits under 'lossy'), new parts keep their initialisation.
-  The model is read with export.load_model (fingerprint checked). Returns
+  A fixed-rate model's single gain row fills every level of a gained
+  model's table (`_expand_gain_table`; gain_parameterization: this model's,
+  default the source's). The model is read with export.load_model
+  (fingerprint checked). Returns
   the new params and the number of arrays copied.
   """
   import flax
-  import numpy as np
 
   from gvae_jax.coding import export
 
@@ -121,6 +124,7 @@ def warm_start(params, model_dir: str | Path):
     raise UserError(f"--config.train.init_from: {e}") from e
   source = flax.traverse_util.flatten_dict(flax.core.unfreeze(exported.params))
   target = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  source_parameterization = exported.config.model.get("gain_parameterization", "abs")
   copied = 0
   for key, value in target.items():
     for candidate in (key, key[1:]):  # same path, or the path below a wrapper ('lossy', ...)
@@ -129,9 +133,37 @@ def warm_start(params, model_dir: str | Path):
         target[key] = np.asarray(found, value.dtype)
         copied += 1
         break
+      if found is not None and _is_single_level_gain(key, found, value):
+        target[key] = _expand_gain_table(np.asarray(found), np.asarray(value),
+                                         source_parameterization,
+                                         gain_parameterization or source_parameterization)
+        copied += 1
+        break
   if copied == 0:
     raise UserError(f"--config.train.init_from: no parameter of {model_dir} fits this model")
   return flax.traverse_util.unflatten_dict(target), copied
+
+
+def _is_single_level_gain(key: tuple, source, target) -> bool:
+  return (key[-1] == "table" and np.ndim(source) == 2 and np.shape(source)[0] == 1
+          and np.ndim(target) == 2 and np.shape(source)[1] == np.shape(target)[1])
+
+
+def _expand_gain_table(source: np.ndarray, init: np.ndarray, source_parameterization: str,
+                       parameterization: str):
+  """A fixed-rate model's one gain row spread over a gained model's levels.
+
+  The fine-tune protocol (gain units added to a trained fixed-rate model):
+  level i starts at the trained row times the level's own initial gain
+  (gain.lambda_init_rows: 1 at the geometric-mean lambda), so the level whose
+  lambda the fixed model was trained for reproduces it exactly when that
+  lambda is the geometric mean.
+  """
+  from gvae_jax import gain
+
+  trained = np.asarray(gain.to_positive(source, source_parameterization), np.float64)
+  rows = np.asarray(gain.to_positive(init, parameterization), np.float64)
+  return gain.from_positive(trained * rows, parameterization).astype(init.dtype)
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

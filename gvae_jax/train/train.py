@@ -250,7 +250,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
   init_rng, step_rng = jax.random.split(rng)
   state = create_train_state(init_rng, config, model)
   if config.train.init_from:
-    params, copied = checkpoints.warm_start(state.params, config.train.init_from)
+    params, copied = checkpoints.warm_start(state.params, config.train.init_from,
+                                             config.model.gain_parameterization)
     state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
                           opt_state=state.tx.init(params))
     logging.warning("warm start: %d parameter arrays from %s", copied, config.train.init_from)
