@@ -161,8 +161,9 @@ def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: i
   model = run.model and _resolve(run.model)
   if run.config is not None:
     workdir = run_dir / "work"
-    model = str(run_dir / "model")
-    warm = [f"--config.train.init_from={out / run.init_from / 'model'}"] if run.init_from else []
+    model = str(_trained_model(out, run.name))
+    warm = ([f"--config.train.init_from={_trained_model(out, run.init_from)}"]
+            if run.init_from else [])
     train = _gvae("train", "--config", _resolve(run.config), "--workdir", str(workdir),
                   "--no-progress", *train_overrides, *warm,
                   *[f"--config.{k}={_format_value(v)}" for k, v in run.overrides.items()])
@@ -183,6 +184,11 @@ def stage_commands(run: Run, sweep: Sweep, out: Path, images: str, max_images: i
     evaluate += ["--override", f"{key}={_format_value(value)}"]
   stages.append(("eval", evaluate, run_dir / "eval" / "results.json"))
   return stages
+
+
+def _trained_model(out: Path, name: str) -> Path:
+  """Where a training run of the sweep exports its model."""
+  return out / name / "model"
 
 
 _COMMAND_PREFIX = "$ "  # a stage log's line that records the command it ran
@@ -222,18 +228,18 @@ def _run_one(run: Run, sweep: Sweep, out: Path, images: str, max_images: int,
   return status
 
 
-def _run_after(dependency: dict | None, run: Run, sweep: Sweep, out: Path, *args) -> dict:
+def _run_after(dependency: dict | None, run: Run, sweep: Sweep, out: Path, images: str,
+               max_images: int, dry_run: bool, echo, train_overrides: Sequence[str] = ()) -> dict:
   """`_run_one` once the run it warm-starts from has finished (its status given;
   None: that run is not part of this invocation, so its model must exist)."""
   if run.init_from:
-    failed = dependency.get("failed") if dependency else False
-    model = out / run.init_from / "model" / "manifest.json"
-    dry_run = args[2]
+    failed = bool(dependency and dependency.get("failed"))
+    model = _trained_model(out, run.init_from) / "manifest.json"
     if failed or (not dry_run and not model.exists()):
       why = "failed" if failed else f"has no exported model ({model})"
-      args[3](f"[{run.name}] not started: run {run.init_from!r}, which it starts from, {why}")
+      echo(f"[{run.name}] not started: run {run.init_from!r}, which it starts from, {why}")
       return {"name": run.name, "stages": {}, "failed": True}
-  return _run_one(run, sweep, out, *args)
+  return _run_one(run, sweep, out, images, max_images, dry_run, echo, train_overrides)
 
 
 def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str | None = None,
@@ -264,12 +270,12 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, jobs: int = 1, images: str |
   if engine == "ray":
     return _run_on_ray(runs, args, echo, train_overrides, resources, ray_address)
   with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    def after(dependency, run):
+      return _run_after(dependency and dependency.result(), run, *args, echo, train_overrides)
+
     futures = {}
     for run in runs:  # a dependency is listed (so submitted) first: waiting on it cannot deadlock
-      dependency = futures.get(run.init_from)
-      futures[run.name] = pool.submit(
-          lambda run, dependency: _run_after(dependency and dependency.result(), run, *args,
-                                             echo, train_overrides), run, dependency)
+      futures[run.name] = pool.submit(after, futures.get(run.init_from), run)
     return [futures[run.name].result() for run in runs]
 
 

@@ -129,16 +129,18 @@ def warm_start(params, model_dir: str | Path, gain_parameterization: str | None 
   for key, value in target.items():
     for candidate in (key, key[1:]):  # same path, or the path below a wrapper ('lossy', ...)
       found = source.get(candidate)
-      if found is not None and np.shape(found) == value.shape:
+      if found is None:
+        continue
+      if np.shape(found) == value.shape:
         target[key] = np.asarray(found, value.dtype)
-        copied += 1
-        break
-      if found is not None and _is_single_level_gain(key, found, value):
+      elif _is_single_level_gain(key, found, value):
         target[key] = _expand_gain_table(np.asarray(found), np.asarray(value),
                                          source_parameterization,
                                          gain_parameterization or source_parameterization)
-        copied += 1
-        break
+      else:
+        continue
+      copied += 1
+      break
   if copied == 0:
     raise UserError(f"--config.train.init_from: no parameter of {model_dir} fits this model")
   return flax.traverse_util.unflatten_dict(target), copied
