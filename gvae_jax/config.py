@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Entropy model of y: "symmetric" (Gaussian conditional) or "asymmetric"
   # (G-VAE's two scales around the mean): gvae_jax/models/hyperprior.py
   config.model.entropy_model = "symmetric"
+  # Rate of y in training and estimates: "likelihood" (-log2 of the model's
+  # likelihood) or "coded" (what the range coder pays, escapes included).
+  config.model.y_rate = "likelihood"
   # Residual layer of scalable_gained_hyperprior (SNIC sizes; DLPR: 7x7, 256).
   config.model.residual = ml_collections.ConfigDict()
   config.model.residual.context_channels = 64
@@ -178,7 +181,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 RESIDUAL_KEYS_IMPLIED_WHEN_ABSENT = {"correction": "separate", "mean_scale": 1.0,
                                      "ar_on_errors": False}
 # The same for keys of config.model itself.
-MODEL_KEYS_IMPLIED_WHEN_ABSENT = {"entropy_model": "symmetric"}
+MODEL_KEYS_IMPLIED_WHEN_ABSENT = {"entropy_model": "symmetric", "y_rate": "likelihood"}
 
 
 def model_fingerprint(config: ml_collections.ConfigDict) -> str:

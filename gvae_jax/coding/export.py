@@ -97,7 +97,7 @@ from scipy import special
 from gvae_jax import config as config_lib
 from gvae_jax import fileio
 from gvae_jax.coding import container, exact_head, exact_lossy, exact_residual, flat_head
-from gvae_jax.entropy import asymmetric_gaussian, gaussian
+from gvae_jax.entropy import asymmetric_gaussian, coded_rate, gaussian
 from gvae_jax.entropy.cdf_tables import CdfTable
 from gvae_jax.errors import UserError
 from gvae_jax.models import build_model
@@ -120,8 +120,9 @@ MAX_FILE_BYTES = {PARAMS_FILE: 1 << 30, CONFIG_FILE: 1 << 20, TABLES_FILE: 64 <<
                   EXACT_RESIDUAL_FILE: 1 << 30}
 MAX_TABLE_MEMBER_BYTES = 64 << 20
 
-DEFAULT_TAIL_MASS = 1e-4  # total probability left to the escape, per row
-DEFAULT_PRECISION = 16
+# The y rate "coded" (gvae_jax.entropy.coded_rate) models tables built with these.
+DEFAULT_TAIL_MASS = coded_rate.TAIL_MASS  # total probability left to the escape, per row
+DEFAULT_PRECISION = coded_rate.PRECISION
 MAX_Z_SYMBOLS = 4096  # a wider (untrained) channel density is clipped; the rest escapes
 _BISECTION_STEPS = 64
 _TAIL_BRACKET_LIMIT = 2.0**24
@@ -305,7 +306,7 @@ def build_y_table(scales: np.ndarray, tail_mass: float = DEFAULT_TAIL_MASS,
                   precision: int = DEFAULT_PRECISION) -> CdfTable:
   """One row per table scale: symbols round(y' - mean) in [-h, h] (module doc)."""
   scales = np.asarray(scales, np.float64)
-  half = np.ceil(-special.ndtri(tail_mass / 2) * scales).astype(np.int64)
+  half = coded_rate.half_widths(scales, tail_mass)
   width = int(2 * half.max() + 1)
   values = np.abs(np.arange(width)[None, :] - half[:, None]).astype(np.float64)
   sigma = scales[:, None]
@@ -326,7 +327,7 @@ def build_asymmetric_y_table(scales: np.ndarray, tail_mass: float = DEFAULT_TAIL
   """
   scales = np.asarray(scales, np.float64)
   levels = len(scales)
-  half = np.ceil(-special.ndtri(tail_mass / 2) * scales).astype(np.int64)
+  half = coded_rate.half_widths(scales, tail_mass)
   left = np.repeat(np.arange(levels), levels)  # row r = left[r] * levels + right[r]
   right = np.tile(np.arange(levels), levels)
   lengths = half[left] + half[right] + 1

@@ -9,6 +9,11 @@ Entropy model of y' (config `entropy_model`):
 - "asymmetric" (G-VAE): h_s predicts (mu, sigma_left, sigma_right), the two
   scales of the asymmetric Gaussian (gvae_jax.entropy.asymmetric_gaussian).
 
+Rate of y (config `y_rate`), in training and in the estimates:
+- "likelihood" (default): -log2 of the model's bin likelihood, unbounded.
+- "coded": what the range coder pays for the symbol under the exported
+  tables, in-range floor and escapes included (gvae_jax.entropy.coded_rate).
+
 Quantisation in training (config `quantization`):
 - "mixed" (default, Minnen & Singh 2020): additive uniform noise for the rate
   terms, straight-through rounding (around mu for y) for what the synthesis
@@ -25,12 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from gvae_jax import gain as gain_lib
-from gvae_jax.entropy import DeepFactorized, asymmetric_gaussian, gaussian
+from gvae_jax.entropy import DeepFactorized, asymmetric_gaussian, coded_rate, gaussian
 from gvae_jax.models.transforms import Analysis, HyperAnalysis, HyperSynthesis, Synthesis
 from gvae_jax.ops import crop, lower_bound, pad_to_multiple, round_st
 
 QUANTIZATIONS = ("mixed", "noise")
 ENTROPY_MODELS = ("symmetric", "asymmetric")
+Y_RATES = ("likelihood", "coded")
 LIKELIHOOD_BOUND = 1e-9  # floor of the z likelihoods (factorized model)
 
 
@@ -44,6 +50,7 @@ class GainedMeanScaleHyperprior(nn.Module):
   quantization: str = "mixed"
   prior_channels: int = 0  # residual-prior features u from the synthesis (0 = none)
   entropy_model: str = "symmetric"  # or "asymmetric" (module doc)
+  y_rate: str = "likelihood"  # or "coded" (module doc)
   # Compute dtype of the transforms' convolutions (training option; None =
   # float32). The gains, entropy models and likelihoods are always float32.
   compute_dtype: str | None = None
@@ -57,6 +64,8 @@ class GainedMeanScaleHyperprior(nn.Module):
     if self.entropy_model not in ENTROPY_MODELS:
       raise ValueError(f"unknown entropy_model {self.entropy_model!r}; "
                        f"choose one of {ENTROPY_MODELS}")
+    if self.y_rate not in Y_RATES:
+      raise ValueError(f"unknown y_rate {self.y_rate!r}; choose one of {Y_RATES}")
     dtype = None if self.compute_dtype in (None, "float32") else jnp.dtype(self.compute_dtype)
     self.g_a = Analysis(self.n, self.m, dtype=dtype)
     self.g_s = Synthesis(self.n, prior_channels=self.prior_channels, dtype=dtype)
@@ -109,6 +118,14 @@ class GainedMeanScaleHyperprior(nn.Module):
       return asymmetric_gaussian.log_likelihood(values, *scale)
     return gaussian.log_likelihood(values, scale)
 
+  def y_bits(self, values: jax.Array, scale) -> jax.Array:
+    """Bits of each v = y' - mean under `scale`, by the configured `y_rate`."""
+    if self.y_rate == "coded":
+      if self.is_asymmetric:
+        return coded_rate.asymmetric_bits(values, *scale)
+      return coded_rate.symmetric_bits(values, scale)
+    return -self.y_log_likelihood(values, scale) / jnp.log(2.0)
+
   def synthesize(self, y_hat: jax.Array, s: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Quantised y' -> (reconstruction in ~[0, 1], residual-prior features or None)."""
     return self.g_s(y_hat * self.inverse_gain(s))
@@ -145,13 +162,13 @@ class GainedMeanScaleHyperprior(nn.Module):
     else:
       y_hat = jnp.round(y - mean) + mean
       y_rate_input = y_hat
-    y_log_lik = self.y_log_likelihood(y_rate_input - mean, scale)
+    y_bits = self.y_bits(y_rate_input - mean, scale)
 
     x_tilde, u = self.synthesize(y_hat, s)
     bits = lambda lik: -jnp.sum(jnp.log2(lik), axis=(1, 2, 3))
     out = {
         "x_tilde": crop(x_tilde, size),
-        "bits_y": -jnp.sum(y_log_lik, axis=(1, 2, 3)) / jnp.log(2.0),
+        "bits_y": jnp.sum(y_bits, axis=(1, 2, 3)),
         "bits_z": bits(z_lik),
     }
     if u is not None:

@@ -53,7 +53,8 @@ def _gained_hyperprior(config, prior_channels: int | None = None) -> GainedMeanS
       gain_init_rows=rows,
       quantization=m.quantization,
       prior_channels=m.get("prior_channels", 0) if prior_channels is None else prior_channels,
-      entropy_model=m.get("entropy_model", MODEL_KEYS_IMPLIED_WHEN_ABSENT["entropy_model"]))
+      entropy_model=m.get("entropy_model", MODEL_KEYS_IMPLIED_WHEN_ABSENT["entropy_model"]),
+      y_rate=m.get("y_rate", MODEL_KEYS_IMPLIED_WHEN_ABSENT["y_rate"]))
 
 
 def build_residual(config) -> ResidualModel:
