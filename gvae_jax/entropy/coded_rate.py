@@ -26,6 +26,8 @@ scale for P.
 """
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 import numpy as np
@@ -43,10 +45,16 @@ def half_widths(scales: np.ndarray, tail_mass: float = TAIL_MASS) -> np.ndarray:
   return np.ceil(-special.ndtri(tail_mass / 2) * np.asarray(scales, np.float64)).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=None)
+def _table_half_widths(tail_mass: float) -> np.ndarray:
+  """h of every row of gaussian.scale_table(), float32 (computed once per tail mass)."""
+  return half_widths(gaussian.scale_table(), tail_mass).astype(np.float32)
+
+
 def _row_half_widths(scale, tail_mass: float) -> jnp.ndarray:
-  table = gaussian.scale_table()
-  half = jnp.asarray(half_widths(table, tail_mass), jnp.float32)
-  return half[gaussian.scale_to_index(scale, table)]
+  """h of the table row the coder uses for each scale."""
+  return jnp.asarray(_table_half_widths(tail_mass))[
+      gaussian.scale_to_index(scale, gaussian.scale_table())]
 
 
 def _varint_bits(code: jnp.ndarray) -> jnp.ndarray:
