@@ -8,7 +8,9 @@ gvae_jax.eval.quality.
 
 `lossy_bits`: bits_y and bits_z of an exported model's lossy layer at
 train=False, the estimate that `gvae eval` and the report put next to the
-real file size.
+real file size; `y_rate` picks the model's own rate of y or the coded one
+(what the range coder pays under the exported tables, escapes included;
+models.hyperprior), whatever the model was trained with.
 """
 from __future__ import annotations
 
@@ -85,9 +87,15 @@ def _lossy_bits(model, params, pixels, s):
   return out["bits_y"][0], out["bits_z"][0]
 
 
-def lossy_bits(exported, pixels: np.ndarray, rate) -> tuple[float, float]:
-  """(bits_y, bits_z) of an ExportedModel's lossy layer for uint8 RGB [H, W, 3] at rate s."""
+def lossy_bits(exported, pixels: np.ndarray, rate,
+               y_rate: str | None = None) -> tuple[float, float]:
+  """(bits_y, bits_z) of an ExportedModel's lossy layer for uint8 RGB [H, W, 3] at rate s.
+
+  y_rate: None for the model's configured rate of y, else "likelihood" or "coded".
+  """
   s = jnp.full((1,), np.float32(rate), jnp.float32)
-  bits_y, bits_z = _lossy_bits(exported.lossy_model, exported.lossy_params,
-                               jnp.asarray(pixels), s)
+  model = exported.lossy_model
+  if y_rate is not None and y_rate != model.y_rate:
+    model = model.clone(y_rate=y_rate)  # same parameters: y_rate only changes the rate term
+  bits_y, bits_z = _lossy_bits(model, exported.lossy_params, jnp.asarray(pixels), s)
   return float(bits_y), float(bits_z)
