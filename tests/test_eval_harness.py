@@ -87,6 +87,15 @@ def test_outputs_and_json_fields(lossy_run, images):
         10 * np.log10(255**2 / np.mean([r["mse"] for r in rows])))
     assert mean["ms_ssim"] is None  # 48x40 is below MS-SSIM's 161 pixels
     assert mean["estimated_bits"] > 0 and "file_vs_estimate_percent" in mean
+    assert mean["coded_estimated_bits"] == pytest.approx(
+        np.mean([r["coded_estimated_bits"] for r in rows]))
+    assert mean["file_vs_coded_estimate_percent"] == pytest.approx(
+        100 * (8 * mean["bytes"] / mean["coded_estimated_bits"] - 1))
+    # The coded estimate differs from the likelihood one (floor and escapes), and
+    # the y and z sections are within 10 % of it (the 55-byte header aside).
+    assert all(r["coded_estimated_bits"] != r["estimated_bits"] for r in rows)
+    for r in rows:
+      assert abs(r["lossy_bits"] / r["coded_estimated_bits"] - 1) < 0.10, r
   assert "MS-SSIM is undefined" in data["notes"][0]
   assert means[("png", None)]["max_error"] == 0 and means[("png", None)]["tau"] == 0
   (bd,) = data["bd_rates"]
@@ -187,6 +196,7 @@ def test_near_lossless_bound_sizes_estimates_and_jpegls(scalable, tmp_path):
     assert row["estimate_residual_bits"] > 0 and row["residual_bits"] > 0
     assert row["estimated_bits"] == pytest.approx(row["estimate_lossy_bits"]
                                                   + row["estimate_residual_bits"])
+    assert row["coded_estimated_bits"] > row["estimate_residual_bits"]
     assert row["bytes"] * 8 > row["lossy_bits"] + row["residual_bits"]  # + the header
   near = [m for m in results["means"] if m["codec"] == "jpegls-near"]
   assert [m["tau"] for m in near] == [2]  # JPEG-LS NEAR at the run's taus >= 1

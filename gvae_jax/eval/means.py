@@ -57,6 +57,7 @@ def compute_means(rows: Sequence[dict]) -> list[dict]:
           estimated_bpsp=_mean(r.get("estimated_bpsp") for r in ok),
           estimate_lossy_bits=_mean(r.get("estimate_lossy_bits") for r in ok),
           estimate_residual_bits=_mean(r.get("estimate_residual_bits") for r in ok),
+          coded_estimated_bits=_mean(r.get("coded_estimated_bits") for r in ok),
           lossy_bits=_mean(r.get("lossy_bits") for r in ok),
           residual_bits=_mean(r.get("residual_bits") for r in ok))
       if any(r.get("base") for r in ok):
@@ -64,6 +65,9 @@ def compute_means(rows: Sequence[dict]) -> list[dict]:
       if mean["estimated_bits"]:
         mean["file_vs_estimate_percent"] = 100.0 * (
             8.0 * mean["bytes"] / mean["estimated_bits"] - 1.0)
+      if mean.get("coded_estimated_bits"):
+        mean["file_vs_coded_estimate_percent"] = 100.0 * (
+            8.0 * mean["bytes"] / mean["coded_estimated_bits"] - 1.0)
       if mean.get("estimate_residual_bits"):
         mean["residual_vs_estimate_percent"] = 100.0 * (
             mean["residual_bits"] / mean["estimate_residual_bits"] - 1.0)
