@@ -56,3 +56,22 @@ def test_bad_y_rate_is_refused():
   model = GainedMeanScaleHyperprior(n=8, m=8, levels=2, y_rate="exact")
   with pytest.raises(ValueError, match="y_rate"):
     model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))
+
+
+def test_escape_pricing_stays_in_step_with_the_coder():
+  """coded_rate restates coder.escape_codes and varint's byte count in jnp (entropy sits
+  below coding); this ties the two copies together on every value float32 holds exactly
+  (|v| < 2**24, up to 4-byte varints), far beyond any latent a model produces."""
+  from gvae_jax.coding import coder, varint
+
+  half_left, half_right = 7, 11
+  lengths = half_left + half_right + 1
+  magnitudes = np.unique(np.concatenate([np.arange(1, 300), 2 ** np.arange(6, 24) - 1,
+                                         2 ** np.arange(6, 24) - half_right - 1]))
+  values = np.concatenate([half_right + magnitudes, -half_left - magnitudes]).astype(np.float64)
+  zero = jnp.zeros(values.shape)  # log_p = log_escape = 0: only the varint bits remain
+  bits = np.asarray(coded_rate._coded_bits(jnp.asarray(values), zero, zero, half_left,
+                                           half_right, 16))
+  codes = coder.escape_codes(values.astype(np.int64) + half_left, np.full(values.shape, lengths))
+  want = np.asarray([8 * len(varint.encode([int(c)])) for c in codes], np.float64)
+  np.testing.assert_array_equal(bits, want)
