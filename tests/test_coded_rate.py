@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gvae_jax.coding import coder, varint
 from gvae_jax.entropy import asymmetric_gaussian, coded_rate, gaussian
 from gvae_jax.models import GainedMeanScaleHyperprior
 
@@ -62,8 +63,6 @@ def test_escape_pricing_stays_in_step_with_the_coder():
   """coded_rate restates coder.escape_codes and varint's byte count in jnp (entropy sits
   below coding); this ties the two copies together on every value float32 holds exactly
   (|v| < 2**24, up to 4-byte varints), far beyond any latent a model produces."""
-  from gvae_jax.coding import coder, varint
-
   half_left, half_right = 7, 11
   lengths = half_left + half_right + 1
   magnitudes = np.unique(np.concatenate([np.arange(1, 300), 2 ** np.arange(6, 24) - 1,
