@@ -12,7 +12,7 @@ image, next to a profiled exact decode of the same image in the same run:
                     integer-valued float64 operands of the layers' shapes;
                     the same shapes and batches as the decoder's)
   decode_seconds    median of `--repeats` exact decodes (residual_codec.decode)
-  profile           one more profiled decode: network / cdf / coder / rest
+  profile           one more profiled decode: network / cdf / coder / context seconds
   macs_per_pixel    the head's multiply-accumulates per coded pixel
 
 for the flat-base head and the lossy-base head of a converted scalable model
@@ -39,6 +39,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 
+from residual_speed import KODIM01, load_image  # noqa: E402  (this directory's script)
+
 
 def _cpu_model() -> str:
   try:
@@ -53,8 +55,7 @@ def _cpu_model() -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default=str(REPO / "gvae_jax" / "default_models" / "scalable"))
-  parser.add_argument("--image", default=str(REPO.parent / "shared" / "data" / "kodak"
-                                             / "kodim01.png"))
+  parser.add_argument("--image", type=Path, default=KODIM01)
   parser.add_argument("--rate", type=float, default=1.5, help="the lossy base's rate")
   parser.add_argument("--taus", type=int, nargs="+", default=[0])
   parser.add_argument("--repeats", type=int, default=3)
@@ -69,14 +70,8 @@ def main():
   from gvae_jax.coding.coder import default_coder_id, get_coder
   from gvae_jax.coding.residual_cdfs import head_tau
   from gvae_jax.entropy import exact_mixture as em
-  from gvae_jax.image_io import read_image
 
-  if os.path.exists(args.image):
-    pixels = read_image(args.image)[0]
-  else:  # a clean clone without ../shared: a generated image of Kodak's size
-    rng = np.random.default_rng(0)
-    pixels = np.clip(np.cumsum(rng.integers(-6, 7, (512, 768, 3)), axis=1) % 256, 0,
-                     255).astype(np.uint8)
+  pixels, image_name = load_image(args.image)  # synthetic without ../shared
   model = export.load_model(args.model)
   bases = {"lossy_base": codec.residual_layer_inputs(model, pixels, "lossy", args.rate)}
   if model.flat is not None:
@@ -87,27 +82,35 @@ def main():
   def matmuls(xs, ws):  # the matmuls of a step's layers only, in one call as the decoder's
     return [x @ w for x, w in zip(xs, ws)]
 
-  def floor_seconds(view, tau: int, repeats: int) -> tuple[float, int]:
-    exact = view.exact
+  def floor_operands(view, tau: int):
+    """Per bucket of the plan, the step's matmul operands (made and compiled once); the
+    steps' buckets; the head's MACs a pixel."""
     corrected, tau_h = head_tau(view.residual_model, tau)
-    weights = [w for w, _, _ in exact.layers(tau_h, corrected)]
+    weights = [w for w, _, _ in view.exact.layers(tau_h, corrected)]
     plan = residual_codec._plan(view, *pixels.shape[:2])
     rng = np.random.default_rng(0)
+    operands = {}
     with em.enable_x64():
-      per_bucket = {}
+      ws = [jnp.asarray(w) for w in weights]
       for bucket in plan.buckets:
         xs = [jnp.asarray(rng.integers(-2**20, 2**20, (bucket, w.shape[0])).astype(np.float64))
               for w in weights]
-        ws = [jnp.asarray(w) for w in weights]
         jax.block_until_ready(matmuls(xs, ws))  # compile
+        operands[bucket] = (xs, ws)
+    return operands, [s.bucket for s in plan.steps], sum(w.size for w in weights)
+
+  def floor_seconds(operands, step_buckets, calls: int = 5) -> float:
+    """Sum over the steps of the median time of their bucket's matmuls."""
+    per_bucket = {}
+    with em.enable_x64():
+      for bucket, (xs, ws) in operands.items():
         times = []
-        for _ in range(max(repeats, 5)):
+        for _ in range(calls):
           start = time.perf_counter()
           jax.block_until_ready(matmuls(xs, ws))
           times.append(time.perf_counter() - start)
         per_bucket[bucket] = statistics.median(times)
-    macs = sum(w.shape[0] * w.shape[1] for w in weights)
-    return sum(per_bucket[s.bucket] for s in plan.steps), macs
+    return sum(per_bucket[b] for b in step_buckets)
 
   results = {}
   for name, (view, base, u) in bases.items():
@@ -118,13 +121,13 @@ def main():
       decoded, _ = decode()  # compiles
       if np.abs(decoded.astype(np.int32) - pixels).max() > tau:
         raise AssertionError(f"{name}: error bound {tau} violated")
+      operands, step_buckets, macs = floor_operands(view, tau)
       times, floors = [], []
       for _ in range(args.repeats):  # decode and floor in turns: the same machine load
         start = time.perf_counter()
         decode()
         times.append(time.perf_counter() - start)
-        floor, macs = floor_seconds(view, tau, 1)
-        floors.append(floor)
+        floors.append(floor_seconds(operands, step_buckets))
       profile = residual_codec.Profile()
       decode(profile)
       row = {"decode_seconds": statistics.median(times),
@@ -137,7 +140,7 @@ def main():
             f"{row['floor_seconds']:.3f} s ({macs} MACs a pixel); profile {row['profile']}",
             flush=True)
   out = {"benchmark": "exact_head_floor", "model": os.path.relpath(args.model, REPO),
-         "image": args.image if os.path.exists(args.image) else "generated 768x512",
+         "image": image_name,
          "machine": platform.machine(), "processor": _cpu_model(),
          "cpus": os.cpu_count(), "jax": jax.__version__, "rate": args.rate,
          "repeats": args.repeats, "results": results}
