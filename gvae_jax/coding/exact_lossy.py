@@ -380,19 +380,38 @@ def _inverse_gdn(x, arrays, xp):
   return xp.clip(_round_shift(x * r, exponent // 2, xp), -ACT_LIMIT, ACT_LIMIT)
 
 
+_GDN_CHUNK = 12288  # pixels per XLA chunk of the inverse GDN (module doc of _inverse_gdn16)
+
+
 def _inverse_gdn16(x, arrays, input_bits: int, xp):
   """GDN16 on x in 2^-16 units: q^2 (q = x in 2^-input_bits units, 16-bit, q^2 rounded
   to 2^8 units) as two 11-bit digits, each times G in float32 (integers, every partial
   sum below 2^24: exact in any order), recombined in int64, scaled, the integer square
-  root; int32 out."""
+  root; int32 out.
+
+  Under XLA a large input runs in chunks of _GDN_CHUNK pixels (lax.map): each chunk's
+  int64 intermediates then stay in the CPU's caches, 1.4x faster at 384x256x64 than one
+  pass through memory. Every pixel's result depends on that pixel alone, so the chunking
+  cannot change a bit (the zero pixels padding the last chunk are dropped)."""
+  b, h, w, c = x.shape
+  pixels = b * h * w
+  if xp is np or pixels <= 2 * _GDN_CHUNK:
+    return _inverse_gdn16_pixels(x.reshape(pixels, c), arrays, input_bits, xp).reshape(x.shape)
+  chunks = -(-pixels // _GDN_CHUNK)
+  flat = jnp.pad(x.reshape(pixels, c), ((0, chunks * _GDN_CHUNK - pixels), (0, 0)))
+  out = jax.lax.map(lambda v: _inverse_gdn16_pixels(v, arrays, input_bits, jnp),
+                    flat.reshape(chunks, _GDN_CHUNK, c))
+  return out.reshape(-1, c)[:pixels].reshape(x.shape)
+
+
+def _inverse_gdn16_pixels(x, arrays, input_bits: int, xp):
+  """_inverse_gdn16 on x [pixels, C]."""
   gamma, multiplier, shift, beta = arrays
   q = xp.clip(_round_shift(x, ACT_BITS - input_bits, xp), -DIGIT_LIMIT, DIGIT_LIMIT)
   q2 = _round_shift(q * q, _GDN_DROP, xp).astype(xp.int32)  # < 2^22
   digits = [q2 & ((1 << _GDN_DIGIT_BITS) - 1), q2 >> _GDN_DIGIT_BITS]
-  b, h, w, c = x.shape
 
   def matmul(d):
-    d = d.reshape(b * h * w, c)
     if xp is np:  # the independent evaluation: int64
       return d.astype(np.int64) @ gamma
     # HIGHEST: no reduced-precision passes (TPU bf16, GPU TF32); two calls, not one
@@ -404,7 +423,7 @@ def _inverse_gdn16(x, arrays, input_bits: int, xp):
   norm = _round_shift(total * multiplier, shift, xp) + beta  # < _GDN_NORM_LIMIT
   # The root in 2^-(input_bits + 8) units: in 2^-input_bits ones its floor would scale
   # every activation down by up to 2^-10 (0.05 dB PSNR after three layers).
-  r = _isqrt(norm.reshape(b, h, w, -1) << (2 * _GDN_ROOT_BITS), xp)
+  r = _isqrt(norm << (2 * _GDN_ROOT_BITS), xp)
   return xp.clip(_round_shift(x * r, input_bits + _GDN_ROOT_BITS, xp), -ACT_LIMIT,
                  ACT_LIMIT).astype(xp.int32)
 
