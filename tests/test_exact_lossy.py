@@ -151,6 +151,24 @@ def test_int8_convolution_and_gdn_are_exact_at_their_limits(shipped):
   np.testing.assert_array_equal(got, want)
 
 
+def test_chunked_inverse_gdn_gives_the_same_integers(shipped):
+  """The XLA inverse GDN runs a large input in chunks (lax.map, the last one padded):
+  the same integers as NumPy in one pass, on a size that is not a multiple of a chunk."""
+  _, exact = shipped
+  gdn = exact.exact_lossy.synthesis_gdns[2]
+  pixels = 2 * exact_lossy._GDN_CHUNK + 674  # three chunks, the last one partial
+  rng = np.random.default_rng(11)
+  limit = exact_lossy.DIGIT_LIMIT << (16 - gdn.input_bits)
+  x = rng.integers(-limit, limit + 1, (1, 1, pixels, gdn.gamma.shape[0]))
+  arrays = exact_lossy._gdn_arrays(gdn)
+  want = exact_lossy._inverse_gdn16(x, arrays, gdn.input_bits, np)
+  with em.enable_x64():
+    got = np.asarray(jax.jit(lambda v: exact_lossy._inverse_gdn16(
+        v, arrays, gdn.input_bits, jnp))(jnp.asarray(x)))
+  assert got.shape == x.shape
+  np.testing.assert_array_equal(got, want)
+
+
 def test_the_shipped_models_keep_their_earlier_conversions(shipped):
   """(version now, versions of the conversions kept for their files)."""
   expected = {SHIPPED_LOSSY: (3, []), SCALABLE: (2, [1, 2]), RETIRED_SMALL: (2, [1])}
