@@ -380,7 +380,7 @@ def _inverse_gdn(x, arrays, xp):
   return xp.clip(_round_shift(x * r, exponent // 2, xp), -ACT_LIMIT, ACT_LIMIT)
 
 
-_GDN_CHUNK = 12288  # pixels per XLA chunk of the inverse GDN (module doc of _inverse_gdn16)
+_GDN_CHUNK = 12288  # pixels per XLA chunk of the inverse GDN (why: _inverse_gdn16)
 
 
 def _inverse_gdn16(x, arrays, input_bits: int, xp):
