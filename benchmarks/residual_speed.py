@@ -30,7 +30,9 @@ compiles (reported on its own as compile_seconds):
                float and the exact residual layer on the lossy base (the float
                model's x_base and u, and the converted model's) and on the flat
                base (the float flat head and its exact form), each call timed
-               in turns in the same process: the issue's before / after.
+               in turns in the same process: the issue's before / after;
+               with --baseline REF also REF's residual_codec.py on the exact
+               layers (baseline_exact_*, its bytes checked equal to today's).
   interleaved_with_baseline (with --baseline REF): residual_codec.py as of
                git REF and the current one, each call timed in turns in the
                same process (medians of `--repeats` rounds), with the
@@ -178,9 +180,11 @@ def interleaved(model, pixels, base, u, tau: int, repeats: int, baseline) -> dic
   return out
 
 
-def exact_vs_float(model, pixels, rate: float, taus, repeats: int) -> dict:
+def exact_vs_float(model, pixels, rate: float, taus, repeats: int, baseline=None,
+                   baseline_ref: str | None = None) -> dict:
   """The converted model's exact residual layers against the float ones they came from,
-  timed in turns (module doc): per tau, medians of `repeats` rounds."""
+  timed in turns (module doc): per tau, medians of `repeats` rounds. With a baseline
+  (`load_baseline`), its exact layers too ("baseline_exact_*", the same bytes checked)."""
   import dataclasses
 
   import numpy as np
@@ -198,24 +202,33 @@ def exact_vs_float(model, pixels, rate: float, taus, repeats: int) -> dict:
     float_flat = export.attach(float_model, dataclasses.replace(model.flat, exact=None))
     variants["float_flat_base"] = codec.residual_layer_inputs(float_flat, pixels, "flat")
     variants["exact_flat_base"] = codec.residual_layer_inputs(model, pixels, "flat")
+  modules = dict.fromkeys(variants, residual_codec)
+  if baseline is not None:
+    for name in [n for n in variants if n.startswith("exact_")]:
+      variants["baseline_" + name] = variants[name]
+      modules["baseline_" + name] = baseline
   coder = get_coder(default_coder_id())
   out = {}
   for tau in taus:
     layers = {}
     for name, (view, base, u) in variants.items():  # warm up (compiles) before timing
-      layers[name] = residual_codec.encode(view, coder, pixels, base, u, tau)
-      decoded, _ = residual_codec.decode(view, coder, layers[name].side_info,
-                                         layers[name].streams, base, u, tau)
+      codec_module = modules[name]
+      layers[name] = codec_module.encode(view, coder, pixels, base, u, tau)
+      decoded, _ = codec_module.decode(view, coder, layers[name].side_info,
+                                       layers[name].streams, base, u, tau)
       if np.abs(decoded.astype(np.int32) - pixels).max() > tau:
         raise AssertionError(f"{name}: error bound {tau} violated")
+      current = layers.get(name.removeprefix("baseline_"))
+      if current.streams != layers[name].streams or current.side_info != layers[name].side_info:
+        raise AssertionError(f"{name}: the baseline writes other bytes than the current code")
     times = {(name, kind): [] for name in variants for kind in ("encode", "decode")}
     for _ in range(repeats):
       for name, (view, base, u) in variants.items():
-        layer = layers[name]
+        layer, codec_module = layers[name], modules[name]
         for kind, fn in (
-            ("encode", lambda: residual_codec.encode(view, coder, pixels, base, u, tau)),
-            ("decode", lambda: residual_codec.decode(view, coder, layer.side_info,
-                                                     layer.streams, base, u, tau))):
+            ("encode", lambda: codec_module.encode(view, coder, pixels, base, u, tau)),
+            ("decode", lambda: codec_module.decode(view, coder, layer.side_info,
+                                                   layer.streams, base, u, tau))):
           start = time.perf_counter()
           fn()
           times[name, kind].append(time.perf_counter() - start)
@@ -230,12 +243,17 @@ def exact_vs_float(model, pixels, rate: float, taus, repeats: int) -> dict:
             kind: exact[f"{kind}_seconds"] / floating[f"{kind}_seconds"]
             for kind in ("encode", "decode")} | {
             "bytes": exact["residual_bytes"] / floating["residual_bytes"]}
+      if f"baseline_exact_{base_name}" in row:
+        row[f"{base_name}_exact_current_over_baseline"] = {
+            f"{kind}": exact[f"{kind}_seconds"]
+            / row[f"baseline_exact_{base_name}"][f"{kind}_seconds"]
+            for kind in ("encode", "decode")}
     out[str(tau)] = row
     print(f"tau {tau}: " + ", ".join(
         f"{name} encode {r['encode_seconds']:.3f} s decode {r['decode_seconds']:.3f} s "
         f"({r['residual_bytes']} B)" for name, r in row.items() if "seconds" in str(r)),
         flush=True)
-  return {"rate": rate, "taus": out}
+  return {"rate": rate, "baseline": baseline_ref, "taus": out}
 
 
 def measure(model, pixels, base, u, tau: int, repeats: int) -> dict:
@@ -405,7 +423,8 @@ def main() -> None:
       raise SystemExit(f"{args.model} is lossy-only; the residual layer needs a scalable model")
     if args.exact_vs_float:
       rate = args.rate if args.rate is not None else (model.levels - 1) / 2
-      runs["exact_vs_float"] = exact_vs_float(model, pixels, rate, args.taus, args.repeats)
+      runs["exact_vs_float"] = exact_vs_float(model, pixels, rate, args.taus, args.repeats,
+                                              args.baseline_module, args.baseline)
     else:
       runs["exported"] = run(model, f"exported model {args.model}", pixels, args)
   else:

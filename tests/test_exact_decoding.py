@@ -117,6 +117,11 @@ def test_exact_head_matches_the_float_head():
                                                             model.share_weights)))
     reference = exact.mixture(context, u, tau, corrected)  # NumPy
     np.testing.assert_array_equal(exact.mixture_xla(context, u, tau, corrected), reference)
+    # The decoder's form: constants and the whole prior on the device, the rows taken there.
+    rows = rng.permutation(200)
+    on_device = exact.mixture_xla(context[rows], em.on_cpu(u), tau, corrected,
+                                  exact.constants(tau, corrected), to_host=False, u_rows=rows)
+    np.testing.assert_array_equal(np.asarray(on_device), reference[:, :, rows])
     got = em.as_float(reference)
     np.testing.assert_allclose(got[0], want[0], atol=2e-4)  # weights
     np.testing.assert_allclose(got[1], want[1], atol=5e-3)  # means, grey levels

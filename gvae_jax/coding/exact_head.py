@@ -124,13 +124,29 @@ class ExactHead:
                     np)
 
   def mixture_xla(self, context: np.ndarray, u: np.ndarray, tau_head: int,
-                  corrected: bool) -> np.ndarray:
+                  corrected: bool, constants=None, to_host: bool = True, u_rows=None):
     """`mixture` compiled by XLA (float64 matmuls and int64 arithmetic under
-    enable_x64): the same integers. Pad N to a few sizes (one compile per size)."""
+    enable_x64): the same integers. Pad N to a few sizes (one compile per size).
+
+    constants: `self.constants(tau_head, corrected)`, made once for many calls;
+    to_host False: the result stays on the CPU device (for exact_mixture's
+    compiled rows, which read it there), an int64 jax.Array; u_rows [N]: u is
+    the whole prior (say an `exact_mixture.on_cpu` array, copied in once) and
+    the pixels' rows are taken from it inside the call.
+    """
+    layers, tables = constants or (self.layers(tau_head, corrected), self.tables)
+    statics = (corrected, self.components, self.share_weights, self.ar_on_errors,
+               self.prior_shift)
     with em.enable_x64():
-      return np.asarray(_mixture_jit(self.layers(tau_head, corrected), self.tables, context, u,
-                                     corrected, self.components, self.share_weights,
-                                     self.ar_on_errors, self.prior_shift))
+      if u_rows is None:
+        mix = _mixture_jit(layers, tables, context, u, *statics)
+      else:
+        mix = _mixture_rows_jit(layers, tables, context, u, u_rows, *statics)
+      return np.asarray(mix) if to_host else mix
+
+  def constants(self, tau_head: int, corrected: bool):
+    """(layers, tables) of `mixture_xla` on the CPU device (exact_mixture.on_cpu)."""
+    return em.on_cpu((self.layers(tau_head, corrected), self.tables))
 
 
 def _mixture(layers, tables, context, u, corrected, components, share_weights, ar_on_errors,
@@ -153,6 +169,13 @@ def _mixture_jit(layers, tables, context, u, corrected, components, share_weight
                  prior_shift):
   return _mixture(layers, tables, context, u, corrected, components, share_weights,
                   ar_on_errors, prior_shift, jnp)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _mixture_rows_jit(layers, tables, context, u, u_rows, corrected, components, share_weights,
+                      ar_on_errors, prior_shift):
+  return _mixture(layers, tables, context, jnp.take(u, u_rows, axis=0), corrected, components,
+                  share_weights, ar_on_errors, prior_shift, jnp)
 
 
 def _conv(params) -> tuple[np.ndarray, np.ndarray]:

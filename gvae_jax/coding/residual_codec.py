@@ -240,13 +240,16 @@ def _exact_network(exported, plan: StepPlan, u_host: np.ndarray, tau: int):
   [5, 3, bucket, K], the padding rows copies of the first pixel's."""
   exact = exported.exact
   corrected, tau_h = head_tau(exported.residual_model, tau)
+  constants = exact.constants(tau_h, corrected)
+  u_device = em.on_cpu(u_host)  # copied in once; each step takes its rows in its call
 
   def mixture(step, buffer):
     rows = np.concatenate([np.arange(step.count), np.zeros(step.bucket - step.count, np.int64)])
     cells = step.cell_index[rows]
     context = buffer[cells[:, None] + plan.tap_shift[None, :]]  # [bucket, taps, 3]
-    u = u_host[step.u_index[rows]]
-    return exact.mixture_xla(context.reshape(step.bucket, -1), u, tau_h, corrected)
+    # The result stays on the device: only the rows' calls read it, several times each.
+    return exact.mixture_xla(context.reshape(step.bucket, -1), u_device, tau_h, corrected,
+                             constants, to_host=False, u_rows=step.u_index[rows])
 
   return mixture
 
@@ -258,7 +261,7 @@ def _code_steps_exact(exported, plan: StepPlan, u_flat, tau: int, q_low: np.ndar
   calls, every number from exact integer arithmetic (gvae_jax.entropy.exact_mixture;
   the rows by its XLA-compiled int64 form, on batches padded to the step's bucket
   with copies of the first pixel, so each size compiles once)."""
-  sigmoid = exported.exact.tables["sigmoid"]
+  sigmoid = em.on_cpu(exported.exact.tables["sigmoid"])
   b = 2 * tau + 1
   r_hat = np.zeros((plan.height * plan.width, CHANNELS), np.int32)
   buffer = np.zeros((plan.cells, CHANNELS), np.int32) if mixtures is None else None
@@ -364,8 +367,8 @@ def _first_pass_exact(exported, plan: StepPlan, u_flat, tau: int, r_hat: np.ndar
       kept.append(mixture)
     pixel = np.zeros((step.bucket, CHANNELS), np.float32)
     pixel[:step.count] = flat[step.image_index]
-    stats.append(timing.run("stats", step_stats, em.as_float(mixture), pixel, count, tau_j, low,
-                            high))
+    stats.append(timing.run("stats", step_stats, em.as_float(np.asarray(mixture)), pixel, count,
+                            tau_j, low, high))
 
   def mixtures(number):
     return kept[number] if keep else network(plan.steps[number], buffer)

@@ -235,6 +235,14 @@ def enable_x64():
     yield
 
 
+def on_cpu(tree):
+  """tree (NumPy arrays) as arrays on the host CPU device, kept at 64 bits: constants
+  and intermediates that several compiled calls read stay there instead of being
+  copied in again at every call (the integers are the same either way)."""
+  with enable_x64():
+    return jax.device_put(tree)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _coarse_jit(window, group, mix, pixel, channel, q_low, count, tau, sigmoid):
   return coarse_rows(window, group, mix, pixel, channel, q_low, count, tau, sigmoid, jnp)
@@ -248,7 +256,8 @@ def _fine_jit(window, group, mix, pixel, channel, q_low, count, tau, start, grou
 
 def coarse_rows_xla(window, group, mix, pixel, channel, q_low, count, tau, sigmoid):
   """coarse_rows compiled (int64 under enable_x64); the same integers, faster on big steps.
-  Inputs are padded by the caller to a few batch sizes (one compile per size)."""
+  Inputs are padded by the caller to a few batch sizes (one compile per size); mix and
+  sigmoid may be NumPy arrays or `on_cpu` ones (which are not copied again)."""
   with enable_x64():
     rows, start = _coarse_jit(window, group, mix, pixel, np.int64(channel), np.int64(q_low),
                               np.int64(count), np.int64(tau), sigmoid)
