@@ -237,7 +237,7 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
 def _exact_network(exported, plan: StepPlan, u_host: np.ndarray, tau: int):
   """mixture(step, buffer) of the exact head (gvae_jax.coding.exact_head) at a step's
   pixels, from the decoded values in `buffer` (int32 [cells, 3]): int64
-  [5, 3, bucket, K], the padding rows copies of the first pixel's."""
+  [5, 3, bucket, K] on the CPU device, the padding rows copies of the first pixel's."""
   exact = exported.exact
   corrected, tau_h = head_tau(exported.residual_model, tau)
   constants = exact.constants(tau_h, corrected)
