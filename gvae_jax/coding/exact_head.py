@@ -135,13 +135,9 @@ class ExactHead:
     the pixels' rows are taken from it inside the call.
     """
     layers, tables = constants or (self.layers(tau_head, corrected), self.tables)
-    statics = (corrected, self.components, self.share_weights, self.ar_on_errors,
-               self.prior_shift)
     with em.enable_x64():
-      if u_rows is None:
-        mix = _mixture_jit(layers, tables, context, u, *statics)
-      else:
-        mix = _mixture_rows_jit(layers, tables, context, u, u_rows, *statics)
+      mix = _mixture_jit(layers, tables, context, u, u_rows, corrected, self.components,
+                         self.share_weights, self.ar_on_errors, self.prior_shift)
       return np.asarray(mix) if to_host else mix
 
   def constants(self, tau_head: int, corrected: bool):
@@ -164,18 +160,13 @@ def _mixture(layers, tables, context, u, corrected, components, share_weights, a
   return em.mixture(g, tables, components, share_weights, ar_on_errors, xp)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _mixture_jit(layers, tables, context, u, corrected, components, share_weights, ar_on_errors,
-                 prior_shift):
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _mixture_jit(layers, tables, context, u, u_rows, corrected, components, share_weights,
+                 ar_on_errors, prior_shift):
+  if u_rows is not None:  # (None traces its own executable)
+    u = jnp.take(u, u_rows, axis=0)
   return _mixture(layers, tables, context, u, corrected, components, share_weights,
                   ar_on_errors, prior_shift, jnp)
-
-
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _mixture_rows_jit(layers, tables, context, u, u_rows, corrected, components, share_weights,
-                      ar_on_errors, prior_shift):
-  return _mixture(layers, tables, context, jnp.take(u, u_rows, axis=0), corrected, components,
-                  share_weights, ar_on_errors, prior_shift, jnp)
 
 
 def _conv(params) -> tuple[np.ndarray, np.ndarray]:
