@@ -96,6 +96,29 @@ def test_rows_rise_strictly_to_2_16_for_any_raw_output(window):
         assert np.all(np.diff(fine, axis=1) > 0)
 
 
+def test_the_compiled_floor_division_is_the_integer_one():
+  """The XLA rows divide by a float64 estimate made exact (exact_mixture._floordiv):
+  the same quotients as integer division at and next to exact multiples, for
+  negative numerators, at the bounds' extremes, and with a deliberately coarse
+  (2^-11 relative) division in place of IEEE's."""
+  import jax
+  rng = np.random.default_rng(7)
+  d = np.concatenate([rng.integers(1, 1 << 44, 4000), [1, 2, 3, (1 << 43) - 1, 1 << 33]])
+  q = rng.integers(-(1 << 17) + 2, 1 << 17, d.size)
+  a = np.concatenate([q * d + off for off in (-1, 0, 1)] + [rng.integers(0, 1 << 59, d.size)])
+  d = np.tile(d, 4)
+  keep = np.abs(a // d) < 1 << 17
+  a, d = a[keep], d[keep]
+  with em.enable_x64():
+    got = np.asarray(jax.jit(lambda x, y: em._floordiv(x, y, jnp))(a, d))
+  np.testing.assert_array_equal(got, a // d)
+
+  class Coarse:  # jnp with a division of relative error up to 2^-11
+    float64, int64 = np.float64, np.int64
+    floor = staticmethod(lambda x: np.floor(x * (1 + rng.uniform(-1, 1, x.shape) / 2048)))
+  np.testing.assert_array_equal(em._floordiv(a, d, Coarse), a // d)
+
+
 def test_exact_head_matches_the_float_head():
   """The converted head's mixture is the float head's up to fixed-point rounding."""
   config = tiny_flat_config()
