@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,7 +102,6 @@ def test_the_compiled_floor_division_is_the_integer_one():
   the same quotients as integer division at and next to exact multiples, for
   negative numerators, at the bounds' extremes, and with a deliberately coarse
   (2^-11 relative) division in place of IEEE's."""
-  import jax
   rng = np.random.default_rng(7)
   d = np.concatenate([rng.integers(1, 1 << 44, 4000), [1, 2, 3, (1 << 43) - 1, 1 << 33]])
   q = rng.integers(-(1 << 17) + 2, 1 << 17, d.size)
