@@ -319,6 +319,18 @@ def test_step_plan_codes_each_pixel_once_after_its_context(height, width, order)
   assert len(plan.steps) == order * (min(height, 64) - 1) + min(width, 64)
 
 
+def test_context_rows_taken_as_records_are_the_indexed_rows():
+  buffer = np.random.default_rng(0).integers(-300, 300, (50, 3)).astype(np.int32)
+  index = np.random.default_rng(1).integers(0, 50, (7, 4))
+  taken = residual_codec._take_rows(buffer, index)
+  np.testing.assert_array_equal(taken, buffer[index].reshape(7, 12))
+  assert taken.dtype == np.int32
+  # A strided view is taken the same way (copied into records first).
+  wide = np.zeros((50, 6), np.int32)
+  wide[:, ::2] = buffer
+  np.testing.assert_array_equal(residual_codec._take_rows(wide[:, ::2], index), taken)
+
+
 def test_encoder_recomputing_its_mixtures_writes_the_same_file(model, monkeypatch):
   """Large images: the encoder's second pass recomputes the first pass's
   mixtures instead of keeping them; same numbers, same bytes."""

@@ -234,6 +234,14 @@ def _code_steps(exported, plan: StepPlan, u_flat: jax.Array, tau: int, q_low: np
   return r_hat
 
 
+def _take_rows(buffer: np.ndarray, index: np.ndarray) -> np.ndarray:
+  """buffer[index] (buffer [cells, C], index [N, T]) as [N, T * C]: each row taken as
+  one C-item record (NumPy gathers records two to three times faster than rows)."""
+  record = np.dtype((np.void, buffer.dtype.itemsize * buffer.shape[1]))
+  taken = np.ascontiguousarray(buffer).view(record).reshape(-1)[index]
+  return taken.view(buffer.dtype).reshape(index.shape[0], -1)
+
+
 def _exact_network(exported, plan: StepPlan, u_host: np.ndarray, tau: int):
   """mixture(step, buffer) of the exact head (gvae_jax.coding.exact_head) at a step's
   pixels, from the decoded values in `buffer` (int32 [cells, 3]): int64
@@ -246,10 +254,10 @@ def _exact_network(exported, plan: StepPlan, u_host: np.ndarray, tau: int):
   def mixture(step, buffer):
     rows = np.concatenate([np.arange(step.count), np.zeros(step.bucket - step.count, np.int64)])
     cells = step.cell_index[rows]
-    context = buffer[cells[:, None] + plan.tap_shift[None, :]]  # [bucket, taps, 3]
+    context = _take_rows(buffer, cells[:, None] + plan.tap_shift[None, :])  # [bucket, taps * 3]
     # The result stays on the device: only the rows' calls read it, several times each.
-    return exact.mixture_xla(context.reshape(step.bucket, -1), u_device, tau_h, corrected,
-                             constants, to_host=False, u_rows=step.u_index[rows])
+    return exact.mixture_xla(context, u_device, tau_h, corrected, constants, to_host=False,
+                             u_rows=step.u_index[rows])
 
   return mixture
 
