@@ -9,7 +9,8 @@ import pytest
 from scipy.special import ndtr, ndtri
 
 from gvae_jax.coding.coder import (CODER_NAMES, CONSTRICTION_RANGE_CODER_ID, TFC_RANGE_CODER_ID,
-                                   CodingError, default_coder_id, get_coder, register_coder)
+                                   CodingError, counts_cdf, default_coder_id, get_coder,
+                                   register_coder)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
 HAS_TFC = importlib.util.find_spec("tensorflow_compression_ops") is not None
@@ -291,6 +292,36 @@ def test_sessions_round_trip(coder):
   for (symbols, cdf, offsets), esc in zip(calls, escaped):
     np.testing.assert_array_equal(decoder.decode(cdf, offsets, 16, lambda k: esc[:k]), symbols)
   decoder.finish()
+
+
+def test_sessions_take_counts_for_the_same_streams(coder):
+  """A row given by its counts codes as the row itself: the same streams and symbols,
+  whether the backend takes counts as they are (MODELS_BY_COUNTS) or rebuilds rows."""
+  rng = np.random.default_rng(9)
+  calls = session_calls(rng)
+  by_rows, by_counts = coder.cdf_encoder(), coder.cdf_encoder()
+  escaped = []
+  for s, c, o in calls:
+    counts = np.diff(c, axis=1).astype(np.float64)
+    escaped.append(by_rows.encode(s, c, o, 16))
+    np.testing.assert_array_equal(by_counts.encode_counts(s, counts, o, 16), escaped[-1])
+  streams = by_rows.finish()
+  assert by_counts.finish() == streams
+  decoder = coder.cdf_decoder(streams)
+  for (symbols, cdf, offsets), esc in zip(calls, escaped):
+    counts = np.diff(cdf, axis=1).astype(np.float64)
+    np.testing.assert_array_equal(decoder.decode_counts(counts, offsets, 16, lambda k: esc[:k]),
+                                  symbols)
+  decoder.finish()
+  with pytest.raises(ValueError, match="float64"):
+    coder.cdf_encoder().encode_counts(calls[0][0], np.diff(calls[0][1], axis=1), calls[0][2], 16)
+
+
+def test_counts_cdf_is_the_inverse_of_the_difference():
+  rng = np.random.default_rng(10)
+  cdf = window_rows(rng, 40, 9)
+  np.testing.assert_array_equal(counts_cdf(np.diff(cdf, axis=1).astype(np.float64)), cdf)
+  assert counts_cdf(np.diff(cdf, axis=1).astype(np.float64)).dtype == np.int32
 
 
 def test_sessions_refuse_missing_streams(coder):

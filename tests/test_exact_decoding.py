@@ -82,6 +82,13 @@ def test_rows_rise_strictly_to_2_16_for_any_raw_output(window):
                                  tables["sigmoid"])  # the compiled form: the same integers
       np.testing.assert_array_equal(again[0], rows)
       np.testing.assert_array_equal(again[1], starts)
+      counts = np.diff(rows, axis=1).astype(np.float64)  # what a coder by counts gets
+      for xla in (em.coarse_rows, em.coarse_rows_xla):
+        as_counts = xla(window, group, mix, pixel, channel, -count // 2, count, tau,
+                        tables["sigmoid"], **({"xp": np} if xla is em.coarse_rows else {}),
+                        as_counts=True)[0]
+        assert as_counts.dtype == np.float64
+        np.testing.assert_array_equal(as_counts, counts)
       assert rows.shape == (n, window // group + 2) and rows.dtype == np.int32
       assert np.all(rows[:, 0] == 0) and np.all(rows[:, -1] == 1 << 16)
       assert np.all(np.diff(rows, axis=1) > 0)
@@ -93,6 +100,10 @@ def test_rows_rise_strictly_to_2_16_for_any_raw_output(window):
         np.testing.assert_array_equal(
             em.fine_rows_xla(window, group, mix, pixel, channel, -count // 2, count, tau,
                              starts, groups, tables["sigmoid"]), fine)
+        np.testing.assert_array_equal(
+            em.fine_rows_xla(window, group, mix, pixel, channel, -count // 2, count, tau,
+                             starts, groups, tables["sigmoid"], as_counts=True),
+            np.diff(fine, axis=1).astype(np.float64))
         assert np.all(fine[:, 0] == 0) and np.all(fine[:, -1] == 1 << 16)
         assert np.all(np.diff(fine, axis=1) > 0)
 

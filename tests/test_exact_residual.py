@@ -253,10 +253,11 @@ def test_exact_files_decode_alike_with_other_step_batch_sizes(tiny, monkeypatch,
   pixels = make_image(29, 41, 8)
   files = [codec.compress(model, pixels, rate=0.4, tau=tau, base="lossy") for tau in (0, 3)]
   expected = [codec.decompress(model, data) for data in files]
-  monkeypatch.setattr(residual_plan, "_BUCKET_LADDER", ladder)
-  if ladder[-1] < 2048:  # above the ladder: multiples of 2048, so also patch that rule
-    monkeypatch.setattr(residual_plan, "bucket_size",
-                        lambda count: next((s for s in ladder if s >= count), -(-count // 7) * 7))
+  for name in ("_BUCKET_LADDER", "_EXACT_BUCKET_LADDER"):  # the exact head uses the second
+    monkeypatch.setattr(residual_plan, name, ladder)
+  if ladder[-1] < 2048:  # above the ladder: multiples of 7, not of 2048
+    monkeypatch.setattr(residual_plan, "_BUCKET_STEP", 7)
+  assert residual_plan.exact_bucket_size(9) == (14 if ladder[-1] < 9 else 4096)
   residual_plan.plan_steps.cache_clear()
   try:
     for data, pixels_then in zip(files, expected):

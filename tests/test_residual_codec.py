@@ -310,6 +310,7 @@ def test_step_plan_codes_each_pixel_once_after_its_context(height, width, order)
   for number, step in enumerate(plan.steps):
     step_of_cell[step.cell_index] = number
     assert step.bucket >= step.count and step.bucket == residual_plan.bucket_size(step.count)
+    assert residual_plan.exact_bucket_size(step.count) >= step.count
   for number, step in enumerate(plan.steps):
     taps = plan.tap_index(step)
     # A tap reads a pixel of an earlier step, or a cell that is never written (zero).

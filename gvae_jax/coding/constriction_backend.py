@@ -46,9 +46,10 @@ import numpy as np
 import constriction
 
 from gvae_jax.coding.coder import (CONSTRICTION_RANGE_CODER_ID, CdfDecoder, CdfEncoder,
-                                   CodingError, EntropyCoder, check_cdf_rows, check_indexes,
-                                   check_symbols, escape_codes, join_stream, read_escapes,
-                                   split_stream, window_symbols, window_values)
+                                   CodingError, EntropyCoder, check_cdf_rows, check_counts,
+                                   check_indexes, check_symbols, escape_codes, join_stream,
+                                   read_escapes, split_stream, window_codes, window_symbols,
+                                   window_values)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
 _INT32 = np.iinfo(np.int32)
@@ -106,8 +107,16 @@ class _Session(CdfEncoder):
 
   def encode(self, symbols, cdf, offsets, precision):
     cdf, values, escaped = window_values(symbols, cdf, offsets, precision, False)
+    return self._encode(values, _counts(cdf), escaped)
+
+  def encode_counts(self, symbols, counts, offsets, precision):
+    counts, offsets = check_counts(counts, offsets)
+    values, escaped = window_codes(symbols, offsets, counts.shape[1] - 1)
+    return self._encode(values, counts, escaped)
+
+  def _encode(self, values, counts, escaped):
     if values.size:
-      self.encoder.encode(values, _PER_SYMBOL, _counts(cdf))
+      self.encoder.encode(values, _PER_SYMBOL, counts)
       self.coded += values.size
     return escaped
 
@@ -129,12 +138,20 @@ class _DecodingSession(CdfDecoder):
 
   def decode(self, cdf, offsets, precision, escapes):
     cdf, offsets = check_cdf_rows(cdf, offsets, precision, False)
+    return self._decode(_counts(cdf) if offsets.size else None, offsets, cdf.shape[1] - 2,
+                        escapes)
+
+  def decode_counts(self, counts, offsets, precision, escapes):
+    counts, offsets = check_counts(counts, offsets)
+    return self._decode(counts, offsets, counts.shape[1] - 1, escapes)
+
+  def _decode(self, counts, offsets, window, escapes):
     if offsets.size and not self.streams:
       raise CodingError("the file holds no stream but its decoding needs one; file is corrupt")
     self.calls += 1
-    values = (_guarded(self.decoder.decode, _PER_SYMBOL, _counts(cdf)) if offsets.size
+    values = (_guarded(self.decoder.decode, _PER_SYMBOL, counts) if offsets.size
               else np.zeros(0, np.int32))
-    return window_symbols(values, cdf, offsets, escapes)
+    return window_symbols(values, window, offsets, escapes)
 
   def finish(self) -> None:
     # The encoder writes a stream only if something was coded; its words end
@@ -149,6 +166,7 @@ class ConstrictionRangeCoder(EntropyCoder):
   coder_id = CONSTRICTION_RANGE_CODER_ID
   name = "constriction-range"
   ONE_STREAM = True
+  MODELS_BY_COUNTS = True
 
   def __init__(self):
     # Models of the tables in use, dropped with their table.
@@ -225,7 +243,7 @@ class ConstrictionRangeCoder(EntropyCoder):
       return np.zeros(0, np.int32)
     decoder = constriction.stream.queue.RangeDecoder(words)
     values = _guarded(decoder.decode, _PER_SYMBOL, _counts(cdf))
-    return window_symbols(values, cdf, offsets, escapes)
+    return window_symbols(values, cdf.shape[1] - 2, offsets, escapes)
 
   def cdf_encoder(self) -> CdfEncoder:
     return _Session(self)

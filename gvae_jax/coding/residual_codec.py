@@ -57,8 +57,9 @@ from gvae_jax.coding.residual_cdfs import (PRECISION, choose_windows, coarse_cdf
                                            fine_cdf, head_tau, make_rising, scatter, step_mixture,
                                            step_stats)
 from gvae_jax.coding.residual_layout import parse_side_info, write_side_info
-from gvae_jax.coding.residual_plan import (CHANNELS, PATCH, WINDOWS, StepPlan, group_size,
-                                           plan_steps, quantize, window_size)
+from gvae_jax.coding.residual_plan import (CHANNELS, PATCH, WINDOWS, StepPlan,
+                                           exact_bucket_size, group_size, plan_steps, quantize,
+                                           window_size)
 from gvae_jax.entropy import exact_mixture as em
 from gvae_jax.entropy import logistic_mixture as lm
 from gvae_jax.models.residual import ResidualModel
@@ -89,6 +90,8 @@ class Profile:
 
 class _Coding(Protocol):
   """What differs between encoder and decoder in `_code_steps`."""
+
+  by_counts: bool  # rows come as counts (coder.MODELS_BY_COUNTS; the exact loop makes them)
 
   def coarse(self, number: int, channel: int, rows: np.ndarray, starts: np.ndarray,
              group: int, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,14 +248,16 @@ def _take_rows(buffer: np.ndarray, index: np.ndarray) -> np.ndarray:
 def _exact_network(exported, plan: StepPlan, u_host: np.ndarray, tau: int):
   """mixture(step, buffer) of the exact head (gvae_jax.coding.exact_head) at a step's
   pixels, from the decoded values in `buffer` (int32 [cells, 3]): int64
-  [5, 3, bucket, K] on the CPU device, the padding rows copies of the first pixel's."""
+  [5, 3, bucket, K] on the CPU device (bucket: residual_plan.exact_bucket_size), the
+  padding rows copies of the first pixel's."""
   exact = exported.exact
   corrected, tau_h = head_tau(exported.residual_model, tau)
   constants = exact.constants(tau_h, corrected)
   u_device = em.on_cpu(u_host)  # copied in once; each step takes its rows in its call
 
   def mixture(step, buffer):
-    rows = np.concatenate([np.arange(step.count), np.zeros(step.bucket - step.count, np.int64)])
+    bucket = exact_bucket_size(step.count)
+    rows = np.concatenate([np.arange(step.count), np.zeros(bucket - step.count, np.int64)])
     cells = step.cell_index[rows]
     context = _take_rows(buffer, cells[:, None] + plan.tap_shift[None, :])  # [bucket, taps * 3]
     # The result stays on the device: only the rows' calls read it, several times each.
@@ -267,7 +272,7 @@ def _code_steps_exact(exported, plan: StepPlan, u_flat, tau: int, q_low: np.ndar
                       profile: Profile | None, mixtures) -> np.ndarray:
   """`_code_steps` with the exact head: the same steps, windows, rows and coder
   calls, every number from exact integer arithmetic (gvae_jax.entropy.exact_mixture;
-  the rows by its XLA-compiled int64 form, on batches padded to the step's bucket
+  the rows by its XLA-compiled int64 form, on batches padded to exact_bucket_size
   with copies of the first pixel, so each size compiles once)."""
   sigmoid = em.on_cpu(exported.exact.tables["sigmoid"])
   b = 2 * tau + 1
@@ -275,38 +280,42 @@ def _code_steps_exact(exported, plan: StepPlan, u_flat, tau: int, q_low: np.ndar
   buffer = np.zeros((plan.cells, CHANNELS), np.int32) if mixtures is None else None
   network = _exact_network(exported, plan, np.asarray(u_flat), tau)
   timing = _timing(profile)
-  for number, step in enumerate(plan.steps):
-    mixture = timing.run("network", network, step, buffer) if mixtures is None else (
-        timing.run("network", mixtures, number))
-    n = step.count
-    pixel = np.zeros((step.bucket, CHANNELS), np.int64)
-    for channel in range(CHANNELS):
-      if counts[channel] == 1:
-        pixel[:, channel] = q_low[channel] * b
-        continue
-      window = int(windows[channel])
-      group = group_size(window)
-      args = (mixture, pixel, channel, int(q_low[channel]), int(counts[channel]), tau)
-      starts = None
+  with em.enable_x64():  # once around the loop's thousands of calls (its doc)
+    for number, step in enumerate(plan.steps):
+      mixture = timing.run("network", network, step, buffer) if mixtures is None else (
+          timing.run("network", mixtures, number))
+      n = step.count
+      bucket = exact_bucket_size(n)
+      pixel = np.zeros((bucket, CHANNELS), np.int64)
+      for channel in range(CHANNELS):
+        if counts[channel] == 1:
+          pixel[:, channel] = q_low[channel] * b
+          continue
+        window = int(windows[channel])
+        group = group_size(window)
+        args = (mixture, pixel, channel, int(q_low[channel]), int(counts[channel]), tau)
+        starts = None
 
-      def coarse_rows():
-        nonlocal starts
-        rows, starts = timing.run("cdf", em.coarse_rows_xla, window, group, *args, sigmoid)
-        return rows[:n], starts[:n]
+        def coarse_rows():
+          nonlocal starts
+          rows, starts = timing.run("cdf", em.coarse_rows_xla, window, group, *args, sigmoid,
+                                  coding.by_counts)
+          return rows[:n], starts[:n]
 
-      def fine_rows(groups, inside):
-        padded = np.zeros(step.bucket, np.int64)
-        padded[:n] = groups
-        rows = timing.run("cdf", em.fine_rows_xla, window, group, *args, starts, padded, sigmoid)
-        return rows[:n][inside]
+        def fine_rows(groups, inside):
+          padded = np.zeros(bucket, np.int64)
+          padded[:n] = groups
+          rows = timing.run("cdf", em.fine_rows_xla, window, group, *args, starts, padded, sigmoid,
+                            coding.by_counts)
+          return rows[:n][inside]
 
-      indexes = _code_channel(coding, timing, number, channel, n, window, int(counts[channel]),
-                              coarse_rows, fine_rows)
-      pixel[:n, channel] = (indexes + q_low[channel]) * b
-    r_hat[step.image_index] = pixel[:n]
-    if buffer is not None:
-      buffer[step.cell_index] = pixel[:n]
-    timing.count("steps")
+        indexes = _code_channel(coding, timing, number, channel, n, window, int(counts[channel]),
+                                coarse_rows, fine_rows)
+        pixel[:n, channel] = (indexes + q_low[channel]) * b
+      r_hat[step.image_index] = pixel[:n]
+      if buffer is not None:
+        buffer[step.cell_index] = pixel[:n]
+      timing.count("steps")
   return r_hat
 
 
@@ -364,7 +373,7 @@ def _first_pass_exact(exported, plan: StepPlan, u_flat, tau: int, r_hat: np.ndar
   network = _exact_network(exported, plan, np.asarray(u_flat), tau)
   tau_j = jnp.int32(tau)
   low, high = (jnp.asarray(v, jnp.float32) for v in (flat.min(axis=0), flat.max(axis=0)))
-  size = (sum(step.bucket for step in plan.steps) * 5 * CHANNELS
+  size = (sum(exact_bucket_size(step.count) for step in plan.steps) * 5 * CHANNELS
           * exported.residual_model.components * 8)
   keep = size <= _KEEP_MIXTURES_BYTES
   kept, stats = [], []
@@ -373,7 +382,7 @@ def _first_pass_exact(exported, plan: StepPlan, u_flat, tau: int, r_hat: np.ndar
     mixture = timing.run("network", network, step, buffer)
     if keep:
       kept.append(mixture)
-    pixel = np.zeros((step.bucket, CHANNELS), np.float32)
+    pixel = np.zeros((exact_bucket_size(step.count), CHANNELS), np.float32)
     pixel[:step.count] = flat[step.image_index]
     stats.append(timing.run("stats", step_stats, em.as_float(np.asarray(mixture)), pixel, count,
                             tau_j, low, high))
@@ -415,12 +424,20 @@ def _plan(exported, height: int, width: int) -> StepPlan:
   return plan_steps(height, width, int(exported.residual_model.order), context_taps(exported).offsets)
 
 
+def _by_counts(exported, coder: EntropyCoder) -> bool:
+  """Whether the loop hands the coder counts (the exact loop's rows can come as either)."""
+  return getattr(exported, "exact", None) is not None and coder.MODELS_BY_COUNTS
+
+
 class _Encoding:
   """`_code_steps`' coder calls of the encoder: codes the known values."""
 
-  def __init__(self, coder: EntropyCoder, plan: StepPlan, values: np.ndarray):
+  def __init__(self, coder: EntropyCoder, plan: StepPlan, values: np.ndarray,
+               by_counts: bool = False):
     self.plan, self.values = plan, values  # values: q - min q [H * W, 3]
     self.session = coder.cdf_encoder()
+    self.by_counts = by_counts
+    self._encode = self.session.encode_counts if by_counts else self.session.encode
     self.escapes: list[np.ndarray] = []
     self._inside = np.zeros(0, np.int64)
 
@@ -429,14 +446,14 @@ class _Encoding:
     relative = values - starts
     inside = (relative >= 0) & (relative < window)
     symbols = np.where(inside, relative // group, -1)  # -1: not in the window, escaped
-    self.session.encode(symbols, rows, np.zeros(len(rows), np.int64), PRECISION)
+    self._encode(symbols, rows, np.zeros(len(rows), np.int64), PRECISION)
     self.escapes.append(values[~inside])
     self._inside = values[inside]
     return symbols, values[~inside]
 
   def fine(self, number, channel, rows, starts, groups, group):
     symbols = self._inside - starts - group * groups
-    self.session.encode(symbols, rows, np.zeros(len(rows), np.int64), PRECISION)
+    self._encode(symbols, rows, np.zeros(len(rows), np.int64), PRECISION)
     return symbols
 
 
@@ -444,9 +461,11 @@ class _Decoding:
   """`_code_steps`' coder calls of the decoder: decodes them from the streams."""
 
   def __init__(self, coder: EntropyCoder, streams: bytes, lengths: list[int],
-               escaped: np.ndarray):
+               escaped: np.ndarray, by_counts: bool = False):
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     self.session = coder.cdf_decoder([streams[a:b] for a, b in zip(offsets[:-1], offsets[1:])])
+    self.by_counts = by_counts
+    self._decode = self.session.decode_counts if by_counts else self.session.decode
     self.escaped = escaped
     self.used = 0  # escaped values
 
@@ -461,7 +480,7 @@ class _Decoding:
       taken.append(self.escaped[self.used - n:self.used])
       return np.full(n, -1, np.int64)
 
-    symbols = self.session.decode(rows, np.zeros(len(rows), np.int64), PRECISION, take)
+    symbols = self._decode(rows, np.zeros(len(rows), np.int64), PRECISION, take)
     escaped = np.concatenate(taken) if taken else np.zeros(0, np.int64)
     return symbols.astype(np.int64), escaped
 
@@ -469,7 +488,7 @@ class _Decoding:
     def refuse(n):
       raise CodingError("a residual stream escapes where it cannot; file is corrupt")
 
-    symbols = self.session.decode(rows, np.zeros(len(rows), np.int64), PRECISION, refuse)
+    symbols = self._decode(rows, np.zeros(len(rows), np.int64), PRECISION, refuse)
     return symbols.astype(np.int64)
 
 
@@ -501,7 +520,7 @@ def encode(exported, coder: EntropyCoder, x: np.ndarray, x_base: np.ndarray,
     if count > 1 and (window not in WINDOWS or window > window_size(int(count))):
       raise ValueError(f"window {window} must be one of {WINDOWS}, at most "
                        f"{window_size(int(count))} for {count} values")
-  coding = _Encoding(coder, plan, flat // b - q_low.astype(np.int64))
+  coding = _Encoding(coder, plan, flat // b - q_low.astype(np.int64), _by_counts(exported, coder))
   decoded = _code_steps(exported, plan, u_flat, tau, q_low, q_high, windows, coding, profile,
                         mixtures)
   if not np.array_equal(decoded, flat):  # the loop's own bookkeeping
@@ -523,7 +542,7 @@ def decode(exported, coder: EntropyCoder, side: bytes, streams: bytes, x_base: n
   plan = _plan(exported, height, width)
   q_low, q_high, windows, lengths, escaped = parse_side_info(side, plan, tau, len(streams),
                                                              coder.ONE_STREAM)
-  coding = _Decoding(coder, streams, lengths, escaped)
+  coding = _Decoding(coder, streams, lengths, escaped, _by_counts(exported, coder))
   u_flat = u_padded.reshape(-1, u_padded.shape[-1])
   r_hat = _code_steps(exported, plan, u_flat, tau, q_low, q_high, windows, coding, profile)
   coding.session.finish()

@@ -47,6 +47,7 @@ TWO_LEVEL_WINDOW = 96  # windows of at least this many values are coded in two l
 # top that the bulk of a large image's steps waste little: a 768x512 image
 # (96 patches, up to 3072 pixels a step) uses 5 of them.
 _BUCKET_LADDER = (8, 32, 128, 512, 1024, 2048, 3072, 4096)
+_BUCKET_STEP = 2048  # above the ladder
 
 
 def max_symbol(tau: int) -> int:
@@ -78,13 +79,25 @@ def streams_per_channel(window: int) -> int:
   return 1 if group_size(window) == 1 else 2
 
 
-def bucket_size(count: int) -> int:
-  """The padded batch of a step with `count` pixels: a ladder value, then
-  multiples of 2048."""
-  for size in _BUCKET_LADDER:
+def bucket_size(count: int, ladder: tuple[int, ...] | None = None) -> int:
+  """The padded batch of a step with `count` pixels: a value of the ladder
+  (_BUCKET_LADDER by default), then multiples of _BUCKET_STEP."""
+  for size in _BUCKET_LADDER if ladder is None else ladder:
     if size >= count:
       return size
-  return -(-count // 2048) * 2048
+  return -(-count // _BUCKET_STEP) * _BUCKET_STEP
+
+
+# The exact head's batches (gvae_jax.coding.residual_codec): its integers do not
+# depend on the batch, so a finer ladder costs only compiles; it pads a 768x512
+# image's steps to 421376 rows instead of 444928 (5 % less work), in 8 sizes, not 5.
+# The float path keeps the ladder above, so its compiled shapes stay as they were.
+_EXACT_BUCKET_LADDER = (8, 32, 128, 256, 512, 1024, 1536, 2048, 2560, 3072, 4096)
+
+
+def exact_bucket_size(count: int) -> int:
+  """`bucket_size` of the exact head's batches."""
+  return bucket_size(count, _EXACT_BUCKET_LADDER)
 
 
 

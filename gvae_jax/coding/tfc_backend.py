@@ -116,7 +116,7 @@ class TfcRangeCoder(EntropyCoder):
                                  tf.constant(cdf), precision=precision, debug_level=0)
     except tf.errors.OpError as e:
       raise CodingError(f"range decoder rejected the stream: {e.message}") from e
-    return window_symbols(decoded.numpy(), cdf, offsets, escapes)
+    return window_symbols(decoded.numpy(), cdf.shape[1] - 2, offsets, escapes)
 
   def encode_streams(self, symbols: np.ndarray, indexes: np.ndarray,
                      table: CdfTable) -> list[bytes]:

@@ -204,14 +204,22 @@ def _spare(window: int) -> int:
   return (1 << PRECISION) - 2 * window - 1
 
 
-def _rows(body, xp=np):
+def _rows(body, xp=np, as_counts: bool = False):
+  """int32 CDF rows [N, W + 2] of their body [N, W + 1] (0 first); as_counts: their
+  differences instead, float64 [N, W + 1] (exact integers; what a coder that models
+  by counts takes, gvae_jax.coding.coder)."""
   top = xp.full((body.shape[0], 1), 1 << PRECISION, xp.int64)
-  return xp.concatenate([body, top], axis=1).astype(xp.int32)
+  if not as_counts:
+    return xp.concatenate([body, top], axis=1).astype(xp.int32)
+  if xp is not np:  # else XLA fuses the body's whole computation into both terms of
+    body = jax.lax.optimization_barrier(body)  # the difference: twice the work
+  return (xp.concatenate([body[:, 1:], top], axis=1) - body).astype(xp.float64)
 
 
 def coarse_rows(window: int, group: int, mix, pixel, channel, q_low, count, tau, sigmoid,
-                xp=np):
-  """(rows [N, window / group + 2] int32, window starts [N]): residual_cdfs.coarse_cdf."""
+                xp=np, as_counts: bool = False):
+  """(rows [N, window / group + 2] int32, window starts [N]): residual_cdfs.coarse_cdf
+  (as_counts: the rows as `_rows` counts)."""
   weights, means, inv_scales = _channel(mix, pixel, channel, xp)
   b = 2 * tau + 1
   d = xp.sum(weights, axis=-1) * (b << ACT_BITS)
@@ -222,20 +230,21 @@ def coarse_rows(window: int, group: int, mix, pixel, channel, q_low, count, tau,
   f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, sigmoid, xp)
   g = xp.clip(f - f[:, :1], 0, total)
   body = 2 * group * xp.arange(n + 1, dtype=xp.int64) + _floordiv(g * _spare(window), total, xp)
-  return _rows(body, xp), start
+  return _rows(body, xp, as_counts), start
 
 
 def fine_rows(window: int, group: int, mix, pixel, channel, q_low, count, tau, start, groups,
-              sigmoid, xp=np):
-  """Rows [N, group + 2] int32 of the values of group groups[n] of row n's window."""
+              sigmoid, xp=np, as_counts: bool = False):
+  """Rows [N, group + 2] int32 of the values of group groups[n] of row n's window
+  (as_counts: as `_rows` counts)."""
   weights, means, inv_scales = _channel(mix, pixel, channel, xp)
   f_idx = xp.arange(group + 1, dtype=xp.int64)
   value = (start + group * groups)[:, None] + f_idx[None, :]
   f, total = _cdf_at(value, q_low, count, tau, weights, means, inv_scales, sigmoid, xp)
   g = xp.clip(f - f[:, :1], 0, total)
-  counts = 2 * f_idx + _floordiv(g * _spare(window), total, xp)  # summed counts, <= 2^16
-  body = 2 * f_idx + _floordiv(counts * _spare(group), counts[:, -1:], xp)
-  return _rows(body, xp)
+  summed = 2 * f_idx + _floordiv(g * _spare(window), total, xp)  # summed counts, <= 2^16
+  body = 2 * f_idx + _floordiv(summed * _spare(group), summed[:, -1:], xp)
+  return _rows(body, xp, as_counts)
 
 
 # --- The same functions compiled by XLA, in 64-bit integers (exact on every backend). ---
@@ -244,7 +253,15 @@ def fine_rows(window: int, group: int, mix, pixel, channel, q_low, count, tau, s
 def enable_x64():
   """JAX's scoped 64-bit mode (jax.enable_x64 in newer JAX, jax.experimental.enable_x64
   in older; both profiles' versions checked), on the host CPU: accelerators need not
-  have float64 (TPUs do not), and a CPU gives these integers everywhere."""
+  have float64 (TPUs do not), and a CPU gives these integers everywhere.
+
+  Inside one already, it does nothing: entering it again costs about 30 us (ad hoc,
+  jax 0.12), as much as a compiled call's dispatch, so a loop of many calls enters
+  it once around them."""
+  if jax.config.jax_enable_x64 and getattr(jax.config.jax_default_device, "platform",
+                                           None) == "cpu":
+    yield
+    return
   if hasattr(jax, "enable_x64"):
     x64 = jax.enable_x64(True)
   else:
@@ -266,34 +283,37 @@ def on_cpu(tree):
 # a call instead of four (ad hoc: about a quarter of the 0.12 ms dispatch of these small,
 # frequent calls).
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _coarse_jit(window, group, mix, pixel, scalars, sigmoid):
-  return coarse_rows(window, group, mix, pixel, *(scalars[i] for i in range(4)), sigmoid, jnp)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _coarse_jit(window, group, as_counts, mix, pixel, scalars, sigmoid):
+  return coarse_rows(window, group, mix, pixel, *(scalars[i] for i in range(4)), sigmoid, jnp,
+                     as_counts)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _fine_jit(window, group, mix, pixel, scalars, start, groups, sigmoid):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fine_jit(window, group, as_counts, mix, pixel, scalars, start, groups, sigmoid):
   return fine_rows(window, group, mix, pixel, *(scalars[i] for i in range(4)), start, groups,
-                   sigmoid, jnp)
+                   sigmoid, jnp, as_counts)
 
 
 def _scalars(channel, q_low, count, tau) -> np.ndarray:
   return np.array([channel, q_low, count, tau], np.int64)
 
 
-def coarse_rows_xla(window, group, mix, pixel, channel, q_low, count, tau, sigmoid):
+def coarse_rows_xla(window, group, mix, pixel, channel, q_low, count, tau, sigmoid,
+                    as_counts=False):
   """coarse_rows compiled (int64 under enable_x64); the same integers, faster on big steps.
   Inputs are padded by the caller to a few batch sizes (one compile per size); mix and
   sigmoid may be NumPy arrays or `on_cpu` ones (which are not copied again)."""
   with enable_x64():
-    rows, start = _coarse_jit(window, group, mix, pixel, _scalars(channel, q_low, count, tau),
-                              sigmoid)
+    rows, start = _coarse_jit(window, group, as_counts, mix, pixel,
+                              _scalars(channel, q_low, count, tau), sigmoid)
     return np.asarray(rows), np.asarray(start)
 
 
-def fine_rows_xla(window, group, mix, pixel, channel, q_low, count, tau, start, groups, sigmoid):
+def fine_rows_xla(window, group, mix, pixel, channel, q_low, count, tau, start, groups, sigmoid,
+                  as_counts=False):
   with enable_x64():
-    rows = _fine_jit(window, group, mix, pixel, _scalars(channel, q_low, count, tau), start,
-                     groups, sigmoid)
+    rows = _fine_jit(window, group, as_counts, mix, pixel, _scalars(channel, q_low, count, tau),
+                     start, groups, sigmoid)
     return np.asarray(rows)
 
