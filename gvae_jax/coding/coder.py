@@ -68,7 +68,7 @@ CONSTRICTION_RANGE_CODER_ID = 2
 # Checked per coder call, thousands of times a file: dtype kinds and limits are
 # cheaper than np.issubdtype and np.iinfo (about 10 us a call between them).
 _INTEGER_KINDS = "iu"
-_INT32 = np.iinfo(np.int32)
+INT32 = np.iinfo(np.int32)
 
 
 class CodingError(UserError):
@@ -286,7 +286,7 @@ def window_symbols(values: np.ndarray, window: int, offsets: np.ndarray,
   count = int(np.count_nonzero(escaped))
   if count:
     symbols[escaped] = np.asarray(escapes(count), np.int64)
-  if symbols.size and (symbols.min() < _INT32.min or symbols.max() > _INT32.max):
+  if symbols.size and (symbols.min() < INT32.min or symbols.max() > INT32.max):
     raise CodingError("escaped value out of int32 range")
   return symbols.astype(np.int32)
 

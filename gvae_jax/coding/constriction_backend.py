@@ -45,14 +45,13 @@ import numpy as np
 
 import constriction
 
-from gvae_jax.coding.coder import (CONSTRICTION_RANGE_CODER_ID, CdfDecoder, CdfEncoder,
+from gvae_jax.coding.coder import (CONSTRICTION_RANGE_CODER_ID, INT32, CdfDecoder, CdfEncoder,
                                    CodingError, EntropyCoder, check_cdf_rows, check_counts,
                                    check_indexes, check_symbols, escape_codes, join_stream,
                                    read_escapes, split_stream, window_codes, window_symbols,
                                    window_values)
 from gvae_jax.entropy.cdf_tables import CdfTable
 
-_INT32 = np.iinfo(np.int32)
 _WORD = np.dtype("<u4")
 # One family for per-symbol rows; lazy: each row is used for one symbol only,
 # so it is quantised on the fly instead of tabulated (same numbers, faster).
@@ -219,7 +218,7 @@ class ConstrictionRangeCoder(EntropyCoder):
     escaped = values == lengths
     values[escaped] = read_escapes(escapes, lengths[escaped])
     symbols = values + table.offsets[indexes]
-    if symbols.min() < _INT32.min or symbols.max() > _INT32.max:
+    if symbols.min() < INT32.min or symbols.max() > INT32.max:
       raise CodingError("escaped value out of int32 range")
     return symbols.astype(np.int32).reshape(shape)
 
